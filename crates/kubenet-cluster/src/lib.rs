@@ -1,0 +1,99 @@
+//! kubenet's lab definition: one TOML file describes the network and the VMs, and every other
+//! part of kubenet (DHCP, DNS, the VM launcher) reads the [`Lab`] resolved from it.
+//!
+//! Layout:
+//! - `raw`: the file as written (serde structs with spans, unknown keys refused).
+//! - `resolve`: defaults, ids, MACs and addresses, and the rules across values.
+//! - `model`: the resolved [`Lab`], [`Vm`] and friends; what the rest of kubenet uses.
+//! - `units`: sizes ("2G") and durations ("12h", "infinite").
+//! - `error`: problems located by file, line, column and key.
+//!
+//! Everything here is pure except [`load`], which reads the one file the lookup order picks.
+
+mod error;
+mod model;
+mod raw;
+mod resolve;
+mod units;
+
+use std::path::{Path, PathBuf};
+
+pub use error::{ConfigError, Problem, Source};
+pub use model::{Accelerator, DhcpRange, HostEntry, Lab, Login, Mac, Network, Vm};
+pub use resolve::is_dns_label;
+pub use units::{Bytes, LeaseTime, parse_duration};
+
+/// The reference lab, compiled in: `kubenet init` writes it and it is used when no file is found.
+pub const REFERENCE_CONFIG: &str = include_str!("../../../config/kubenet.toml");
+
+/// The environment variable naming a config file, second in the lookup order.
+pub const CONFIG_ENV: &str = "KUBENET_CONFIG";
+
+/// The file name looked for in the current directory, third in the lookup order.
+pub const CONFIG_FILE_NAME: &str = "kubenet.toml";
+
+/// Parses and validates a config. `base_dir` is where relative paths (the state directory) are
+/// taken from: the directory holding the file. Pure: nothing on the host is looked at.
+pub fn parse(text: &str, source: Source, base_dir: &Path) -> Result<Lab, ConfigError> {
+    let index = error::LineIndex::new(text);
+    let invalid = |problems| ConfigError::Invalid { file: source.clone(), problems };
+    let locate = |span: Option<std::ops::Range<usize>>| span.map_or((0, 0), |s| index.locate(s.start));
+
+    let de = toml::Deserializer::parse(text).map_err(|e| {
+        let (line, column) = locate(e.span());
+        let key = e.span().and_then(|s| index.key_on_line(s.start)).unwrap_or_else(|| "(syntax)".into());
+        invalid(vec![Problem { line, column, key, message: e.message().trim().to_string() }])
+    })?;
+    let raw: raw::RawLab = serde_path_to_error::deserialize(de).map_err(|e| {
+        // `Spanned` adds a private segment of its own to the path; users never wrote it.
+        let path = e.path().to_string().replace(".$__serde_spanned_private_value", "");
+        let inner = e.into_inner();
+        let message = inner.message().trim().to_string();
+        // At the top level the path is "."; an unknown key there is named only in the message.
+        let key = match message.strip_prefix("unknown field `").and_then(|m| m.split_once('`')) {
+            Some((field, _)) if path == "." => field.to_string(),
+            _ => path,
+        };
+        let (line, column) = locate(inner.span());
+        invalid(vec![Problem { line, column, key, message }])
+    })?;
+    resolve::resolve(raw, text, source.to_string(), base_dir).map_err(invalid)
+}
+
+/// Which config the lookup order picked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Choice {
+    File(PathBuf),
+    Embedded,
+}
+
+/// The lookup order: `--config PATH`, then `$KUBENET_CONFIG`, then `./kubenet.toml`, then the
+/// built-in reference lab. `cwd_has_file` tells whether ./kubenet.toml exists; the caller asks the
+/// file system so that this stays testable.
+pub fn choose(flag: Option<&Path>, env: Option<&std::ffi::OsStr>, cwd_has_file: bool) -> Choice {
+    if let Some(p) = flag {
+        Choice::File(p.to_path_buf())
+    } else if let Some(e) = env.filter(|e| !e.is_empty()) {
+        Choice::File(PathBuf::from(e))
+    } else if cwd_has_file {
+        Choice::File(PathBuf::from(CONFIG_FILE_NAME))
+    } else {
+        Choice::Embedded
+    }
+}
+
+/// Reads and resolves the chosen config. The embedded lab's state lives in `cwd`.
+pub fn load(choice: &Choice, cwd: &Path) -> Result<Lab, ConfigError> {
+    match choice {
+        Choice::Embedded => parse(REFERENCE_CONFIG, Source::Embedded, cwd),
+        Choice::File(path) => {
+            let text = std::fs::read_to_string(cwd.join(path))
+                .map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+            let dir = match path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => cwd.join(p),
+                _ => cwd.to_path_buf(),
+            };
+            parse(&text, Source::File(path.clone()), &dir)
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! The resolved lab: every VM with its id, MAC, address and sizes worked out. This is what every
+//! other crate reads; it is only ever built by `resolve`, so its invariants (unique names, MACs
+//! and addresses, all inside the subnet) hold. Pure.
+
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+use crate::units::{Bytes, LeaseTime};
+
+/// A 48-bit Ethernet address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Mac(pub [u8; 6]);
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3], b[4], b[5])
+    }
+}
+
+impl std::str::FromStr for Mac {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut out = [0u8; 6];
+        let bytes = parse_hex_bytes(s, 6)?;
+        out.copy_from_slice(&bytes);
+        Ok(Mac(out))
+    }
+}
+
+impl Serialize for Mac {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Parses `n` colon-separated hex bytes ("52:52:52").
+pub(crate) fn parse_hex_bytes(s: &str, n: usize) -> Result<Vec<u8>, String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != n {
+        return Err(format!("`{s}` is not {n} colon-separated hex bytes"));
+    }
+    parts
+        .iter()
+        .map(|p| {
+            if p.len() != 2 {
+                return Err(format!("`{s}`: `{p}` is not a two-digit hex byte"));
+            }
+            u8::from_str_radix(p, 16).map_err(|_| format!("`{s}`: `{p}` is not a hex byte"))
+        })
+        .collect()
+}
+
+/// How QEMU runs the guests' CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accelerator {
+    /// hvf on macOS, kvm on Linux when /dev/kvm opens, tcg otherwise. Decided on the host at
+    /// launch time, never while parsing.
+    #[default]
+    Auto,
+    Kvm,
+    Hvf,
+    Tcg,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Lab {
+    /// The file it was read from, or the built-in reference lab.
+    pub source: String,
+    /// Where VM folders, leases and SSH files live.
+    pub state_dir: PathBuf,
+    pub accelerator: Accelerator,
+    pub network: Network,
+    pub login: Login,
+    pub vms: Vec<Vm>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Network {
+    pub subnet: Ipv4Net,
+    pub host_name: String,
+    pub host_address: Ipv4Addr,
+    pub dhcp_range: DhcpRange,
+    pub lease_time: LeaseTime,
+    /// Lower case, no trailing dot.
+    pub domain: String,
+    pub ip_offset: u32,
+    #[serde(serialize_with = "ser_prefix")]
+    pub mac_prefix: [u8; 3],
+    /// Empty: the host's own resolvers.
+    pub upstream: Vec<SocketAddr>,
+    pub bridge: String,
+    /// Extra names in the lab's domain, sorted by name.
+    pub hosts: Vec<HostEntry>,
+}
+
+fn ser_prefix<S: serde::Serializer>(p: &[u8; 3], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&format_args!("{:02x}:{:02x}:{:02x}", p[0], p[1], p[2]))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct DhcpRange {
+    pub start: Ipv4Addr,
+    pub end: Ipv4Addr,
+}
+
+impl DhcpRange {
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        (self.start..=self.end).contains(&ip)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HostEntry {
+    pub name: String,
+    pub address: Ipv4Addr,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Login {
+    pub user: String,
+    /// Never printed: `kubenet config` shows only whether one is set.
+    #[serde(skip)]
+    pub password: Option<String>,
+    pub ssh_public_key: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Vm {
+    pub id: u32,
+    pub name: String,
+    pub role: String,
+    pub fqdn: String,
+    pub mac: Mac,
+    pub ip: Ipv4Addr,
+    pub vcpus: u32,
+    /// Bytes.
+    pub memory: Bytes,
+    /// Bytes.
+    pub disk: Bytes,
+    /// The base image; relative paths are taken from the state directory.
+    pub image: PathBuf,
+    /// Extra `#cloud-config` YAML for this VM's user-data.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_data: Option<String>,
+}
+
+impl Lab {
+    pub fn vm_by_mac(&self, mac: Mac) -> Option<&Vm> {
+        self.vms.iter().find(|v| v.mac == mac)
+    }
+
+    pub fn vm_by_name(&self, name: &str) -> Option<&Vm> {
+        self.vms.iter().find(|v| v.name.eq_ignore_ascii_case(name))
+    }
+
+    pub fn vm_by_ip(&self, ip: Ipv4Addr) -> Option<&Vm> {
+        self.vms.iter().find(|v| v.ip == ip)
+    }
+
+    /// The folder holding one VM's disk, seed, keys and sockets.
+    pub fn vm_dir(&self, vm: &Vm) -> PathBuf {
+        self.state_dir.join(&vm.name)
+    }
+
+    /// The DHCP lease file, in dnsmasq's format.
+    pub fn lease_file(&self) -> PathBuf {
+        self.state_dir.join("leases")
+    }
+
+    /// Every name the lab's DNS answers for with its address: the host, the VMs and the extra
+    /// host entries, in that order.
+    pub fn names(&self) -> impl Iterator<Item = (&str, Ipv4Addr)> {
+        let n = &self.network;
+        std::iter::once((n.host_name.as_str(), n.host_address))
+            .chain(self.vms.iter().map(|v| (v.name.as_str(), v.ip)))
+            .chain(n.hosts.iter().map(|h| (h.name.as_str(), h.address)))
+    }
+
+    /// The lease duration, or None for infinite.
+    pub fn lease_duration(&self) -> Option<Duration> {
+        match self.network.lease_time {
+            LeaseTime::Finite(d) => Some(d),
+            LeaseTime::Infinite => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_round_trip() {
+        let m: Mac = "52:52:52:00:01:2c".parse().unwrap();
+        assert_eq!(m.0, [0x52, 0x52, 0x52, 0, 1, 0x2c]);
+        assert_eq!(m.to_string(), "52:52:52:00:01:2c");
+        assert!("52:52:52".parse::<Mac>().is_err());
+        assert!("52:52:52:00:01:zz".parse::<Mac>().is_err());
+    }
+}

@@ -1,0 +1,426 @@
+//! The DHCP server's decisions, RFC 2131 as dnsmasq applies it to a lab: a validated request,
+//! where it came from and the time go in; a reply, where to send it, and whether the lease table
+//! changed come out. Pure: no sockets, no clock, no files. The caller persists the lease table
+//! before it sends a reply whose outcome says `leases_changed`.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use dhcproto::v4::{DhcpOption, Flags, Message, MessageType, Opcode, OptionCode};
+use ipnet::Ipv4Net;
+use kubenet_cluster::{DhcpRange, Lab, LeaseTime, Mac};
+
+use crate::lease::{Lease, LeaseTable};
+use crate::wire::Request;
+
+pub const SERVER_PORT: u16 = 67;
+pub const CLIENT_PORT: u16 = 68;
+/// How long an offered address is held for the client it was offered to.
+const OFFER_HOLD_SECS: u64 = 60;
+/// How long a declined address stays out of the pool (RFC 2131 3.1.5 leaves it to the server;
+/// dnsmasq uses 10 minutes).
+const DECLINE_HOLD_SECS: u64 = 600;
+
+/// What the engine serves, taken from the lab.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The host: server identifier (option 54), router (3) and DNS server (6).
+    pub server_id: Ipv4Addr,
+    pub subnet: Ipv4Net,
+    pub domain: String,
+    pub lease: LeaseTime,
+    pub pool: DhcpRange,
+    /// NAK requests for addresses a client may not have, instead of staying silent
+    /// (dnsmasq's `dhcp-authoritative`).
+    pub authoritative: bool,
+    /// VMs: fixed address and name by MAC.
+    pub statics: HashMap<Mac, (Ipv4Addr, String)>,
+    /// Addresses the pool never hands out: the host's, the VMs', the extra host entries'.
+    pub reserved: std::collections::HashSet<Ipv4Addr>,
+}
+
+impl Config {
+    pub fn from_lab(lab: &Lab) -> Self {
+        let n = &lab.network;
+        Config {
+            server_id: n.host_address,
+            subnet: n.subnet,
+            domain: n.domain.clone(),
+            lease: n.lease_time,
+            pool: n.dhcp_range,
+            authoritative: true,
+            statics: lab.vms.iter().map(|v| (v.mac, (v.ip, v.name.clone()))).collect(),
+            reserved: lab.names().map(|(_, ip)| ip).collect(),
+        }
+    }
+}
+
+/// Where a datagram came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Received {
+    /// The interface it arrived on; replies leave by the same one.
+    pub ifindex: u32,
+    pub src: SocketAddrV4,
+}
+
+/// Where a reply goes, by RFC 2131 section 4.1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Destination {
+    /// To the relay agent named in giaddr, on the server port.
+    Relay(SocketAddrV4),
+    /// To a client that has an address (ciaddr): renewals and INFORM.
+    Unicast(SocketAddrV4),
+    /// To 255.255.255.255 out of the receiving interface: the client asked for broadcast, or
+    /// it is a NAK.
+    Broadcast,
+    /// To the address being offered, at the client's MAC: the client has no address yet, so
+    /// this needs an ARP entry (or falls back to broadcast).
+    Direct { ip: Ipv4Addr, mac: Mac },
+}
+
+#[derive(Debug)]
+pub struct Reply {
+    pub msg: Message,
+    pub dest: Destination,
+    pub ifindex: u32,
+}
+
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub reply: Option<Reply>,
+    /// The lease table changed: persist it before sending the reply.
+    pub leases_changed: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub offers: u64,
+    pub acks: u64,
+    pub naks: u64,
+    pub releases: u64,
+    pub declines: u64,
+    pub informs: u64,
+    /// Well-formed requests that got no reply: another server's, not ours to answer, pool empty.
+    pub ignored: u64,
+}
+
+pub struct Engine {
+    cfg: Config,
+    leases: LeaseTable,
+    /// MAC -> (offered address, hold expiry).
+    offers: HashMap<Mac, (Ipv4Addr, u64)>,
+    /// Address -> end of its quarantine after a DECLINE.
+    declined: HashMap<Ipv4Addr, u64>,
+    pub stats: Stats,
+}
+
+/// The request's state in the sense of RFC 2131 4.3.2.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RequestState {
+    Selecting,
+    InitReboot,
+    /// Renewing (unicast) or rebinding (broadcast): the server treats both alike.
+    Renewing,
+}
+
+impl Engine {
+    pub fn new(cfg: Config, leases: LeaseTable) -> Self {
+        Engine { cfg, leases, offers: HashMap::new(), declined: HashMap::new(), stats: Stats::default() }
+    }
+
+    pub fn leases(&self) -> &LeaseTable {
+        &self.leases
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// A new lab definition (SIGHUP): leases stay; a lease that now collides with a VM's
+    /// reserved address is kept until it expires, but not renewed.
+    pub fn set_config(&mut self, cfg: Config) {
+        self.cfg = cfg;
+        self.offers.clear();
+    }
+
+    /// Drops expired leases and holds; true if the lease table changed.
+    pub fn expire(&mut self, now: u64) -> bool {
+        self.offers.retain(|_, (_, until)| *until > now);
+        self.declined.retain(|_, until| *until > now);
+        self.leases.expire(now) > 0
+    }
+
+    pub fn handle(&mut self, req: &Request, rx: Received, now: u64) -> Outcome {
+        let giaddr = req.msg.giaddr();
+        // A relayed request must come from a relay on our subnet; a direct one was already
+        // matched to the lab's interface by the socket layer.
+        if !giaddr.is_unspecified() && !self.cfg.subnet.contains(&giaddr) {
+            return self.ignore(req, "relayed from another subnet");
+        }
+        let sid = match req.msg.opts().get(OptionCode::ServerIdentifier) {
+            Some(DhcpOption::ServerIdentifier(ip)) => Some(*ip),
+            _ => None,
+        };
+        let for_another_server = sid.is_some_and(|s| s != self.cfg.server_id);
+        match req.kind {
+            MessageType::Discover => self.discover(req, rx, now),
+            MessageType::Request if for_another_server => {
+                // RFC 2131 4.3.2: the client chose another server's offer; ours is free again.
+                self.offers.remove(&req.mac);
+                self.ignore(req, "client chose another server")
+            }
+            MessageType::Request => self.request(req, rx, sid.is_some(), now),
+            MessageType::Decline | MessageType::Release if for_another_server => self.ignore(req, "for another server"),
+            MessageType::Decline => self.decline(req, now),
+            MessageType::Release => self.release(req),
+            MessageType::Inform => self.inform(req, rx),
+            _ => self.ignore(req, "not a client message"),
+        }
+    }
+
+    fn ignore(&mut self, req: &Request, why: &str) -> Outcome {
+        self.stats.ignored += 1;
+        tracing::debug!(mac = %req.mac, kind = ?req.kind, "no reply: {why}");
+        Outcome::default()
+    }
+
+    fn discover(&mut self, req: &Request, rx: Received, now: u64) -> Outcome {
+        let Some(ip) = self.choose_address(req, now) else {
+            tracing::warn!(mac = %req.mac, pool = %format_args!("{}-{}", self.cfg.pool.start, self.cfg.pool.end), "DHCPDISCOVER: no free address in the pool");
+            return self.ignore(req, "pool exhausted");
+        };
+        self.offers.insert(req.mac, (ip, now + OFFER_HOLD_SECS));
+        self.stats.offers += 1;
+        tracing::debug!(mac = %req.mac, %ip, "DHCPOFFER");
+        let msg = self.reply(req, MessageType::Offer, ip, true);
+        Outcome { reply: Some(self.route(req, msg, rx)), leases_changed: false }
+    }
+
+    /// RFC 2131 4.3.1: the static address; else the client's current or previous address; else
+    /// the address it asks for if free; else the first free pool address.
+    fn choose_address(&self, req: &Request, now: u64) -> Option<Ipv4Addr> {
+        if let Some((ip, _)) = self.cfg.statics.get(&req.mac) {
+            return Some(*ip);
+        }
+        if let Some((ip, _)) = self.offers.get(&req.mac).filter(|(ip, _)| self.pool_free_for(req.mac, *ip, now)) {
+            return Some(*ip);
+        }
+        if let Some(l) = self.leases.by_mac(req.mac).filter(|l| self.pool_free_for(req.mac, l.ip, now)) {
+            return Some(l.ip);
+        }
+        if let Some(DhcpOption::RequestedIpAddress(ip)) = req.msg.opts().get(OptionCode::RequestedIpAddress) {
+            if self.pool_free_for(req.mac, *ip, now) {
+                return Some(*ip);
+            }
+        }
+        let range = u32::from(self.cfg.pool.start)..=u32::from(self.cfg.pool.end);
+        // Never-leased addresses first, so a client that comes back finds its expired lease's
+        // address still unused.
+        let never_leased = range.clone().map(Ipv4Addr::from).find(|ip| self.leases.get(*ip).is_none() && self.pool_free_for(req.mac, *ip, now));
+        never_leased.or_else(|| range.map(Ipv4Addr::from).find(|ip| self.pool_free_for(req.mac, *ip, now)))
+    }
+
+    /// Whether a pool address may go to this (non-VM) client now.
+    fn pool_free_for(&self, mac: Mac, ip: Ipv4Addr, now: u64) -> bool {
+        self.cfg.pool.contains(ip)
+            && self.cfg.subnet.contains(&ip)
+            && ip != self.cfg.subnet.network()
+            && ip != self.cfg.subnet.broadcast()
+            && !self.cfg.reserved.contains(&ip)
+            && self.declined.get(&ip).is_none_or(|until| *until <= now)
+            && self.leases.get(ip).is_none_or(|l| l.mac == mac || !l.active(now))
+            && !self.offers.iter().any(|(m, (o, until))| *m != mac && *o == ip && *until > now)
+    }
+
+    /// Whether this client may hold `ip`: its static address, or a free pool address.
+    fn may_have(&self, mac: Mac, ip: Ipv4Addr, now: u64) -> bool {
+        match self.cfg.statics.get(&mac) {
+            Some((fixed, _)) => *fixed == ip,
+            None => self.pool_free_for(mac, ip, now),
+        }
+    }
+
+    fn request(&mut self, req: &Request, rx: Received, has_sid: bool, now: u64) -> Outcome {
+        let requested = match req.msg.opts().get(OptionCode::RequestedIpAddress) {
+            Some(DhcpOption::RequestedIpAddress(ip)) => Some(*ip),
+            _ => None,
+        };
+        let ciaddr = req.msg.ciaddr();
+        let (state, ip) = match (has_sid, requested, ciaddr.is_unspecified()) {
+            (true, Some(ip), _) => (RequestState::Selecting, ip),
+            (true, None, _) => return self.nak(req, rx, "SELECTING without a requested address"),
+            (false, Some(ip), true) => (RequestState::InitReboot, ip),
+            (false, _, false) => (RequestState::Renewing, ciaddr),
+            (false, None, true) => return self.ignore(req, "REQUEST with neither ciaddr nor option 50"),
+        };
+        if !self.cfg.subnet.contains(&ip) {
+            return if self.cfg.authoritative { self.nak(req, rx, "wrong network") } else { self.ignore(req, "wrong network") };
+        }
+        if !self.may_have(req.mac, ip, now) {
+            // RFC 2131 4.3.2: an INIT-REBOOT client the server has no record of gets silence,
+            // unless the server is authoritative for the network.
+            return if self.cfg.authoritative { self.nak(req, rx, "address not available to this client") } else { self.ignore(req, "not ours") };
+        }
+        let renewed = self.leases.by_mac(req.mac).is_some_and(|l| l.ip == ip && l.active(now));
+        let name = self.cfg.statics.get(&req.mac).map(|(_, n)| n.clone());
+        let client_name = match req.msg.opts().get(OptionCode::Hostname) {
+            Some(DhcpOption::Hostname(h)) => Some(h.clone()),
+            _ => None,
+        };
+        let client_id = match req.msg.opts().get(OptionCode::ClientIdentifier) {
+            Some(DhcpOption::ClientIdentifier(c)) => Some(c.clone()),
+            _ => None,
+        };
+        let expires = match self.cfg.lease {
+            LeaseTime::Infinite => None,
+            LeaseTime::Finite(d) => Some(now + d.as_secs()),
+        };
+        self.leases.insert(Lease { ip, mac: req.mac, client_id, hostname: name.clone().or(client_name), expires });
+        self.offers.remove(&req.mac);
+        self.stats.acks += 1;
+        let who = name.as_deref().unwrap_or("-");
+        if renewed {
+            tracing::info!(mac = %req.mac, %ip, name = who, "DHCPACK renewed");
+        } else {
+            tracing::info!(mac = %req.mac, %ip, name = who, ?state, "DHCPACK granted");
+        }
+        let msg = self.reply(req, MessageType::Ack, ip, true);
+        Outcome { reply: Some(self.route(req, msg, rx)), leases_changed: true }
+    }
+
+    fn nak(&mut self, req: &Request, rx: Received, why: &str) -> Outcome {
+        self.stats.naks += 1;
+        tracing::info!(mac = %req.mac, ciaddr = %req.msg.ciaddr(), "DHCPNAK: {why}");
+        let mut msg = self.base(req, MessageType::Nak);
+        msg.opts_mut().insert(DhcpOption::Message(why.to_string()));
+        msg.set_ciaddr(Ipv4Addr::UNSPECIFIED);
+        let giaddr = req.msg.giaddr();
+        // RFC 2131 4.1: a NAK to a relay has the broadcast bit set; a direct NAK is broadcast,
+        // since the client's address is in doubt.
+        let dest = if giaddr.is_unspecified() {
+            Destination::Broadcast
+        } else {
+            msg.set_flags(Flags::default().set_broadcast());
+            Destination::Relay(SocketAddrV4::new(giaddr, SERVER_PORT))
+        };
+        Outcome { reply: Some(Reply { msg, dest, ifindex: rx.ifindex }), leases_changed: false }
+    }
+
+    fn decline(&mut self, req: &Request, now: u64) -> Outcome {
+        let Some(DhcpOption::RequestedIpAddress(ip)) = req.msg.opts().get(OptionCode::RequestedIpAddress) else {
+            return self.ignore(req, "DECLINE without option 50");
+        };
+        let ip = *ip;
+        self.stats.declines += 1;
+        if let Some((fixed, name)) = self.cfg.statics.get(&req.mac).filter(|(f, _)| *f == ip) {
+            tracing::warn!(mac = %req.mac, ip = %fixed, %name, "DHCPDECLINE: another host on the network uses VM {name}'s address");
+        } else {
+            tracing::warn!(mac = %req.mac, %ip, "DHCPDECLINE: address in use by another host; out of the pool for 10 minutes");
+        }
+        self.declined.insert(ip, now + DECLINE_HOLD_SECS);
+        let changed = self.leases.get(ip).is_some_and(|l| l.mac == req.mac) && self.leases.remove(ip).is_some();
+        Outcome { reply: None, leases_changed: changed }
+    }
+
+    fn release(&mut self, req: &Request) -> Outcome {
+        let ip = req.msg.ciaddr();
+        let mine = self.leases.get(ip).is_some_and(|l| l.mac == req.mac);
+        if !mine {
+            return self.ignore(req, "RELEASE of an address the client does not hold");
+        }
+        self.leases.remove(ip);
+        self.stats.releases += 1;
+        tracing::info!(mac = %req.mac, %ip, "DHCPRELEASE");
+        Outcome { reply: None, leases_changed: true }
+    }
+
+    fn inform(&mut self, req: &Request, rx: Received) -> Outcome {
+        self.stats.informs += 1;
+        let mut msg = self.reply(req, MessageType::Ack, Ipv4Addr::UNSPECIFIED, false);
+        msg.set_ciaddr(req.msg.ciaddr());
+        Outcome { reply: Some(self.route(req, msg, rx)), leases_changed: false }
+    }
+
+    /// The reply's header, copied from the request per RFC 2131 table 3, with options 53 and 54.
+    fn base(&self, req: &Request, kind: MessageType) -> Message {
+        let mut msg = Message::new_with_id(
+            req.msg.xid(),
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            req.msg.giaddr(),
+            &req.mac.0,
+        );
+        msg.set_opcode(Opcode::BootReply).set_flags(req.msg.flags());
+        msg.opts_mut().insert(DhcpOption::MessageType(kind));
+        msg.opts_mut().insert(DhcpOption::ServerIdentifier(self.cfg.server_id));
+        msg
+    }
+
+    /// An OFFER or ACK: the address, the lease times (unless INFORM), and the options the
+    /// client asked for in option 55, or all of them when it sent no list.
+    fn reply(&self, req: &Request, kind: MessageType, yiaddr: Ipv4Addr, with_lease: bool) -> Message {
+        let mut msg = self.base(req, kind);
+        msg.set_yiaddr(yiaddr);
+        if matches!(kind, MessageType::Ack) && !req.msg.ciaddr().is_unspecified() {
+            msg.set_ciaddr(req.msg.ciaddr());
+        }
+        let opts = msg.opts_mut();
+        if with_lease {
+            let secs = self.cfg.lease.as_secs_u32();
+            opts.insert(DhcpOption::AddressLeaseTime(secs));
+            if let LeaseTime::Finite(_) = self.cfg.lease {
+                opts.insert(DhcpOption::Renewal(secs / 2));
+                opts.insert(DhcpOption::Rebinding((u64::from(secs) * 7 / 8) as u32));
+            }
+        }
+        opts.insert(DhcpOption::SubnetMask(self.cfg.subnet.netmask()));
+        opts.insert(DhcpOption::BroadcastAddr(self.cfg.subnet.broadcast()));
+        let wanted: Option<Vec<OptionCode>> = match req.msg.opts().get(OptionCode::ParameterRequestList) {
+            Some(DhcpOption::ParameterRequestList(l)) => Some(l.clone()),
+            _ => None,
+        };
+        let asked = |c: OptionCode| wanted.as_ref().is_none_or(|l| l.contains(&c));
+        if asked(OptionCode::Router) {
+            opts.insert(DhcpOption::Router(vec![self.cfg.server_id]));
+        }
+        if asked(OptionCode::DomainNameServer) {
+            opts.insert(DhcpOption::DomainNameServer(vec![self.cfg.server_id]));
+        }
+        if asked(OptionCode::DomainName) {
+            opts.insert(DhcpOption::DomainName(self.cfg.domain.clone()));
+        }
+        if let Some((_, name)) = self.cfg.statics.get(&req.mac).filter(|_| asked(OptionCode::Hostname)) {
+            opts.insert(DhcpOption::Hostname(name.clone()));
+        }
+        // Option 57: the client's limit, never below 576 (RFC 2131 2). Our replies stay far under
+        // 576, so only a broken encoder could exceed it; drop the optional names if it did.
+        let limit = match req.msg.opts().get(OptionCode::MaxMessageSize) {
+            Some(DhcpOption::MaxMessageSize(n)) => usize::from(*n).max(crate::wire::MIN_MAX_MESSAGE),
+            _ => crate::wire::MIN_MAX_MESSAGE,
+        };
+        for optional in [OptionCode::Hostname, OptionCode::DomainName] {
+            if crate::wire::encode_reply(&msg).map_or(0, |b| b.len()) <= limit {
+                break;
+            }
+            msg.opts_mut().remove(optional);
+        }
+        msg
+    }
+
+    /// RFC 2131 4.1: relay, then ciaddr, then the broadcast bit, then unicast to yiaddr.
+    fn route(&self, req: &Request, msg: Message, rx: Received) -> Reply {
+        let giaddr = req.msg.giaddr();
+        let ciaddr = req.msg.ciaddr();
+        let dest = if !giaddr.is_unspecified() {
+            Destination::Relay(SocketAddrV4::new(giaddr, SERVER_PORT))
+        } else if !ciaddr.is_unspecified() {
+            Destination::Unicast(SocketAddrV4::new(ciaddr, CLIENT_PORT))
+        } else if req.msg.flags().broadcast() || msg.yiaddr().is_unspecified() {
+            Destination::Broadcast
+        } else {
+            Destination::Direct { ip: msg.yiaddr(), mac: req.mac }
+        };
+        Reply { msg, dest, ifindex: rx.ifindex }
+    }
+}

@@ -1,0 +1,364 @@
+//! The engine against the reference lab, one RFC 2131 case per test. No sockets.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::Path;
+
+use dhcproto::v4::{DhcpOption, Flags, Message, MessageType, Opcode, OptionCode};
+use dhcproto::Encodable;
+use kubenet_cluster::Mac;
+
+use crate::engine::{Config, Destination, Engine, Outcome, Received};
+use crate::lease::LeaseTable;
+use crate::wire::{Request, decode_request};
+
+const NOW: u64 = 1_700_000_000;
+const HOST: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 1);
+const WORKER0: Mac = Mac([0x52, 0x52, 0x52, 0, 0, 4]);
+const STRAY: Mac = Mac([0x02, 0xaa, 0, 0, 0, 1]);
+const STRAY2: Mac = Mac([0x02, 0xaa, 0, 0, 0, 2]);
+const RX: Received = Received { ifindex: 3, src: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68) };
+
+fn ip(last: u8) -> Ipv4Addr {
+    Ipv4Addr::new(192, 168, 1, last)
+}
+
+fn engine() -> Engine {
+    let lab = kubenet_cluster::parse(kubenet_cluster::REFERENCE_CONFIG, kubenet_cluster::Source::Embedded, Path::new("/")).unwrap();
+    Engine::new(Config::from_lab(&lab), LeaseTable::default())
+}
+
+/// A request as a client would put it on the wire, passed through the same decoder the server
+/// uses.
+fn msg(kind: MessageType, mac: Mac, f: impl FnOnce(&mut Message)) -> Request {
+    let mut m = Message::new(Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, &mac.0);
+    m.set_opcode(Opcode::BootRequest).set_xid(0x1234);
+    m.opts_mut().insert(DhcpOption::MessageType(kind));
+    f(&mut m);
+    decode_request(&m.to_vec().unwrap()).unwrap()
+}
+
+fn opt(m: &Message, c: OptionCode) -> Option<&DhcpOption> {
+    m.opts().get(c)
+}
+
+fn kind(o: &Outcome) -> Option<MessageType> {
+    o.reply.as_ref().and_then(|r| r.msg.opts().msg_type())
+}
+
+fn requesting(mac: Mac, want: Ipv4Addr) -> Request {
+    msg(MessageType::Request, mac, |m| {
+        m.opts_mut().insert(DhcpOption::ServerIdentifier(HOST));
+        m.opts_mut().insert(DhcpOption::RequestedIpAddress(want));
+    })
+}
+
+/// DISCOVER then REQUEST, as a client in INIT does; returns the ACKed address.
+fn dora(e: &mut Engine, mac: Mac) -> Ipv4Addr {
+    let offer = e.handle(&msg(MessageType::Discover, mac, |_| {}), RX, NOW);
+    let yiaddr = offer.reply.expect("offer").msg.yiaddr();
+    let ack = e.handle(&requesting(mac, yiaddr), RX, NOW);
+    assert_eq!(kind(&ack), Some(MessageType::Ack));
+    yiaddr
+}
+
+#[test]
+fn vm_discover_gets_its_fixed_address_and_every_option() {
+    let mut e = engine();
+    let o = e.handle(&msg(MessageType::Discover, WORKER0, |_| {}), RX, NOW);
+    assert!(!o.leases_changed, "an offer is not a lease");
+    let r = o.reply.unwrap();
+    let m = &r.msg;
+    assert_eq!(m.opts().msg_type(), Some(MessageType::Offer));
+    assert_eq!(m.opcode(), Opcode::BootReply);
+    assert_eq!((m.xid(), m.yiaddr(), m.chaddr()), (0x1234, ip(14), &WORKER0.0[..]));
+    assert_eq!(opt(m, OptionCode::ServerIdentifier), Some(&DhcpOption::ServerIdentifier(HOST)));
+    assert_eq!(opt(m, OptionCode::AddressLeaseTime), Some(&DhcpOption::AddressLeaseTime(43200)));
+    assert_eq!(opt(m, OptionCode::Renewal), Some(&DhcpOption::Renewal(21600)));
+    assert_eq!(opt(m, OptionCode::Rebinding), Some(&DhcpOption::Rebinding(37800)));
+    assert_eq!(opt(m, OptionCode::SubnetMask), Some(&DhcpOption::SubnetMask(Ipv4Addr::new(255, 255, 255, 0))));
+    assert_eq!(opt(m, OptionCode::BroadcastAddr), Some(&DhcpOption::BroadcastAddr(ip(255))));
+    assert_eq!(opt(m, OptionCode::Router), Some(&DhcpOption::Router(vec![HOST])));
+    assert_eq!(opt(m, OptionCode::DomainNameServer), Some(&DhcpOption::DomainNameServer(vec![HOST])));
+    assert_eq!(opt(m, OptionCode::DomainName), Some(&DhcpOption::DomainName("kubevms".into())));
+    assert_eq!(opt(m, OptionCode::Hostname), Some(&DhcpOption::Hostname("worker0".into())));
+    // No broadcast bit, no ciaddr: unicast to the offered address at the client's MAC.
+    assert_eq!(r.dest, Destination::Direct { ip: ip(14), mac: WORKER0 });
+    assert_eq!(r.ifindex, 3);
+    assert!(crate::wire::encode_reply(m).unwrap().len() >= 300);
+}
+
+#[test]
+fn option_55_limits_the_optional_options() {
+    let mut e = engine();
+    let d = msg(MessageType::Discover, WORKER0, |m| {
+        m.opts_mut().insert(DhcpOption::ParameterRequestList(vec![OptionCode::SubnetMask, OptionCode::Router]));
+    });
+    let m = e.handle(&d, RX, NOW).reply.unwrap().msg;
+    assert!(opt(&m, OptionCode::Router).is_some());
+    for absent in [OptionCode::DomainNameServer, OptionCode::DomainName, OptionCode::Hostname] {
+        assert!(opt(&m, absent).is_none(), "{absent:?} was not asked for");
+    }
+    // Always there whatever the list says.
+    for present in [OptionCode::ServerIdentifier, OptionCode::AddressLeaseTime, OptionCode::SubnetMask, OptionCode::BroadcastAddr] {
+        assert!(opt(&m, present).is_some(), "{present:?}");
+    }
+}
+
+#[test]
+fn broadcast_flag_and_relay_pick_the_destination() {
+    let mut e = engine();
+    let d = msg(MessageType::Discover, WORKER0, |m| {
+        m.set_flags(Flags::default().set_broadcast());
+    });
+    assert_eq!(e.handle(&d, RX, NOW).reply.unwrap().dest, Destination::Broadcast);
+    let relayed = msg(MessageType::Discover, WORKER0, |m| {
+        m.set_giaddr(ip(254));
+    });
+    let r = e.handle(&relayed, RX, NOW).reply.unwrap();
+    assert_eq!(r.dest, Destination::Relay(SocketAddrV4::new(ip(254), 67)));
+    assert_eq!(r.msg.giaddr(), ip(254));
+    let foreign = msg(MessageType::Discover, WORKER0, |m| {
+        m.set_giaddr(Ipv4Addr::new(10, 0, 0, 1));
+    });
+    assert!(e.handle(&foreign, RX, NOW).reply.is_none(), "a relay on another subnet is not ours");
+}
+
+#[test]
+fn selecting_request_is_acked_and_leased() {
+    let mut e = engine();
+    let o = e.handle(&requesting(WORKER0, ip(14)), RX, NOW);
+    assert_eq!(kind(&o), Some(MessageType::Ack));
+    assert!(o.leases_changed);
+    let l = e.leases().by_mac(WORKER0).unwrap();
+    assert_eq!((l.ip, l.expires, l.hostname.as_deref()), (ip(14), Some(NOW + 43200), Some("worker0")));
+}
+
+#[test]
+fn request_for_another_server_is_ignored_and_frees_our_offer() {
+    let mut e = engine();
+    let offered = e.handle(&msg(MessageType::Discover, STRAY, |_| {}), RX, NOW).reply.unwrap().msg.yiaddr();
+    let other = msg(MessageType::Request, STRAY, |m| {
+        m.opts_mut().insert(DhcpOption::ServerIdentifier(ip(99)));
+        m.opts_mut().insert(DhcpOption::RequestedIpAddress(ip(7)));
+    });
+    let o = e.handle(&other, RX, NOW);
+    assert!(o.reply.is_none() && !o.leases_changed);
+    // The held address goes to the next client.
+    let next = e.handle(&msg(MessageType::Discover, STRAY2, |_| {}), RX, NOW).reply.unwrap().msg.yiaddr();
+    assert_eq!(next, offered);
+}
+
+#[test]
+fn vm_asking_for_a_wrong_address_gets_a_broadcast_nak() {
+    let mut e = engine();
+    for wrong in [ip(15), ip(3), Ipv4Addr::new(10, 0, 0, 5)] {
+        let o = e.handle(&requesting(WORKER0, wrong), RX, NOW);
+        assert_eq!(kind(&o), Some(MessageType::Nak), "{wrong}");
+        let r = o.reply.unwrap();
+        assert_eq!(r.dest, Destination::Broadcast);
+        assert_eq!(r.msg.yiaddr(), Ipv4Addr::UNSPECIFIED);
+        assert_eq!(opt(&r.msg, OptionCode::ServerIdentifier), Some(&DhcpOption::ServerIdentifier(HOST)));
+        assert!(matches!(opt(&r.msg, OptionCode::Message), Some(DhcpOption::Message(_))));
+        assert!(opt(&r.msg, OptionCode::AddressLeaseTime).is_none());
+    }
+    assert!(e.leases().is_empty());
+}
+
+#[test]
+fn init_reboot_is_granted_what_the_client_may_have_even_without_a_record() {
+    let mut e = engine();
+    let reboot = |mac, want| {
+        msg(MessageType::Request, mac, |m| {
+            m.opts_mut().insert(DhcpOption::RequestedIpAddress(want));
+        })
+    };
+    // Server lost its leases: the VM still gets its address back, and so does a stray client
+    // asking for a free pool address.
+    assert_eq!(kind(&e.handle(&reboot(WORKER0, ip(14)), RX, NOW)), Some(MessageType::Ack));
+    assert_eq!(kind(&e.handle(&reboot(STRAY, ip(5)), RX, NOW)), Some(MessageType::Ack));
+    // Wrong network, a VM's address, someone else's lease: NAK.
+    assert_eq!(kind(&e.handle(&reboot(STRAY2, Ipv4Addr::new(10, 1, 1, 1)), RX, NOW)), Some(MessageType::Nak));
+    assert_eq!(kind(&e.handle(&reboot(STRAY2, ip(14)), RX, NOW)), Some(MessageType::Nak));
+    assert_eq!(kind(&e.handle(&reboot(STRAY2, ip(5)), RX, NOW)), Some(MessageType::Nak));
+}
+
+#[test]
+fn non_authoritative_init_reboot_without_a_record_is_silent() {
+    let mut e = engine();
+    let mut cfg = e.config().clone();
+    cfg.authoritative = false;
+    e.set_config(cfg);
+    let r = msg(MessageType::Request, STRAY, |m| {
+        m.opts_mut().insert(DhcpOption::RequestedIpAddress(ip(14)));
+    });
+    let o = e.handle(&r, RX, NOW);
+    assert!(o.reply.is_none());
+    assert_eq!(e.stats.ignored, 1);
+}
+
+#[test]
+fn renewing_and_rebinding_extend_the_lease_by_unicast() {
+    let mut e = engine();
+    let got = dora(&mut e, STRAY);
+    let renew = msg(MessageType::Request, STRAY, |m| {
+        m.set_ciaddr(got);
+    });
+    let later = NOW + 3600;
+    let o = e.handle(&renew, RX, later);
+    assert_eq!(kind(&o), Some(MessageType::Ack));
+    assert!(o.leases_changed);
+    let r = o.reply.unwrap();
+    assert_eq!((r.msg.yiaddr(), r.msg.ciaddr()), (got, got));
+    assert_eq!(r.dest, Destination::Unicast(SocketAddrV4::new(got, 68)));
+    assert_eq!(e.leases().by_mac(STRAY).unwrap().expires, Some(later + 43200));
+    // Another client renewing an address it does not hold is refused.
+    let bogus = msg(MessageType::Request, STRAY2, |m| {
+        m.set_ciaddr(got);
+    });
+    assert_eq!(kind(&e.handle(&bogus, RX, later)), Some(MessageType::Nak));
+}
+
+#[test]
+fn pool_never_hands_out_host_vm_or_reserved_addresses_and_runs_dry() {
+    let mut e = engine();
+    let mut got = Vec::new();
+    for i in 0..40u8 {
+        let o = e.handle(&msg(MessageType::Discover, Mac([2, 0xbb, 0, 0, 0, i]), |_| {}), RX, NOW);
+        match o.reply {
+            Some(r) => {
+                let a = r.msg.yiaddr();
+                e.handle(&requesting(Mac([2, 0xbb, 0, 0, 0, i]), a), RX, NOW);
+                got.push(a);
+            }
+            None => break,
+        }
+    }
+    // .2-.20 minus the VMs' .10-.16: 12 addresses.
+    let expected: Vec<Ipv4Addr> = (2..=9).chain(17..=20).map(ip).collect();
+    got.sort();
+    assert_eq!(got, expected);
+    assert_eq!(e.stats.ignored, 1, "the 13th client found the pool empty");
+    // A VM still gets its address with the pool full.
+    assert_eq!(dora(&mut e, WORKER0), ip(14));
+}
+
+#[test]
+fn a_returning_client_gets_its_address_back_and_expired_leases_are_reused() {
+    let mut e = engine();
+    let first = dora(&mut e, STRAY);
+    assert_eq!(dora(&mut e, STRAY), first);
+    // After expiry, another client may get it, but only once the pool has nothing never-leased.
+    let after = NOW + 43200 + 1;
+    let o = e.handle(&msg(MessageType::Discover, STRAY2, |_| {}), RX, after);
+    assert_ne!(o.reply.unwrap().msg.yiaddr(), first);
+    assert!(e.expire(after));
+    assert!(e.leases().is_empty());
+}
+
+#[test]
+fn requested_address_in_discover_is_honoured_when_free() {
+    let mut e = engine();
+    let d = msg(MessageType::Discover, STRAY, |m| {
+        m.opts_mut().insert(DhcpOption::RequestedIpAddress(ip(18)));
+    });
+    assert_eq!(e.handle(&d, RX, NOW).reply.unwrap().msg.yiaddr(), ip(18));
+    let vm_addr = msg(MessageType::Discover, STRAY2, |m| {
+        m.opts_mut().insert(DhcpOption::RequestedIpAddress(ip(14)));
+    });
+    assert_ne!(e.handle(&vm_addr, RX, NOW).reply.unwrap().msg.yiaddr(), ip(14));
+}
+
+#[test]
+fn decline_quarantines_the_address() {
+    let mut e = engine();
+    let got = dora(&mut e, STRAY);
+    let d = msg(MessageType::Decline, STRAY, |m| {
+        m.opts_mut().insert(DhcpOption::ServerIdentifier(HOST));
+        m.opts_mut().insert(DhcpOption::RequestedIpAddress(got));
+    });
+    let o = e.handle(&d, RX, NOW);
+    assert!(o.reply.is_none() && o.leases_changed);
+    assert!(e.leases().is_empty());
+    let next = e.handle(&msg(MessageType::Discover, STRAY, |_| {}), RX, NOW + 1).reply.unwrap().msg.yiaddr();
+    assert_ne!(next, got, "declined address offered again within 10 minutes");
+    // A decline for another server changes nothing.
+    let got2 = dora(&mut e, STRAY2);
+    let foreign = msg(MessageType::Decline, STRAY2, |m| {
+        m.opts_mut().insert(DhcpOption::ServerIdentifier(ip(99)));
+        m.opts_mut().insert(DhcpOption::RequestedIpAddress(got2));
+    });
+    assert!(!e.handle(&foreign, RX, NOW).leases_changed);
+    assert!(e.leases().by_mac(STRAY2).is_some());
+}
+
+#[test]
+fn release_frees_only_the_clients_own_lease() {
+    let mut e = engine();
+    let got = dora(&mut e, STRAY);
+    let by_other = msg(MessageType::Release, STRAY2, |m| {
+        m.set_ciaddr(got);
+        m.opts_mut().insert(DhcpOption::ServerIdentifier(HOST));
+    });
+    assert!(!e.handle(&by_other, RX, NOW).leases_changed);
+    let foreign = msg(MessageType::Release, STRAY, |m| {
+        m.set_ciaddr(got);
+        m.opts_mut().insert(DhcpOption::ServerIdentifier(ip(99)));
+    });
+    assert!(!e.handle(&foreign, RX, NOW).leases_changed);
+    let own = msg(MessageType::Release, STRAY, |m| {
+        m.set_ciaddr(got);
+        m.opts_mut().insert(DhcpOption::ServerIdentifier(HOST));
+    });
+    let o = e.handle(&own, RX, NOW);
+    assert!(o.reply.is_none() && o.leases_changed);
+    assert!(e.leases().is_empty());
+}
+
+#[test]
+fn inform_gets_options_without_a_lease() {
+    let mut e = engine();
+    let i = msg(MessageType::Inform, STRAY, |m| {
+        m.set_ciaddr(ip(50));
+    });
+    let o = e.handle(&i, RX, NOW);
+    assert!(!o.leases_changed);
+    let r = o.reply.unwrap();
+    assert_eq!(r.msg.opts().msg_type(), Some(MessageType::Ack));
+    assert_eq!(r.msg.yiaddr(), Ipv4Addr::UNSPECIFIED);
+    assert!(opt(&r.msg, OptionCode::AddressLeaseTime).is_none());
+    assert!(opt(&r.msg, OptionCode::Renewal).is_none());
+    assert_eq!(opt(&r.msg, OptionCode::DomainName), Some(&DhcpOption::DomainName("kubevms".into())));
+    assert_eq!(r.dest, Destination::Unicast(SocketAddrV4::new(ip(50), 68)));
+}
+
+#[test]
+fn infinite_leases_carry_no_renewal_times() {
+    let mut e = engine();
+    let mut cfg = e.config().clone();
+    cfg.lease = kubenet_cluster::LeaseTime::Infinite;
+    e.set_config(cfg);
+    let o = e.handle(&requesting(WORKER0, ip(14)), RX, NOW);
+    let m = o.reply.unwrap().msg;
+    assert_eq!(opt(&m, OptionCode::AddressLeaseTime), Some(&DhcpOption::AddressLeaseTime(u32::MAX)));
+    assert!(opt(&m, OptionCode::Renewal).is_none() && opt(&m, OptionCode::Rebinding).is_none());
+    assert_eq!(e.leases().by_mac(WORKER0).unwrap().expires, None);
+}
+
+#[test]
+fn leases_survive_a_restart_through_the_file_format() {
+    let mut e = engine();
+    let got = dora(&mut e, STRAY);
+    dora(&mut e, WORKER0);
+    let text = e.leases().to_text();
+    let (table, bad) = LeaseTable::from_text(&text, NOW + 10);
+    assert_eq!(bad, 0);
+    let lab = kubenet_cluster::parse(kubenet_cluster::REFERENCE_CONFIG, kubenet_cluster::Source::Embedded, Path::new("/")).unwrap();
+    let mut restarted = Engine::new(Config::from_lab(&lab), table);
+    let renew = msg(MessageType::Request, STRAY, |m| {
+        m.set_ciaddr(got);
+    });
+    assert_eq!(kind(&restarted.handle(&renew, RX, NOW + 20)), Some(MessageType::Ack));
+    // The restarted server still knows .got is taken.
+    let o = restarted.handle(&msg(MessageType::Discover, STRAY2, |_| {}), RX, NOW + 20);
+    assert_ne!(o.reply.unwrap().msg.yiaddr(), got);
+}

@@ -1,0 +1,20 @@
+//! kubenet's DHCPv4 server: every VM gets its fixed address, name and the lab's options on the
+//! first try; other machines get pool addresses that never collide with a VM's.
+//!
+//! Layout:
+//! - `wire`: datagram checks before dhcproto sees a byte, and reply encoding (pure).
+//! - `engine`: RFC 2131 decisions: request in, reply and destination out (pure).
+//! - `lease`: the lease table and its dnsmasq-format file, written atomically.
+//! - `server`: the UDP socket, per-packet interface, the receive loop (I/O).
+
+pub mod engine;
+pub mod lease;
+pub mod server;
+pub mod wire;
+
+pub use engine::{Config, Destination, Engine, Outcome, Received, Reply, Stats};
+pub use lease::{Lease, LeaseTable};
+pub use wire::{Malformed, Request, decode_request};
+
+#[cfg(test)]
+mod engine_tests;

@@ -1,0 +1,137 @@
+//! Bytes to DHCP messages and back. Pure.
+//!
+//! dhcproto 0.15 decodes without checking the op code or the magic cookie, and panics in
+//! `Message::chaddr()` (and so in `Display`) when hlen > 16. Every datagram therefore passes
+//! [`decode_request`] first, which checks the fixed header by hand before dhcproto sees it.
+
+use dhcproto::v4::{HType, Message, MessageType};
+use dhcproto::{Decodable, Decoder, Encodable};
+
+/// The fixed BOOTP header (236 bytes) plus the magic cookie.
+pub const MIN_LEN: usize = 240;
+/// Larger datagrams are refused: RFC 2131 clients send at most their option 57, and no Ethernet
+/// client needs more than 1500.
+pub const MAX_LEN: usize = 1500;
+/// RFC 2131 section 3: replies are padded to the BOOTP minimum of 300 bytes, which some relays and
+/// old clients need.
+pub const MIN_REPLY_LEN: usize = 300;
+/// RFC 2131 section 2: every client must accept 576-byte messages, whatever its option 57 says.
+pub const MIN_MAX_MESSAGE: usize = 576;
+const MAGIC_COOKIE: [u8; 4] = [99, 130, 83, 99];
+
+/// Why a datagram was dropped. Each kind has its own counter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, thiserror::Error)]
+pub enum Malformed {
+    #[error("shorter than the {MIN_LEN}-byte header")]
+    Truncated,
+    #[error("longer than {MAX_LEN} bytes")]
+    Oversized,
+    #[error("not a BOOTREQUEST")]
+    NotRequest,
+    #[error("not Ethernet (htype 1, hlen 6)")]
+    NotEthernet,
+    #[error("bad magic cookie")]
+    BadCookie,
+    #[error("options do not decode")]
+    BadOptions,
+    #[error("no DHCP message type (option 53)")]
+    NoMessageType,
+}
+
+/// A request that passed every check: safe to hand to the engine and to log.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub msg: Message,
+    pub kind: MessageType,
+    pub mac: kubenet_cluster::Mac,
+}
+
+pub fn decode_request(buf: &[u8]) -> Result<Request, Malformed> {
+    if buf.len() < MIN_LEN {
+        return Err(Malformed::Truncated);
+    }
+    if buf.len() > MAX_LEN {
+        return Err(Malformed::Oversized);
+    }
+    if buf[0] != 1 {
+        return Err(Malformed::NotRequest);
+    }
+    // The lab serves Ethernet only; this also keeps hlen <= 16 for dhcproto.
+    if buf[1] != 1 || buf[2] != 6 {
+        return Err(Malformed::NotEthernet);
+    }
+    if buf[236..240] != MAGIC_COOKIE {
+        return Err(Malformed::BadCookie);
+    }
+    let msg = Message::decode(&mut Decoder::new(buf)).map_err(|_| Malformed::BadOptions)?;
+    if msg.htype() != HType::Eth {
+        return Err(Malformed::NotEthernet);
+    }
+    let kind = msg.opts().msg_type().ok_or(Malformed::NoMessageType)?;
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(&buf[28..34]);
+    Ok(Request { msg, kind, mac: kubenet_cluster::Mac(mac) })
+}
+
+/// Encodes a reply, padded to 300 bytes. Fails only if dhcproto cannot encode an option, which
+/// for the options the engine sets means a bug.
+pub fn encode_reply(msg: &Message) -> Result<Vec<u8>, dhcproto::error::EncodeError> {
+    let mut out = msg.to_vec()?;
+    if out.len() < MIN_REPLY_LEN {
+        out.resize(MIN_REPLY_LEN, 0);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use dhcproto::v4::{DhcpOption, Opcode};
+    use std::net::Ipv4Addr;
+
+    pub(crate) fn discover_bytes(mac: [u8; 6]) -> Vec<u8> {
+        let mut m = Message::new(Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, &mac);
+        m.set_opcode(Opcode::BootRequest);
+        m.opts_mut().insert(DhcpOption::MessageType(MessageType::Discover));
+        m.to_vec().unwrap()
+    }
+
+    #[test]
+    fn a_real_discover_decodes() {
+        let r = decode_request(&discover_bytes([0x52, 0x52, 0x52, 0, 0, 4])).unwrap();
+        assert_eq!(r.kind, MessageType::Discover);
+        assert_eq!(r.mac.to_string(), "52:52:52:00:00:04");
+    }
+
+    #[test]
+    fn hostile_headers_are_refused_before_dhcproto_sees_them() {
+        let good = discover_bytes([2, 0, 0, 0, 0, 1]);
+        let with = |i: usize, v: u8| {
+            let mut b = good.clone();
+            b[i] = v;
+            b
+        };
+        assert_eq!(decode_request(&good[..239]).unwrap_err(), Malformed::Truncated);
+        assert_eq!(decode_request(&vec![0u8; 2000]).unwrap_err(), Malformed::Oversized);
+        assert_eq!(decode_request(&with(0, 2)).unwrap_err(), Malformed::NotRequest);
+        // hlen 255 is what makes dhcproto's chaddr() panic.
+        assert_eq!(decode_request(&with(2, 255)).unwrap_err(), Malformed::NotEthernet);
+        assert_eq!(decode_request(&with(1, 6)).unwrap_err(), Malformed::NotEthernet);
+        assert_eq!(decode_request(&with(236, 0)).unwrap_err(), Malformed::BadCookie);
+        // Option 53 with a length running past the end.
+        let mut b = good.clone();
+        b.truncate(240);
+        b.extend_from_slice(&[53, 200, 1]);
+        assert!(decode_request(&b).is_err());
+        // No option 53 at all.
+        let mut b = good[..240].to_vec();
+        b.push(255);
+        assert_eq!(decode_request(&b).unwrap_err(), Malformed::NoMessageType);
+    }
+
+    #[test]
+    fn replies_are_padded_to_300_bytes() {
+        let r = decode_request(&discover_bytes([2, 0, 0, 0, 0, 1])).unwrap();
+        assert_eq!(encode_reply(&r.msg).unwrap().len(), MIN_REPLY_LEN);
+    }
+}

@@ -1,0 +1,67 @@
+//! The command line, as clap derive structs. No behaviour here.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "kubenet", version, about = "A reproducible N-VM lab for Kubernetes-the-hard-way clusters")]
+#[command(propagate_version = true)]
+pub struct Cli {
+    /// The lab definition. Default: $KUBENET_CONFIG, then ./kubenet.toml, then the built-in
+    /// reference lab.
+    #[arg(long, short = 'c', global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+
+    /// The lab's state directory (VM folders, leases, SSH files), instead of the config's
+    /// `state_dir`.
+    #[arg(long, global = true, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+
+    /// More log output (-v debug, -vv trace). RUST_LOG overrides both flags.
+    #[arg(long, short = 'v', global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    /// Less log output (-q warnings only, -qq errors only).
+    #[arg(long, short = 'q', global = true, action = clap::ArgAction::Count, conflicts_with = "verbose")]
+    pub quiet: u8,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show the resolved lab: every VM with its id, MAC, address and size.
+    Config(ConfigArgs),
+    /// Write the reference lab definition to DIR/kubenet.toml to edit (never overwrites).
+    Init {
+        /// Where to write kubenet.toml; created if missing.
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Print a shell completion script, e.g. `kubenet completions bash > ~/.local/share/bash-completion/completions/kubenet`.
+    Completions {
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct ConfigArgs {
+    /// JSON instead of a table, for scripts.
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(subcommand)]
+    pub action: Option<ConfigAction>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigAction {
+    /// Validate a lab definition; every problem is printed as FILE:LINE:COLUMN: KEY: MESSAGE.
+    Check {
+        /// The file to check. Default: the config the lookup order picks.
+        file: Option<PathBuf>,
+    },
+}

@@ -1,0 +1,120 @@
+//! The `kubenet` binary: parses the command line, loads the lab, and maps results to exit codes
+//! (0 ok, 1 failure, 2 usage or config error). The subcommands live in their own modules.
+
+mod cli;
+mod table;
+
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{CommandFactory, Parser};
+use kubenet_cluster::{ConfigError, Lab};
+
+use cli::{Cli, Command, ConfigAction};
+
+/// An error and the exit code it earns.
+enum Failure {
+    /// A config problem: exit 2, like a usage error.
+    Config(ConfigError),
+    Other(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Other(e)
+    }
+}
+
+impl From<ConfigError> for Failure {
+    fn from(e: ConfigError) -> Self {
+        Failure::Config(e)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.verbose, cli.quiet);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Config(e)) => {
+            eprintln!("{e}");
+            ExitCode::from(2)
+        }
+        // `kubenet config | head`: the reader left, which is not a failure (as in ripgrep).
+        Err(Failure::Other(e)) if e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)) => ExitCode::SUCCESS,
+        Err(Failure::Other(e)) => {
+            eprintln!("kubenet: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_tracing(verbose: u8, quiet: u8) {
+    let level = match (verbose, quiet) {
+        (0, 0) => "info",
+        (1, _) => "debug",
+        (v, _) if v >= 2 => "trace",
+        (_, 1) => "warn",
+        _ => "error",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}
+
+/// The lab the lookup order picks, with `--dir` applied.
+fn load_lab(cli: &Cli, file: Option<&Path>) -> Result<Lab, Failure> {
+    let cwd = std::env::current_dir().context("cannot read the current directory")?;
+    let env = std::env::var_os(kubenet_cluster::CONFIG_ENV);
+    let choice = kubenet_cluster::choose(
+        file.or(cli.config.as_deref()),
+        env.as_deref(),
+        cwd.join(kubenet_cluster::CONFIG_FILE_NAME).is_file(),
+    );
+    tracing::debug!(?choice, "config");
+    let mut lab = kubenet_cluster::load(&choice, &cwd)?;
+    if let Some(dir) = &cli.dir {
+        lab.state_dir = cwd.join(dir);
+    }
+    Ok(lab)
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    let mut stdout = std::io::stdout().lock();
+    match &cli.command {
+        Command::Config(args) => match &args.action {
+            None => {
+                let lab = load_lab(&cli, None)?;
+                if args.json {
+                    serde_json::to_writer_pretty(&mut stdout, &lab).context("writing JSON")?;
+                    writeln!(stdout).ok();
+                } else {
+                    write!(stdout, "{}", table::render(&lab)).context("writing the table")?;
+                }
+            }
+            Some(ConfigAction::Check { file }) => {
+                let lab = load_lab(&cli, file.as_deref())?;
+                writeln!(stdout, "{}: ok, {} VMs on {}", lab.source, lab.vms.len(), lab.network.subnet).ok();
+            }
+        },
+        Command::Init { dir } => {
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            let path = dir.join(kubenet_cluster::CONFIG_FILE_NAME);
+            // create_new: an existing lab definition is never overwritten.
+            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&path).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    anyhow::anyhow!("{} already exists; kubenet init never overwrites a lab definition (remove it first to start over)", path.display())
+                } else {
+                    anyhow::Error::new(e).context(format!("cannot create {}", path.display()))
+                }
+            })?;
+            f.write_all(kubenet_cluster::REFERENCE_CONFIG.as_bytes()).and_then(|()| f.sync_all()).with_context(|| format!("cannot write {}", path.display()))?;
+            writeln!(stdout, "wrote {}: edit it, then `kubenet config` shows the lab", path.display()).ok();
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "kubenet", &mut stdout);
+        }
+    }
+    Ok(())
+}

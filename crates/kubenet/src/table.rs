@@ -1,0 +1,75 @@
+//! `kubenet config`'s human output: a summary of the network and one row per VM. Pure: it
+//! renders to a String.
+
+use std::fmt::Write;
+
+use kubenet_cluster::Lab;
+
+pub fn render(lab: &Lab) -> String {
+    let n = &lab.network;
+    let mut out = String::new();
+    let upstream = if n.upstream.is_empty() {
+        "the host's resolvers".to_string()
+    } else {
+        n.upstream.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+    };
+    let summary = [
+        ("config", lab.source.clone()),
+        ("state", lab.state_dir.display().to_string()),
+        ("network", n.subnet.to_string()),
+        ("host", format!("{} {}", n.host_name, n.host_address)),
+        ("domain", n.domain.clone()),
+        ("dhcp pool", format!("{} - {}, lease {}", n.dhcp_range.start, n.dhcp_range.end, n.lease_time)),
+        ("upstream", upstream),
+        ("accelerator", format!("{:?}", lab.accelerator).to_lowercase()),
+    ];
+    for (k, v) in summary {
+        let _ = writeln!(out, "{k:<12} {v}");
+    }
+    for h in &n.hosts {
+        let _ = writeln!(out, "{:<12} {} {}", "host entry", h.name, h.address);
+    }
+    out.push('\n');
+
+    let header = ["NAME", "ID", "ROLE", "MAC", "IP", "FQDN", "VCPUS", "MEMORY", "DISK"];
+    let rows: Vec<[String; 9]> = lab
+        .vms
+        .iter()
+        .map(|v| {
+            [
+                v.name.clone(),
+                v.id.to_string(),
+                v.role.clone(),
+                v.mac.to_string(),
+                v.ip.to_string(),
+                v.fqdn.clone(),
+                v.vcpus.to_string(),
+                v.memory.to_string(),
+                v.disk.to_string(),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let mut line = |cells: &[String]| {
+        let mut l = String::new();
+        for (i, (c, w)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == cells.len() {
+                l.push_str(c);
+            } else {
+                let _ = write!(l, "{c:<w$}  ");
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(&header.map(String::from));
+    for r in &rows {
+        line(r);
+    }
+    out
+}

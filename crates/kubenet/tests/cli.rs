@@ -1,0 +1,119 @@
+//! The CLI as a user runs it: the real binary, a temporary directory, no network.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn kubenet(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kubenet"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("KUBENET_CONFIG")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run kubenet")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn config_with_no_file_shows_the_reference_lab() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = kubenet(dir.path(), &["config"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let rows: Vec<Vec<&str>> = out
+        .lines()
+        .skip_while(|l| !l.starts_with("NAME"))
+        .skip(1)
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows.len(), 7, "{out}");
+    assert_eq!(rows[0], ["gateway", "0", "gateway", "52:52:52:00:00:00", "192.168.1.10", "gateway.kubevms", "2", "2GiB", "20GiB"]);
+    assert_eq!(rows[3], ["control2", "3", "control", "52:52:52:00:00:03", "192.168.1.13", "control2.kubevms", "2", "2GiB", "20GiB"]);
+    assert_eq!(rows[6], ["worker2", "6", "worker", "52:52:52:00:00:06", "192.168.1.16", "worker2.kubevms", "4", "8GiB", "20GiB"]);
+    assert!(out.contains("<built-in reference lab>"));
+}
+
+#[test]
+fn config_json_gives_the_same_lab() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = kubenet(dir.path(), &["config", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let vms = v["vms"].as_array().unwrap();
+    assert_eq!(vms.len(), 7);
+    for (i, vm) in vms.iter().enumerate() {
+        assert_eq!(vm["id"], i);
+        assert_eq!(vm["mac"], format!("52:52:52:00:00:{i:02x}"));
+        assert_eq!(vm["ip"], format!("192.168.1.{}", 10 + i));
+        assert_eq!(vm["fqdn"], format!("{}.kubevms", vm["name"].as_str().unwrap()));
+        let worker = vm["role"] == "worker";
+        assert_eq!(vm["vcpus"], if worker { 4 } else { 2 });
+        assert_eq!(vm["memory"], if worker { 8u64 << 30 } else { 2u64 << 30 });
+        assert_eq!(vm["disk"], 20u64 << 30);
+    }
+    assert_eq!(v["network"]["domain"], "kubevms");
+    assert_eq!(v["network"]["host_address"], "192.168.1.1");
+}
+
+#[test]
+fn init_writes_the_reference_lab_once_and_it_is_then_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = kubenet(dir.path(), &["init"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let written = std::fs::read_to_string(dir.path().join("kubenet.toml")).unwrap();
+    assert!(written.contains("domain = \"kubevms\""));
+
+    // Edit it: ./kubenet.toml now wins over the built-in lab.
+    std::fs::write(dir.path().join("kubenet.toml"), written.replace("domain = \"kubevms\"", "domain = \"lab.test\"")).unwrap();
+    let o = kubenet(dir.path(), &["config"]);
+    assert!(stdout(&o).contains("worker0.lab.test"), "{}", stdout(&o));
+
+    // A second init refuses and leaves the edit alone.
+    let o = kubenet(dir.path(), &["init", "."]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("already exists"), "{}", stderr(&o));
+    assert!(std::fs::read_to_string(dir.path().join("kubenet.toml")).unwrap().contains("lab.test"));
+}
+
+#[test]
+fn config_check_reports_file_line_and_key_with_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("bad.toml"), "[network]\nlease_time = \"forever\"\n[[group]]\nname = \"a\"\n").unwrap();
+    let o = kubenet(dir.path(), &["config", "check", "bad.toml"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).starts_with("bad.toml:2:14: network.lease_time: `forever` is not a duration"), "{}", stderr(&o));
+
+    std::fs::write(dir.path().join("good.toml"), "[[group]]\nname = \"a\"\n").unwrap();
+    let o = kubenet(dir.path(), &["config", "check", "good.toml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "good.toml: ok, 1 VMs on 192.168.1.0/24\n");
+}
+
+#[test]
+fn kubenet_config_env_is_second_in_the_lookup_order() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("env.toml"), "[[group]]\nname = \"fromenv\"\n").unwrap();
+    std::fs::write(dir.path().join("flag.toml"), "[[group]]\nname = \"fromflag\"\n").unwrap();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_kubenet")).args(args).current_dir(dir.path()).env("KUBENET_CONFIG", "env.toml").output().unwrap()
+    };
+    assert!(stdout(&run(&["config"])).contains("fromenv"));
+    assert!(stdout(&run(&["--config", "flag.toml", "config"])).contains("fromflag"));
+}
+
+#[test]
+fn completions_and_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = kubenet(dir.path(), &["completions", "bash"]);
+    assert!(o.status.success());
+    assert!(stdout(&o).contains("_kubenet()"), "not a bash completion script");
+    let o = kubenet(dir.path(), &["--version"]);
+    assert_eq!(stdout(&o).trim(), format!("kubenet {}", env!("CARGO_PKG_VERSION")));
+}

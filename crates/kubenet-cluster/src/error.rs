@@ -42,10 +42,7 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     #[error("{}", render(.file, .problems))]
-    Invalid {
-        file: Source,
-        problems: Vec<Problem>,
-    },
+    Invalid { file: Source, problems: Vec<Problem> },
 }
 
 impl ConfigError {
@@ -120,12 +117,7 @@ mod tests {
     fn rendering_names_file_line_column_and_key() {
         let e = ConfigError::Invalid {
             file: Source::File("lab.toml".into()),
-            problems: vec![Problem {
-                line: 3,
-                column: 10,
-                key: "network.subnet".into(),
-                message: "bad".into(),
-            }],
+            problems: vec![Problem { line: 3, column: 10, key: "network.subnet".into(), message: "bad".into() }],
         };
         assert_eq!(e.to_string(), "lab.toml:3:10: network.subnet: bad");
     }

@@ -91,9 +91,8 @@ fn check_domain(s: &str) -> Result<String, String> {
 }
 
 fn parse_subnet(s: &str) -> Result<Ipv4Net, String> {
-    let net: Ipv4Net = s
-        .parse()
-        .map_err(|_| format!("`{s}` is not an IPv4 network in CIDR form, e.g. \"192.168.1.0/24\""))?;
+    let net: Ipv4Net =
+        s.parse().map_err(|_| format!("`{s}` is not an IPv4 network in CIDR form, e.g. \"192.168.1.0/24\""))?;
     if net.prefix_len() > 30 {
         return Err(format!("`{s}` is too small: a lab needs at least a /30"));
     }
@@ -278,16 +277,24 @@ pub(crate) fn resolve(raw: RawLab, text: &str, source: String, base_dir: &Path) 
         for (name, name_span, addr) in expanded {
             let id = vms.len() as u32;
             if id >= MAX_VMS {
-                cx.at(name_span, format!("{key}.count"), format!("a lab holds at most {MAX_VMS} VMs (the MAC carries the id in 3 bytes)"));
+                cx.at(
+                    name_span,
+                    format!("{key}.count"),
+                    format!("a lab holds at most {MAX_VMS} VMs (the MAC carries the id in 3 bytes)"),
+                );
                 return Err(cx.problems);
             }
             let gr = g.get_ref();
             let memory = size(&mut cx, gr.memory.as_ref(), &format!("{key}.memory"), MEMORY);
             let disk = size(&mut cx, gr.disk.as_ref(), &format!("{key}.disk"), DISK);
-            if memory < Bytes(64 * Bytes::MIB) {
-                if let Some(m) = &gr.memory {
-                    cx.at(m.span(), format!("{key}.memory"), format!("{memory} is too little memory for a VM: use at least 64M"));
-                }
+            if memory < Bytes(64 * Bytes::MIB)
+                && let Some(m) = &gr.memory
+            {
+                cx.at(
+                    m.span(),
+                    format!("{key}.memory"),
+                    format!("{memory} is too little memory for a VM: use at least 64M"),
+                );
             }
             let vcpus = gr.vcpus.as_ref().map_or(VCPUS, |v| *v.get_ref());
             if !(1..=255).contains(&vcpus) {
@@ -298,7 +305,9 @@ pub(crate) fn resolve(raw: RawLab, text: &str, source: String, base_dir: &Path) 
                 Some(v) => cx.parse(v, &format!("{key}.role"), |s| check_label(s, "role")),
                 None => None,
             }
-            .unwrap_or_else(|| gr.name.as_ref().or(gr.prefix.as_ref()).map(|s| s.get_ref().to_ascii_lowercase()).unwrap_or_default());
+            .unwrap_or_else(|| {
+                gr.name.as_ref().or(gr.prefix.as_ref()).map(|s| s.get_ref().to_ascii_lowercase()).unwrap_or_default()
+            });
             let id_bytes = id.to_be_bytes();
             vms.push(Vm {
                 id,
@@ -356,16 +365,16 @@ pub(crate) fn resolve(raw: RawLab, text: &str, source: String, base_dir: &Path) 
     let mut vm_names: HashMap<&str, u32> = HashMap::new();
     for vm in &vms {
         if let Some(prev) = vm_names.insert(&vm.name, vm.id) {
-            cx.whole(format!("VM {}", vm.name), format!("the name `{}` is used by VM ids {prev} and {}", vm.name, vm.id));
+            cx.whole(
+                format!("VM {}", vm.name),
+                format!("the name `{}` is used by VM ids {prev} and {}", vm.name, vm.id),
+            );
         } else if let Some(prev) = names.get(&vm.name) {
             cx.whole(format!("VM {}", vm.name), format!("the name `{}` is already used by {prev}", vm.name));
         }
     }
 
-    let state_dir = raw
-        .state_dir
-        .as_ref()
-        .map_or_else(|| base_dir.to_path_buf(), |d| base_dir.join(d.get_ref()));
+    let state_dir = raw.state_dir.as_ref().map_or_else(|| base_dir.to_path_buf(), |d| base_dir.join(d.get_ref()));
 
     if !cx.problems.is_empty() {
         cx.problems.sort_by_key(|p| (p.line == 0, p.line, p.column));
@@ -413,7 +422,11 @@ fn expand_group(
                 cx.at(c.span(), format!("{key}.count"), "`count` goes with `prefix`; a group with `name` is one VM");
             }
             if let Some((vm, a)) = g.addresses.iter().next() {
-                cx.at(a.span(), format!("{key}.addresses.{vm}"), "`addresses` is for numbered groups; a one-VM group uses `address`");
+                cx.at(
+                    a.span(),
+                    format!("{key}.addresses.{vm}"),
+                    "`addresses` is for numbered groups; a one-VM group uses `address`",
+                );
             }
             match cx.parse(name, &format!("{key}.name"), |s| check_label(s, "VM name")) {
                 Some(n) => vec![(n, name.span(), g.address.clone())],
@@ -429,19 +442,29 @@ fn expand_group(
                 cx.at(count.span(), format!("{key}.count"), "count must be at least 1");
             }
             if let Some(a) = &g.address {
-                cx.at(a.span(), format!("{key}.address"), "`address` is for one-VM groups; a numbered group uses `addresses = { NAME = \"IP\" }`");
+                cx.at(
+                    a.span(),
+                    format!("{key}.address"),
+                    "`address` is for one-VM groups; a numbered group uses `addresses = { NAME = \"IP\" }`",
+                );
             }
             let n = *count.get_ref();
             // The longest name must still be a label: check it before making thousands.
             let longest = format!("{}{}", prefix.get_ref(), n.saturating_sub(1));
-            let Some(_) = cx.parse(&Spanned::new(prefix.span(), longest), &format!("{key}.prefix"), |s| check_label(s, "VM name prefix")) else {
+            let Some(_) = cx.parse(&Spanned::new(prefix.span(), longest), &format!("{key}.prefix"), |s| {
+                check_label(s, "VM name prefix")
+            }) else {
                 return Vec::new();
             };
             let prefix_lc = prefix.get_ref().to_ascii_lowercase();
             let names: Vec<String> = (0..n).map(|i| format!("{prefix_lc}{i}")).collect();
             for (vm, a) in &g.addresses {
                 if !names.iter().any(|n| n.eq_ignore_ascii_case(vm)) {
-                    cx.at(a.span(), format!("{key}.addresses.{vm}"), format!("`{vm}` is not a VM of this group ({prefix_lc}0..{prefix_lc}{})", n.saturating_sub(1)));
+                    cx.at(
+                        a.span(),
+                        format!("{key}.addresses.{vm}"),
+                        format!("`{vm}` is not a VM of this group ({prefix_lc}0..{prefix_lc}{})", n.saturating_sub(1)),
+                    );
                 }
             }
             names
@@ -453,7 +476,11 @@ fn expand_group(
                 .collect()
         }
         (Some(name), Some(_)) => {
-            cx.at(name.span(), format!("{key}.name"), "a group has either `name` (one VM) or `prefix` and `count`, not both");
+            cx.at(
+                name.span(),
+                format!("{key}.name"),
+                "a group has either `name` (one VM) or `prefix` and `count`, not both",
+            );
             Vec::new()
         }
         (None, None) => {

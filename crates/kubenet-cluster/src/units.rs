@@ -30,9 +30,9 @@ impl std::str::FromStr for Bytes {
         let t = s.trim();
         let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
-        let n: u64 = num.parse().map_err(|_| {
-            format!("`{s}` is not a size: expected a whole number with a unit, e.g. \"2G\", \"512M\"")
-        })?;
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("`{s}` is not a size: expected a whole number with a unit, e.g. \"2G\", \"512M\""))?;
         let shift = match unit.trim().to_ascii_uppercase().as_str() {
             "" | "B" => 0,
             "K" | "KB" | "KIB" => 10,
@@ -41,9 +41,7 @@ impl std::str::FromStr for Bytes {
             "T" | "TB" | "TIB" => 40,
             _ => return Err(format!("`{s}` has an unknown size unit `{unit}`: use K, M, G or T")),
         };
-        n.checked_mul(1u64 << shift)
-            .map(Bytes)
-            .ok_or_else(|| format!("`{s}` is too large"))
+        n.checked_mul(1u64 << shift).map(Bytes).ok_or_else(|| format!("`{s}` is too large"))
     }
 }
 
@@ -51,7 +49,7 @@ impl fmt::Display for Bytes {
     /// The shortest exact form: "2GiB", "512MiB", "1536MiB".
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] {
-            if self.0 >= 1 << shift && self.0 % (1 << shift) == 0 {
+            if self.0 >= 1 << shift && self.0.is_multiple_of(1 << shift) {
                 return write!(f, "{}{unit}", self.0 >> shift);
             }
         }

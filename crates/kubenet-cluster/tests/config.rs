@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::path::Path;
 
-use kubenet_cluster::{Bytes, Choice, LeaseTime, Source, parse, REFERENCE_CONFIG};
+use kubenet_cluster::{Bytes, Choice, LeaseTime, REFERENCE_CONFIG, Source, parse};
 
 fn lab(text: &str) -> kubenet_cluster::Lab {
     parse(text, Source::File("t.toml".into()), Path::new("/lab")).unwrap_or_else(|e| panic!("{e}"))
@@ -19,6 +19,7 @@ fn problems(text: &str) -> Vec<kubenet_cluster::Problem> {
 }
 
 #[test]
+#[allow(clippy::type_complexity)]
 fn reference_lab_matches_the_tutorial() {
     let lab = parse(REFERENCE_CONFIG, Source::Embedded, Path::new("/cwd")).unwrap();
     let n = &lab.network;
@@ -33,7 +34,9 @@ fn reference_lab_matches_the_tutorial() {
     let rows: Vec<(u32, &str, &str, String, String, u32, Bytes, Bytes)> = lab
         .vms
         .iter()
-        .map(|v| (v.id, v.name.as_str(), v.role.as_str(), v.mac.to_string(), v.ip.to_string(), v.vcpus, v.memory, v.disk))
+        .map(|v| {
+            (v.id, v.name.as_str(), v.role.as_str(), v.mac.to_string(), v.ip.to_string(), v.vcpus, v.memory, v.disk)
+        })
         .collect();
     let g2 = Bytes(2 << 30);
     let g8 = Bytes(8 << 30);
@@ -149,11 +152,31 @@ fn load_takes_the_state_dir_from_the_file_location() {
 /// phrase from the message.
 const BROKEN: &[(&str, &str, usize, &str)] = &[
     ("[network]\nsubnet = \"192.168.1.0/33\"\n[[group]]\nname = \"a\"\n", "network.subnet", 2, "not an IPv4 network"),
-    ("[network]\nsubnet = \"192.168.1.7/24\"\n[[group]]\nname = \"a\"\n", "network.subnet", 2, "did you mean \"192.168.1.0/24\""),
-    ("[network]\nhost_address = \"10.0.0.1\"\n[[group]]\nname = \"a\"\n", "network.host_address", 2, "outside the subnet"),
+    (
+        "[network]\nsubnet = \"192.168.1.7/24\"\n[[group]]\nname = \"a\"\n",
+        "network.subnet",
+        2,
+        "did you mean \"192.168.1.0/24\"",
+    ),
+    (
+        "[network]\nhost_address = \"10.0.0.1\"\n[[group]]\nname = \"a\"\n",
+        "network.host_address",
+        2,
+        "outside the subnet",
+    ),
     ("[network]\nhost_address = \"192.168.1.300\"\n", "network.host_address", 2, "invalid IPv4 address"),
-    ("[network]\ndhcp_range = [\"192.168.1.20\", \"192.168.1.2\"]\n[[group]]\nname = \"a\"\n", "network.dhcp_range", 2, "reversed"),
-    ("[network]\ndhcp_range = [\"192.168.1.2\", \"192.168.2.20\"]\n[[group]]\nname = \"a\"\n", "network.dhcp_range", 2, "outside the subnet"),
+    (
+        "[network]\ndhcp_range = [\"192.168.1.20\", \"192.168.1.2\"]\n[[group]]\nname = \"a\"\n",
+        "network.dhcp_range",
+        2,
+        "reversed",
+    ),
+    (
+        "[network]\ndhcp_range = [\"192.168.1.2\", \"192.168.2.20\"]\n[[group]]\nname = \"a\"\n",
+        "network.dhcp_range",
+        2,
+        "outside the subnet",
+    ),
     ("[network]\nlease_time = \"12 parsecs\"\n[[group]]\nname = \"a\"\n", "network.lease_time", 2, "not a duration"),
     ("[network]\ndomain = \"kube_vms\"\n[[group]]\nname = \"a\"\n", "network.domain", 2, "not a valid domain"),
     ("[network]\nmac_prefix = \"53:52:52\"\n[[group]]\nname = \"a\"\n", "network.mac_prefix", 2, "multicast"),
@@ -161,21 +184,46 @@ const BROKEN: &[(&str, &str, usize, &str)] = &[
     ("[network]\nsubnett = \"192.168.1.0/24\"\n", "network.subnett", 2, "unknown field"),
     ("colour = \"blue\"\n", "colour", 1, "unknown field"),
     ("[[group]]\nname = \"worker_0\"\n", "group[0].name", 2, "not a valid VM name"),
-    ("[[group]]\nname = \"a\"\n\n[[group]]\nname = \"b\"\nmemory = \"2X\"\n", "group[1].memory", 6, "unknown size unit"),
+    (
+        "[[group]]\nname = \"a\"\n\n[[group]]\nname = \"b\"\nmemory = \"2X\"\n",
+        "group[1].memory",
+        6,
+        "unknown size unit",
+    ),
     ("[[group]]\nname = \"a\"\ndisk = \"lots\"\n", "group[0].disk", 3, "not a size"),
     ("[[group]]\nname = \"a\"\nvcpus = \"two\"\n", "group[0].vcpus", 3, "invalid type"),
     ("[[group]]\nname = \"a\"\nvcpus = 0\n", "group[0].vcpus", 3, "use 1 to 255"),
     ("[[group]]\nprefix = \"w\"\n", "group[0].count", 2, "needs `count`"),
     ("[[group]]\nname = \"a\"\nprefix = \"w\"\ncount = 2\n", "group[0].name", 2, "not both"),
     ("[[group]]\nname = \"a\"\naddress = \"192.168.1.1\"\n", "VM a", 3, "already taken by network.host_address"),
-    ("[[group]]\nname = \"a\"\naddress = \"192.168.1.11\"\n[[group]]\nname = \"b\"\n", "VM b", 0, "already taken by VM a"),
+    (
+        "[[group]]\nname = \"a\"\naddress = \"192.168.1.11\"\n[[group]]\nname = \"b\"\n",
+        "VM b",
+        0,
+        "already taken by VM a",
+    ),
     ("[[group]]\nname = \"vmhost\"\n", "VM vmhost", 0, "already used by network.host_name"),
     ("[[group]]\nprefix = \"w\"\ncount = 2\n[[group]]\nname = \"w1\"\n", "VM w1", 0, "used by VM ids 1 and 2"),
-    ("[network.hosts]\nregistry = \"192.168.9.5\"\n[[group]]\nname = \"a\"\n", "network.hosts.registry", 2, "outside the subnet"),
-    ("[[group]]\nprefix = \"w\"\ncount = 2\naddresses = { w7 = \"192.168.1.50\" }\n", "group[0].addresses.w7", 4, "not a VM of this group"),
+    (
+        "[network.hosts]\nregistry = \"192.168.9.5\"\n[[group]]\nname = \"a\"\n",
+        "network.hosts.registry",
+        2,
+        "outside the subnet",
+    ),
+    (
+        "[[group]]\nprefix = \"w\"\ncount = 2\naddresses = { w7 = \"192.168.1.50\" }\n",
+        "group[0].addresses.w7",
+        4,
+        "not a VM of this group",
+    ),
     ("[[group]]\nname = \"a\"\nmemory = \"2G\"\nmemory = \"4G\"\n", "memory", 4, "duplicate key"),
     ("accelerator = \"xen\"\n", "accelerator", 1, "unknown variant"),
-    ("[network]\nip_offset = 250\n[[group]]\nprefix = \"w\"\ncount = 6\n", "group", 0, "6 VMs without an address override but 192.168.1.0/24 has only 5 free addresses"),
+    (
+        "[network]\nip_offset = 250\n[[group]]\nprefix = \"w\"\ncount = 6\n",
+        "group",
+        0,
+        "6 VMs without an address override but 192.168.1.0/24 has only 5 free addresses",
+    ),
 ];
 
 #[test]
@@ -202,5 +250,8 @@ fn every_problem_is_reported_in_one_pass() {
 #[test]
 fn the_error_text_has_the_file_line_column_form() {
     let e = parse("[network]\nsubnet = \"x\"\n", Source::File("lab.toml".into()), Path::new("/")).unwrap_err();
-    assert_eq!(e.to_string().lines().next().unwrap(), "lab.toml:2:10: network.subnet: `x` is not an IPv4 network in CIDR form, e.g. \"192.168.1.0/24\"");
+    assert_eq!(
+        e.to_string().lines().next().unwrap(),
+        "lab.toml:2:10: network.subnet: `x` is not an IPv4 network in CIDR form, e.g. \"192.168.1.0/24\""
+    );
 }

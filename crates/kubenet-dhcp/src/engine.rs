@@ -208,15 +208,18 @@ impl Engine {
         if let Some(l) = self.leases.by_mac(req.mac).filter(|l| self.pool_free_for(req.mac, l.ip, now)) {
             return Some(l.ip);
         }
-        if let Some(DhcpOption::RequestedIpAddress(ip)) = req.msg.opts().get(OptionCode::RequestedIpAddress) {
-            if self.pool_free_for(req.mac, *ip, now) {
-                return Some(*ip);
-            }
+        if let Some(DhcpOption::RequestedIpAddress(ip)) = req.msg.opts().get(OptionCode::RequestedIpAddress)
+            && self.pool_free_for(req.mac, *ip, now)
+        {
+            return Some(*ip);
         }
         let range = u32::from(self.cfg.pool.start)..=u32::from(self.cfg.pool.end);
         // Never-leased addresses first, so a client that comes back finds its expired lease's
         // address still unused.
-        let never_leased = range.clone().map(Ipv4Addr::from).find(|ip| self.leases.get(*ip).is_none() && self.pool_free_for(req.mac, *ip, now));
+        let never_leased = range
+            .clone()
+            .map(Ipv4Addr::from)
+            .find(|ip| self.leases.get(*ip).is_none() && self.pool_free_for(req.mac, *ip, now));
         never_leased.or_else(|| range.map(Ipv4Addr::from).find(|ip| self.pool_free_for(req.mac, *ip, now)))
     }
 
@@ -254,12 +257,20 @@ impl Engine {
             (false, None, true) => return self.ignore(req, "REQUEST with neither ciaddr nor option 50"),
         };
         if !self.cfg.subnet.contains(&ip) {
-            return if self.cfg.authoritative { self.nak(req, rx, "wrong network") } else { self.ignore(req, "wrong network") };
+            return if self.cfg.authoritative {
+                self.nak(req, rx, "wrong network")
+            } else {
+                self.ignore(req, "wrong network")
+            };
         }
         if !self.may_have(req.mac, ip, now) {
             // RFC 2131 4.3.2: an INIT-REBOOT client the server has no record of gets silence,
             // unless the server is authoritative for the network.
-            return if self.cfg.authoritative { self.nak(req, rx, "address not available to this client") } else { self.ignore(req, "not ours") };
+            return if self.cfg.authoritative {
+                self.nak(req, rx, "address not available to this client")
+            } else {
+                self.ignore(req, "not ours")
+            };
         }
         let renewed = self.leases.by_mac(req.mac).is_some_and(|l| l.ip == ip && l.active(now));
         let name = self.cfg.statics.get(&req.mac).map(|(_, n)| n.clone());

@@ -3,8 +3,8 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::Path;
 
-use dhcproto::v4::{DhcpOption, Flags, Message, MessageType, Opcode, OptionCode};
 use dhcproto::Encodable;
+use dhcproto::v4::{DhcpOption, Flags, Message, MessageType, Opcode, OptionCode};
 use kubenet_cluster::Mac;
 
 use crate::engine::{Config, Destination, Engine, Outcome, Received};
@@ -23,14 +23,22 @@ fn ip(last: u8) -> Ipv4Addr {
 }
 
 fn engine() -> Engine {
-    let lab = kubenet_cluster::parse(kubenet_cluster::REFERENCE_CONFIG, kubenet_cluster::Source::Embedded, Path::new("/")).unwrap();
+    let lab =
+        kubenet_cluster::parse(kubenet_cluster::REFERENCE_CONFIG, kubenet_cluster::Source::Embedded, Path::new("/"))
+            .unwrap();
     Engine::new(Config::from_lab(&lab), LeaseTable::default())
 }
 
 /// A request as a client would put it on the wire, passed through the same decoder the server
 /// uses.
 fn msg(kind: MessageType, mac: Mac, f: impl FnOnce(&mut Message)) -> Request {
-    let mut m = Message::new(Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, &mac.0);
+    let mut m = Message::new(
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        &mac.0,
+    );
     m.set_opcode(Opcode::BootRequest).set_xid(0x1234);
     m.opts_mut().insert(DhcpOption::MessageType(kind));
     f(&mut m);
@@ -99,7 +107,9 @@ fn option_55_limits_the_optional_options() {
         assert!(opt(&m, absent).is_none(), "{absent:?} was not asked for");
     }
     // Always there whatever the list says.
-    for present in [OptionCode::ServerIdentifier, OptionCode::AddressLeaseTime, OptionCode::SubnetMask, OptionCode::BroadcastAddr] {
+    for present in
+        [OptionCode::ServerIdentifier, OptionCode::AddressLeaseTime, OptionCode::SubnetMask, OptionCode::BroadcastAddr]
+    {
         assert!(opt(&m, present).is_some(), "{present:?}");
     }
 }
@@ -352,7 +362,9 @@ fn leases_survive_a_restart_through_the_file_format() {
     let text = e.leases().to_text();
     let (table, bad) = LeaseTable::from_text(&text, NOW + 10);
     assert_eq!(bad, 0);
-    let lab = kubenet_cluster::parse(kubenet_cluster::REFERENCE_CONFIG, kubenet_cluster::Source::Embedded, Path::new("/")).unwrap();
+    let lab =
+        kubenet_cluster::parse(kubenet_cluster::REFERENCE_CONFIG, kubenet_cluster::Source::Embedded, Path::new("/"))
+            .unwrap();
     let mut restarted = Engine::new(Config::from_lab(&lab), table);
     let renew = msg(MessageType::Request, STRAY, |m| {
         m.set_ciaddr(got);

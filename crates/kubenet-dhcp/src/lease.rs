@@ -148,11 +148,17 @@ fn parse_line(line: &str) -> Option<Lease> {
 /// Writes the table atomically: temporary file in the same directory, fsync, rename over the
 /// old file, fsync of the directory so the rename itself is durable.
 pub fn save(path: &Path, table: &LeaseTable) -> std::io::Result<()> {
+    save_text(path, &table.to_text())
+}
+
+/// [`save`] for text already rendered, so the caller can render under its lock and write
+/// outside it.
+pub fn save_text(path: &Path, text: &str) -> std::io::Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let tmp = path.with_extension("tmp");
     {
         let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(table.to_text().as_bytes())?;
+        f.write_all(text.as_bytes())?;
         f.sync_all()?;
     }
     std::fs::rename(&tmp, path)?;

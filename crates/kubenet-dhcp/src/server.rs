@@ -1,1 +1,338 @@
-pub fn placeholder() {}
+//! The DHCP server's I/O: the UDP socket, the receiving interface of each packet, the receive
+//! loop, lease persistence before replies leave, and sending by RFC 2131 4.1 destination.
+//!
+//! One socket on 0.0.0.0:67 serves every interface: on macOS the VM bridge (bridge100) exists only
+//! while a VM runs, so the server must not need it at start. Each packet's interface comes from
+//! IP_PKTINFO, and a packet is served only if that interface has an address in the lab's subnet
+//! (or it was relayed from it), so a host on another LAN never hears from kubenet. Replies leave
+//! by the interface the request came in on.
+//!
+//! Linux only for the per-packet interface today: the macOS equivalents (IP_RECVIF, IP_BOUND_IF)
+//! are still to come; elsewhere the server answers through the routing table.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
+
+use ipnet::Ipv4Net;
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::{CLIENT_PORT, Destination, Engine, Received, Reply};
+use crate::wire::{self, Malformed};
+
+/// How many datagrams one wake-up handles before the lease file is written once for all of
+/// them (group commit): durability per ACK without an fsync per packet.
+const BATCH: usize = 64;
+/// How often expired leases are dropped from the table and the file.
+const EXPIRY_TICK: Duration = Duration::from_secs(60);
+/// How long an interface lookup is trusted before the interface list is read again.
+const IFACE_TTL: Duration = Duration::from_secs(5);
+
+/// A bind failure, worded for the person who ran `kubenet serve`.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error(
+        "UDP port {port} is already in use: another DHCP server holds it (macOS: bootpd, started by Internet Sharing; Linux: dnsmasq, e.g. libvirt's or NetworkManager's, or isc-dhcp-server). Stop it (macOS: `sudo launchctl unload -w /System/Library/LaunchDaemons/bootps.plist`; Linux: `sudo ss -ulpn 'sport = :{port}'` shows which) and run kubenet serve again"
+    )]
+    InUse { port: u16 },
+    #[error("binding UDP port {port} needs root: run `sudo kubenet serve`")]
+    Permission { port: u16 },
+    #[error("cannot open the DHCP socket on {addr}: {source}")]
+    Other { addr: SocketAddrV4, source: io::Error },
+}
+
+/// Binds the DHCP socket: broadcast allowed, IP_PKTINFO on, and no SO_REUSEADDR/SO_REUSEPORT,
+/// so no other server can bind the port beside us.
+pub fn bind(addr: SocketAddrV4) -> Result<UdpSocket, BindError> {
+    let wrap = |source: io::Error| match source.kind() {
+        io::ErrorKind::AddrInUse => BindError::InUse { port: addr.port() },
+        io::ErrorKind::PermissionDenied => BindError::Permission { port: addr.port() },
+        _ => BindError::Other { addr, source },
+    };
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))
+        .map_err(wrap)?;
+    s.set_broadcast(true).map_err(wrap)?;
+    s.set_nonblocking(true).map_err(wrap)?;
+    #[cfg(target_os = "linux")]
+    nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Ipv4PacketInfo, &true).map_err(|e| wrap(e.into()))?;
+    s.bind(&std::net::SocketAddr::V4(addr).into()).map_err(wrap)?;
+    UdpSocket::from_std(s.into()).map_err(wrap)
+}
+
+/// Why packets were dropped before the engine saw them, by kind.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub received: u64,
+    pub malformed: HashMap<Malformed, u64>,
+    /// Well-formed, but from an interface with no address in the lab's subnet.
+    pub foreign: u64,
+    /// Replies not sent because the lease file could not be written.
+    pub unpersisted: u64,
+}
+
+impl Counters {
+    pub fn malformed_total(&self) -> u64 {
+        self.malformed.values().sum()
+    }
+}
+
+/// The addresses of the host's interfaces, by index, read again when stale or unknown.
+struct Interfaces {
+    by_index: HashMap<u32, Vec<Ipv4Net>>,
+    read_at: Option<Instant>,
+}
+
+impl Interfaces {
+    fn new() -> Self {
+        Interfaces { by_index: HashMap::new(), read_at: None }
+    }
+
+    fn refresh(&mut self) {
+        self.by_index.clear();
+        self.read_at = Some(Instant::now());
+        let Ok(addrs) = nix::ifaddrs::getifaddrs() else { return };
+        for a in addrs {
+            let (Some(addr), Some(mask)) = (a.address, a.netmask) else { continue };
+            let (Some(addr), Some(mask)) = (addr.as_sockaddr_in(), mask.as_sockaddr_in()) else { continue };
+            let Ok(index) = nix::net::if_::if_nametoindex(a.interface_name.as_str()) else { continue };
+            if let Ok(net) = Ipv4Net::with_netmask(addr.ip(), mask.ip()) {
+                self.by_index.entry(index).or_default().push(net);
+            }
+        }
+    }
+
+    /// The interface's own address inside `subnet`, if it has one.
+    fn lab_address(&mut self, ifindex: u32, subnet: &Ipv4Net) -> Option<Ipv4Addr> {
+        let stale = self.read_at.is_none_or(|t| t.elapsed() > IFACE_TTL);
+        if stale || !self.by_index.contains_key(&ifindex) {
+            self.refresh();
+        }
+        self.by_index.get(&ifindex)?.iter().map(|n| n.addr()).find(|a| subnet.contains(a))
+    }
+}
+
+/// One received datagram.
+struct Datagram {
+    len: usize,
+    truncated: bool,
+    src: SocketAddrV4,
+    ifindex: u32,
+}
+
+pub struct Server {
+    socket: UdpSocket,
+    engine: Engine,
+    lease_file: PathBuf,
+    ifaces: Interfaces,
+    pub counters: Counters,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl Server {
+    pub fn new(socket: UdpSocket, engine: Engine, lease_file: PathBuf) -> Self {
+        Server { socket, engine, lease_file, ifaces: Interfaces::new(), counters: Counters::default() }
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub fn engine_mut(&mut self) -> &mut Engine {
+        &mut self.engine
+    }
+
+    pub fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    /// Serves until `shutdown` is cancelled. Errors on one packet drop that packet; only a
+    /// failing socket ends the loop.
+    pub async fn run(&mut self, shutdown: CancellationToken) -> io::Result<()> {
+        let mut tick = tokio::time::interval(EXPIRY_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                r = self.socket.readable() => { r?; self.serve_batch().await?; }
+                _ = tick.tick() => {
+                    if self.engine.expire(unix_now())
+                        && let Err(e) = self.persist().await {
+                            tracing::error!("cannot write the lease file {}: {e}", self.lease_file.display());
+                        }
+                }
+            }
+        }
+    }
+
+    async fn serve_batch(&mut self) -> io::Result<()> {
+        let mut buf = [0u8; wire::MAX_LEN + 1];
+        let mut replies: Vec<Reply> = Vec::new();
+        let mut changed = false;
+        let now = unix_now();
+        for _ in 0..BATCH {
+            let fd = self.socket.as_raw_fd();
+            let d = match self.socket.try_io(Interest::READABLE, || recv(fd, &mut buf)) {
+                Ok(d) => d,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    tracing::warn!("DHCP receive: {e}");
+                    break;
+                }
+            };
+            self.counters.received += 1;
+            let req = if d.truncated { Err(Malformed::Oversized) } else { wire::decode_request(&buf[..d.len]) };
+            let req = match req {
+                Ok(r) => r,
+                Err(m) => {
+                    *self.counters.malformed.entry(m).or_default() += 1;
+                    tracing::debug!(src = %d.src, "dropped a malformed DHCP packet: {m}");
+                    continue;
+                }
+            };
+            let subnet = self.engine.config().subnet;
+            if req.msg.giaddr().is_unspecified()
+                && cfg!(target_os = "linux")
+                && self.ifaces.lab_address(d.ifindex, &subnet).is_none()
+            {
+                self.counters.foreign += 1;
+                tracing::debug!(ifindex = d.ifindex, mac = %req.mac, "DHCP request on an interface outside {subnet}: not ours");
+                continue;
+            }
+            let out = self.engine.handle(&req, Received { ifindex: d.ifindex, src: d.src }, now);
+            changed |= out.leases_changed;
+            replies.extend(out.reply);
+        }
+        if changed && let Err(e) = self.persist().await {
+            // An ACK whose lease is not on disk would be forgotten by a crash: send none.
+            // Clients retry, and are answered once the file can be written again.
+            self.counters.unpersisted += replies.len() as u64;
+            tracing::error!(
+                "cannot write the lease file {}: {e}; withholding {} replies until it can",
+                self.lease_file.display(),
+                replies.len()
+            );
+            return Ok(());
+        }
+        for r in replies {
+            if let Err(e) = self.send(&r).await {
+                tracing::warn!(dest = ?r.dest, "DHCP send: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    async fn persist(&self) -> io::Result<()> {
+        let text = self.engine.leases().to_text();
+        let path = self.lease_file.clone();
+        tokio::task::spawn_blocking(move || crate::lease::save_text(&path, &text)).await.map_err(io::Error::other)?
+    }
+
+    async fn send(&mut self, r: &Reply) -> io::Result<()> {
+        let bytes = wire::encode_reply(&r.msg).map_err(io::Error::other)?;
+        let broadcast = SocketAddrV4::new(Ipv4Addr::BROADCAST, CLIENT_PORT);
+        let (to, ifindex) = match r.dest {
+            Destination::Relay(a) | Destination::Unicast(a) => (a, 0),
+            Destination::Broadcast => (broadcast, r.ifindex),
+            Destination::Direct { ip, mac } => {
+                // The client has no address yet, so it cannot answer ARP: put its MAC in the
+                // ARP table ourselves (as dnsmasq does), or broadcast if that is refused.
+                if set_arp(&self.socket, r.ifindex, ip, mac).is_ok() {
+                    (SocketAddrV4::new(ip, CLIENT_PORT), r.ifindex)
+                } else {
+                    (broadcast, r.ifindex)
+                }
+            }
+        };
+        let fd = self.socket.as_raw_fd();
+        self.socket.async_io(Interest::WRITABLE, || send(fd, &bytes, to, ifindex)).await
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn recv(fd: std::os::fd::RawFd, buf: &mut [u8]) -> io::Result<Datagram> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrIn, recvmsg};
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let mut cmsg = nix::cmsg_space!(libc::in_pktinfo);
+    let m = recvmsg::<SockaddrIn>(fd, &mut iov, Some(&mut cmsg), MsgFlags::empty()).map_err(io::Error::from)?;
+    let mut ifindex = 0;
+    for c in m.cmsgs().map_err(io::Error::from)? {
+        if let ControlMessageOwned::Ipv4PacketInfo(info) = c {
+            ifindex = info.ipi_ifindex as u32;
+        }
+    }
+    let src = m.address.map_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0), |a| SocketAddrV4::new(a.ip(), a.port()));
+    Ok(Datagram { len: m.bytes, truncated: m.flags.contains(MsgFlags::MSG_TRUNC), src, ifindex })
+}
+
+#[cfg(target_os = "linux")]
+fn send(fd: std::os::fd::RawFd, bytes: &[u8], to: SocketAddrV4, ifindex: u32) -> io::Result<()> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrIn, sendmsg};
+    let info = libc::in_pktinfo {
+        ipi_ifindex: ifindex as i32,
+        ipi_spec_dst: libc::in_addr { s_addr: 0 },
+        ipi_addr: libc::in_addr { s_addr: 0 },
+    };
+    let cmsgs = [ControlMessage::Ipv4PacketInfo(&info)];
+    let cm: &[ControlMessage] = if ifindex == 0 { &[] } else { &cmsgs };
+    sendmsg(fd, &[io::IoSlice::new(bytes)], cm, MsgFlags::empty(), Some(&SockaddrIn::from(to)))
+        .map_err(io::Error::from)?;
+    Ok(())
+}
+
+/// Adds `ip -> mac` to the ARP table of interface `ifindex` (SIOCSARP).
+#[cfg(target_os = "linux")]
+fn set_arp(socket: &UdpSocket, ifindex: u32, ip: Ipv4Addr, mac: kubenet_cluster::Mac) -> io::Result<()> {
+    let name = nix::net::if_::if_indextoname(ifindex).map_err(io::Error::from)?;
+    let name = name.to_bytes();
+    // SAFETY: arpreq is plain old data; all-zero is a valid value.
+    let mut req: libc::arpreq = unsafe { std::mem::zeroed() };
+    let pa = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr { s_addr: u32::from(ip).to_be() },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr have the same size on Linux; arp_pa holds an AF_INET address.
+    req.arp_pa = unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(pa) };
+    req.arp_ha.sa_family = libc::ARPHRD_ETHER;
+    for (d, s) in req.arp_ha.sa_data.iter_mut().zip(mac.0) {
+        *d = s as libc::c_char;
+    }
+    req.arp_flags = libc::ATF_COM;
+    for (d, s) in req.arp_dev.iter_mut().zip(name.iter().take(15)) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: a valid socket and a fully initialised arpreq.
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSARP, &req) };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+// Elsewhere (macOS until IP_RECVIF / IP_BOUND_IF land): no interface per packet; replies follow
+// the routing table, and Direct replies are broadcast.
+#[cfg(not(target_os = "linux"))]
+fn recv(fd: std::os::fd::RawFd, buf: &mut [u8]) -> io::Result<Datagram> {
+    use nix::sys::socket::{SockaddrIn, recvfrom};
+    let (len, addr) = recvfrom::<SockaddrIn>(fd, buf).map_err(io::Error::from)?;
+    let src = addr.map_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0), |a| SocketAddrV4::new(a.ip(), a.port()));
+    Ok(Datagram { len: len.min(buf.len()), truncated: len >= buf.len(), src, ifindex: 0 })
+}
+
+#[cfg(not(target_os = "linux"))]
+fn send(fd: std::os::fd::RawFd, bytes: &[u8], to: SocketAddrV4, _ifindex: u32) -> io::Result<()> {
+    use nix::sys::socket::{MsgFlags, SockaddrIn, sendto};
+    sendto(fd, bytes, &SockaddrIn::from(to), MsgFlags::empty()).map_err(io::Error::from)?;
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn set_arp(_: &UdpSocket, _: u32, _: Ipv4Addr, _: kubenet_cluster::Mac) -> io::Result<()> {
+    Err(io::Error::from(io::ErrorKind::Unsupported))
+}

@@ -90,7 +90,13 @@ pub(crate) mod tests {
     use std::net::Ipv4Addr;
 
     pub(crate) fn discover_bytes(mac: [u8; 6]) -> Vec<u8> {
-        let mut m = Message::new(Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, &mac);
+        let mut m = Message::new(
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            &mac,
+        );
         m.set_opcode(Opcode::BootRequest);
         m.opts_mut().insert(DhcpOption::MessageType(MessageType::Discover));
         m.to_vec().unwrap()

@@ -34,6 +34,9 @@ pub struct Cli {
 pub enum Command {
     /// Show the resolved lab: every VM with its id, MAC, address and size.
     Config(ConfigArgs),
+    /// Run the lab's DHCP server (and, with later releases, DNS and host networking) in the
+    /// foreground until Ctrl-C. Needs root for port 67.
+    Serve(ServeArgs),
     /// Write the reference lab definition to DIR/kubenet.toml to edit (never overwrites).
     Init {
         /// Where to write kubenet.toml; created if missing.
@@ -41,9 +44,7 @@ pub enum Command {
         dir: PathBuf,
     },
     /// Print a shell completion script, e.g. `kubenet completions bash > ~/.local/share/bash-completion/completions/kubenet`.
-    Completions {
-        shell: clap_complete::Shell,
-    },
+    Completions { shell: clap_complete::Shell },
 }
 
 #[derive(Debug, Args)]
@@ -64,4 +65,21 @@ pub enum ConfigAction {
         /// The file to check. Default: the config the lookup order picks.
         file: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Create no host network devices (on Linux: no bridge, taps or NAT); serve on the
+    /// interfaces that exist. Tests and benchmarks run this way inside namespaces.
+    #[arg(long)]
+    pub no_bridge: bool,
+
+    /// The address the DHCP socket binds. 0.0.0.0 serves every interface that has an address in
+    /// the lab's subnet, including ones that appear later (macOS's bridge100).
+    #[arg(long, default_value = "0.0.0.0", value_name = "IP")]
+    pub dhcp_listen: std::net::Ipv4Addr,
+
+    /// The DHCP server port; something other than 67 only for tests.
+    #[arg(long, default_value_t = 67, value_name = "PORT")]
+    pub dhcp_port: u16,
 }

@@ -2,6 +2,7 @@
 //! (0 ok, 1 failure, 2 usage or config error). The subcommands live in their own modules.
 
 mod cli;
+mod serve;
 mod table;
 
 use std::io::Write;
@@ -43,7 +44,13 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
         // `kubenet config | head`: the reader left, which is not a failure (as in ripgrep).
-        Err(Failure::Other(e)) if e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)) => ExitCode::SUCCESS,
+        Err(Failure::Other(e))
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(Failure::Other(e)) => {
             eprintln!("kubenet: {e:#}");
             ExitCode::from(1)
@@ -59,8 +66,15 @@ fn init_tracing(verbose: u8, quiet: u8) {
         (_, 1) => "warn",
         _ => "error",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .init();
 }
 
 /// The lab the lookup order picks, with `--dir` applied.
@@ -109,8 +123,14 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     anyhow::Error::new(e).context(format!("cannot create {}", path.display()))
                 }
             })?;
-            f.write_all(kubenet_cluster::REFERENCE_CONFIG.as_bytes()).and_then(|()| f.sync_all()).with_context(|| format!("cannot write {}", path.display()))?;
+            f.write_all(kubenet_cluster::REFERENCE_CONFIG.as_bytes())
+                .and_then(|()| f.sync_all())
+                .with_context(|| format!("cannot write {}", path.display()))?;
             writeln!(stdout, "wrote {}: edit it, then `kubenet config` shows the lab", path.display()).ok();
+        }
+        Command::Serve(args) => {
+            let lab = load_lab(&cli, None)?;
+            serve::run(lab, args)?;
         }
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "kubenet", &mut stdout);

@@ -27,16 +27,21 @@ fn config_with_no_file_shows_the_reference_lab() {
     let o = kubenet(dir.path(), &["config"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
-    let rows: Vec<Vec<&str>> = out
-        .lines()
-        .skip_while(|l| !l.starts_with("NAME"))
-        .skip(1)
-        .map(|l| l.split_whitespace().collect())
-        .collect();
+    let rows: Vec<Vec<&str>> =
+        out.lines().skip_while(|l| !l.starts_with("NAME")).skip(1).map(|l| l.split_whitespace().collect()).collect();
     assert_eq!(rows.len(), 7, "{out}");
-    assert_eq!(rows[0], ["gateway", "0", "gateway", "52:52:52:00:00:00", "192.168.1.10", "gateway.kubevms", "2", "2GiB", "20GiB"]);
-    assert_eq!(rows[3], ["control2", "3", "control", "52:52:52:00:00:03", "192.168.1.13", "control2.kubevms", "2", "2GiB", "20GiB"]);
-    assert_eq!(rows[6], ["worker2", "6", "worker", "52:52:52:00:00:06", "192.168.1.16", "worker2.kubevms", "4", "8GiB", "20GiB"]);
+    assert_eq!(
+        rows[0],
+        ["gateway", "0", "gateway", "52:52:52:00:00:00", "192.168.1.10", "gateway.kubevms", "2", "2GiB", "20GiB"]
+    );
+    assert_eq!(
+        rows[3],
+        ["control2", "3", "control", "52:52:52:00:00:03", "192.168.1.13", "control2.kubevms", "2", "2GiB", "20GiB"]
+    );
+    assert_eq!(
+        rows[6],
+        ["worker2", "6", "worker", "52:52:52:00:00:06", "192.168.1.16", "worker2.kubevms", "4", "8GiB", "20GiB"]
+    );
     assert!(out.contains("<built-in reference lab>"));
 }
 
@@ -71,7 +76,8 @@ fn init_writes_the_reference_lab_once_and_it_is_then_used() {
     assert!(written.contains("domain = \"kubevms\""));
 
     // Edit it: ./kubenet.toml now wins over the built-in lab.
-    std::fs::write(dir.path().join("kubenet.toml"), written.replace("domain = \"kubevms\"", "domain = \"lab.test\"")).unwrap();
+    std::fs::write(dir.path().join("kubenet.toml"), written.replace("domain = \"kubevms\"", "domain = \"lab.test\""))
+        .unwrap();
     let o = kubenet(dir.path(), &["config"]);
     assert!(stdout(&o).contains("worker0.lab.test"), "{}", stdout(&o));
 
@@ -85,7 +91,8 @@ fn init_writes_the_reference_lab_once_and_it_is_then_used() {
 #[test]
 fn config_check_reports_file_line_and_key_with_exit_2() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("bad.toml"), "[network]\nlease_time = \"forever\"\n[[group]]\nname = \"a\"\n").unwrap();
+    std::fs::write(dir.path().join("bad.toml"), "[network]\nlease_time = \"forever\"\n[[group]]\nname = \"a\"\n")
+        .unwrap();
     let o = kubenet(dir.path(), &["config", "check", "bad.toml"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).starts_with("bad.toml:2:14: network.lease_time: `forever` is not a duration"), "{}", stderr(&o));
@@ -102,7 +109,12 @@ fn kubenet_config_env_is_second_in_the_lookup_order() {
     std::fs::write(dir.path().join("env.toml"), "[[group]]\nname = \"fromenv\"\n").unwrap();
     std::fs::write(dir.path().join("flag.toml"), "[[group]]\nname = \"fromflag\"\n").unwrap();
     let run = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_kubenet")).args(args).current_dir(dir.path()).env("KUBENET_CONFIG", "env.toml").output().unwrap()
+        Command::new(env!("CARGO_BIN_EXE_kubenet"))
+            .args(args)
+            .current_dir(dir.path())
+            .env("KUBENET_CONFIG", "env.toml")
+            .output()
+            .unwrap()
     };
     assert!(stdout(&run(&["config"])).contains("fromenv"));
     assert!(stdout(&run(&["--config", "flag.toml", "config"])).contains("fromflag"));

@@ -1,0 +1,275 @@
+//! `kubenet serve`'s DHCP server against real clients (ISC dhclient, busybox udhcpc), each in a
+//! network namespace of its own joined to the server's by a veth link. The clients' scripts only
+//! record what they were given and configure the client namespace's own interface.
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use support::{Netns, Proc, prerequisites, serve, veth};
+
+const VM_MAC: &str = "52:52:52:00:00:04";
+
+/// A server namespace holding the host address and a client namespace, joined by veth.
+struct Lan {
+    server: Netns,
+    client: Netns,
+    dir: tempfile::TempDir,
+}
+
+fn lan(client_mac: &str) -> Lan {
+    let server = Netns::new("s");
+    let client = Netns::new("c");
+    veth(&server, "kns", &client, "knc");
+    server.ip(&["addr", "add", "192.168.1.1/24", "dev", "kns"]);
+    client.ip(&["link", "set", "knc", "address", client_mac]);
+    Lan { server, client, dir: tempfile::tempdir().unwrap() }
+}
+
+/// A dhclient script that records its environment per reason and configures nothing.
+fn dhclient_script(dir: &Path) -> String {
+    let path = dir.join("dhclient-record.sh");
+    std::fs::write(
+        &path,
+        format!(
+            "#!/bin/sh\nenv | grep -E '^(reason|new_ip_address|new_routers|new_domain_name|new_domain_name_servers|new_host_name)=' | sort > {dir}/dhclient.$reason.tmp\nmv {dir}/dhclient.$reason.tmp {dir}/dhclient.$reason\n",
+            dir = dir.display()
+        ),
+    )
+    .unwrap();
+    make_executable(&path);
+    path.display().to_string()
+}
+
+/// A udhcpc script that records each event and puts the address on the client's interface (in
+/// the client's namespace), so that renewals are real unicast requests.
+fn udhcpc_script(dir: &Path) -> String {
+    let path = dir.join("udhcpc-record.sh");
+    std::fs::write(
+        &path,
+        format!(
+            "#!/bin/sh\ncase \"$1\" in\n  bound|renew) ip addr replace \"$ip/24\" dev \"$interface\";;\n  deconfig) ip addr flush dev \"$interface\";;\nesac\necho \"$1 ip=$ip router=$router dns=$dns domain=$domain hostname=$hostname\" >> {dir}/udhcpc.events\n",
+            dir = dir.display()
+        ),
+    )
+    .unwrap();
+    make_executable(&path);
+    path.display().to_string()
+}
+
+fn make_executable(p: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_default()
+}
+
+fn wait_file(p: &Path, needle: &str, timeout: Duration) -> String {
+    let start = std::time::Instant::now();
+    loop {
+        let t = read(p);
+        if t.contains(needle) {
+            return t;
+        }
+        assert!(start.elapsed() < timeout, "{} has no {needle:?} after {timeout:?}:\n{t}", p.display());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn dhclient(lan: &Lan, script: &str, tag: &str) -> Proc {
+    let d = lan.dir.path();
+    let mut cmd = lan.client.cmd("dhclient");
+    cmd.args(["-d", "-1", "-v", "-sf", script, "-lf"])
+        .arg(d.join("dhclient.leases"))
+        .arg("-pf")
+        .arg(d.join("dhclient.pid"))
+        .arg("knc");
+    Proc::spawn(cmd, &d.join(format!("dhclient-{tag}.log")))
+}
+
+#[test]
+fn dhclient_gets_the_vms_address_and_keeps_it_across_a_server_restart() {
+    if prerequisites(&["dhclient"]).is_some() {
+        return;
+    }
+    let lan = lan(VM_MAC);
+    let d = lan.dir.path();
+    let server = serve(&lan.server, d, &[]);
+    let script = dhclient_script(d);
+
+    let client = dhclient(&lan, &script, "1");
+    let bound = wait_file(&d.join("dhclient.BOUND"), "new_ip_address", Duration::from_secs(30));
+    drop(client);
+    for line in [
+        "new_ip_address=192.168.1.14",
+        "new_routers=192.168.1.1",
+        "new_domain_name_servers=192.168.1.1",
+        "new_domain_name=kubevms",
+        "new_host_name=worker0",
+    ] {
+        assert!(bound.lines().any(|l| l == line), "{line} missing from:\n{bound}");
+    }
+    let leases = read(&d.join("state/leases"));
+    assert!(leases.contains("52:52:52:00:00:04 192.168.1.14 worker0"), "lease file: {leases}");
+
+    // Restart: the lease file is read back, and dhclient's INIT-REBOOT gets the same address.
+    let log = server.stop();
+    assert!(log.contains("DHCPACK granted"), "{log}");
+    let server = serve(&lan.server, d, &[]);
+    assert!(server.log_text().contains("active=1"), "lease not reloaded:\n{}", server.log_text());
+    let client = dhclient(&lan, &script, "2");
+    let reboot = wait_file(&d.join("dhclient.REBOOT"), "new_ip_address", Duration::from_secs(30));
+    drop(client);
+    assert!(reboot.contains("new_ip_address=192.168.1.14"), "{reboot}");
+    let log = server.stop();
+    assert!(log.contains("DHCPACK renewed"), "{log}");
+}
+
+#[test]
+fn a_request_for_a_wrong_address_is_naked_and_the_client_recovers() {
+    if prerequisites(&["dhclient"]).is_some() {
+        return;
+    }
+    let lan = lan(VM_MAC);
+    let d = lan.dir.path();
+    // dhclient remembers .15 for this interface, so it starts with an INIT-REBOOT for it.
+    std::fs::write(
+        d.join("dhclient.leases"),
+        "lease {\n  interface \"knc\";\n  fixed-address 192.168.1.15;\n  option subnet-mask 255.255.255.0;\n  option dhcp-server-identifier 192.168.1.1;\n  renew 4 2099/01/01 00:00:00;\n  rebind 4 2099/01/01 00:00:00;\n  expire 4 2099/01/01 00:00:00;\n}\n",
+    )
+    .unwrap();
+    let server = serve(&lan.server, d, &[]);
+    let script = dhclient_script(d);
+    let client = dhclient(&lan, &script, "nak");
+    let bound = wait_file(&d.join("dhclient.BOUND"), "new_ip_address", Duration::from_secs(40));
+    let client_log = client.log_text();
+    drop(client);
+    assert!(client_log.contains("DHCPNAK from 192.168.1.1"), "{client_log}");
+    assert!(bound.contains("new_ip_address=192.168.1.14"), "{bound}");
+    let log = server.stop();
+    assert!(log.contains("DHCPNAK: address not available to this client"), "{log}");
+}
+
+#[test]
+fn udhcpc_binds_then_renews_by_unicast() {
+    if prerequisites(&["udhcpc"]).is_some() {
+        return;
+    }
+    let lan = lan(VM_MAC);
+    let d = lan.dir.path();
+    let server = serve(&lan.server, d, &[]);
+    let script = udhcpc_script(d);
+    let mut cmd = lan.client.cmd("udhcpc");
+    cmd.args(["-f", "-i", "knc", "-s", &script, "-t", "5", "-T", "1", "-A", "1"]);
+    let client = Proc::spawn(cmd, &d.join("udhcpc.log"));
+    let events = wait_file(&d.join("udhcpc.events"), "bound", Duration::from_secs(20));
+    assert!(
+        events.contains("bound ip=192.168.1.14 router=192.168.1.1 dns=192.168.1.1 domain=kubevms hostname=worker0"),
+        "{events}"
+    );
+    // SIGUSR1: renew now. udhcpc sends a unicast REQUEST from 192.168.1.14 (RENEWING).
+    client.signal("USR1");
+    let events = wait_file(&d.join("udhcpc.events"), "renew", Duration::from_secs(20));
+    assert!(events.contains("renew ip=192.168.1.14"), "{events}");
+    drop(client);
+    let log = server.stop();
+    assert!(log.contains("DHCPACK renewed"), "{log}");
+    assert!(log.contains("state=Selecting"), "first lease was not a SELECTING request:\n{log}");
+}
+
+#[test]
+fn an_unknown_mac_gets_a_pool_address_that_is_never_a_vms() {
+    if prerequisites(&["udhcpc"]).is_some() {
+        return;
+    }
+    let lan = lan("02:aa:bb:cc:dd:01");
+    let d = lan.dir.path();
+    let server = serve(&lan.server, d, &[]);
+    let script = udhcpc_script(d);
+    let mut ips = Vec::new();
+    // Three strangers in turn, each with its own MAC.
+    for mac in ["02:aa:bb:cc:dd:01", "02:aa:bb:cc:dd:02", "02:aa:bb:cc:dd:03"] {
+        lan.client.ip(&["link", "set", "knc", "address", mac]);
+        let out = support::run(
+            lan.client.cmd("udhcpc").args(["-q", "-n", "-f", "-i", "knc", "-s", &script, "-t", "5", "-T", "1"]),
+        );
+        let _ = out;
+        let events = read(&d.join("udhcpc.events"));
+        let last = events.lines().rfind(|l| l.starts_with("bound")).expect("no lease").to_string();
+        let ip: std::net::Ipv4Addr = last.split_whitespace().nth(1).unwrap().trim_start_matches("ip=").parse().unwrap();
+        assert!(!last.contains("hostname=worker"), "a stranger got a VM's name: {last}");
+        ips.push(ip);
+    }
+    for ip in &ips {
+        let o = ip.octets()[3];
+        assert!((2..=20).contains(&o) && !(10..=16).contains(&o), "pool address {ip} is outside .2-.20 or a VM's");
+    }
+    ips.dedup();
+    assert_eq!(ips.len(), 3, "strangers shared an address: {ips:?}");
+    drop(server);
+}
+
+/// Hostile datagrams for the DHCP port, built by python3 in the client namespace: a fixed set
+/// of each kind, then random bytes from a fixed seed.
+const BURST: &str = r#"
+import random, socket, struct
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+def header(op=1, htype=1, hlen=6, cookie=b"\x63\x82\x53\x63"):
+    return struct.pack("!BBBBIHH4s4s4s4s16s64s128s", op, htype, hlen, 0, 0x1234, 0, 0,
+        bytes(4), bytes(4), bytes(4), bytes(4), bytes.fromhex("525252000004") + bytes(10),
+        bytes(64), bytes(128)) + cookie
+discover = b"\x35\x01\x01\xff"
+sent = 0
+def send(p):
+    global sent
+    s.sendto(p, ("192.168.1.1", 67)); sent += 1
+for _ in range(20):
+    send(header()[:100])                                   # truncated
+    send(header() + discover + bytes(1800))                # oversized
+    send(header(hlen=255) + discover)                      # dhcproto would panic
+    send(header(cookie=b"\x00\x00\x00\x00") + discover)    # bad cookie
+    send(header(op=2) + discover)                          # a reply, not a request
+    send(header() + b"\x35\xc8\x01")                       # option length past the end
+    send(header() + b"\xff")                               # no message type
+rng = random.Random(7)
+for _ in range(200):
+    send(bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 700))))
+print(sent)
+"#;
+
+#[test]
+fn a_burst_of_malformed_packets_is_dropped_and_a_real_client_is_still_served() {
+    if prerequisites(&["udhcpc", "python3"]).is_some() {
+        return;
+    }
+    let lan = lan(VM_MAC);
+    let d = lan.dir.path();
+    let mut server = serve(&lan.server, d, &[]);
+    lan.client.ip(&["addr", "add", "192.168.1.99/24", "dev", "knc"]);
+    let out = support::run(lan.client.cmd("python3").args(["-c", BURST]));
+    let sent: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    assert_eq!(sent, 340);
+    lan.client.ip(&["addr", "flush", "dev", "knc"]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(server.alive(), "server died:\n{}", server.log_text());
+
+    let script = udhcpc_script(d);
+    support::run(lan.client.cmd("udhcpc").args(["-q", "-n", "-f", "-i", "knc", "-s", &script, "-t", "5", "-T", "1"]));
+    assert!(read(&d.join("udhcpc.events")).contains("bound ip=192.168.1.14"));
+
+    let log = server.stop();
+    let malformed: u64 = log
+        .lines()
+        .find(|l| l.contains(" stopped"))
+        .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("malformed=")))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no malformed count in:\n{log}"));
+    // All 140 crafted packets, and nearly all of the 200 random ones (a random one passes the
+    // header checks with odds of about 1 in 2^40).
+    assert!(malformed >= 140 + 190, "only {malformed} of {sent} counted as malformed:\n{log}");
+    assert!(!log.contains("panicked"), "{log}");
+}

@@ -1,0 +1,189 @@
+//! Test hosts for kubenet's system tests: network namespaces and veth links the test creates
+//! itself, the kubenet binary run inside them, and cleanup of exactly what was created.
+//! Traffic never leaves these namespaces.
+//!
+//! These tests need root, iproute2 and the clients from scripts/install-test-deps.sh. Without
+//! them a test prints why and returns; with CI=true (as `.ci/run` sets) a missing prerequisite
+//! fails the test instead, so CI cannot pass by skipping.
+
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+pub fn kubenet_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_kubenet")
+}
+
+/// None when the test can run; else why not. Panics instead under CI=true.
+pub fn prerequisites(tools: &[&str]) -> Option<String> {
+    let reason = missing(tools);
+    if let Some(r) = &reason {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("CI=true but this test cannot run: {r}");
+        }
+        eprintln!("SKIPPED: {r}");
+    }
+    reason
+}
+
+fn missing(tools: &[&str]) -> Option<String> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let root = status.lines().find(|l| l.starts_with("Uid:")).is_some_and(|l| l.split_whitespace().nth(2) == Some("0"));
+    if !root {
+        return Some("needs root to create network namespaces (run the tests as root)".into());
+    }
+    for t in std::iter::once("ip").chain(tools.iter().copied()) {
+        if which(t).is_none() {
+            return Some(format!("`{t}` is not installed: run scripts/install-test-deps.sh"));
+        }
+    }
+    None
+}
+
+pub fn which(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/sbin", "/usr/sbin"].map(PathBuf::from))
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
+}
+
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+/// A network namespace, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Netns {
+        let name = format!("kn{}{}-{}", tag, SEQ.fetch_add(1, Ordering::Relaxed), std::process::id());
+        run(Command::new("ip").args(["netns", "add", &name]));
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// `ip -n NAME ARGS...`
+    pub fn ip(&self, args: &[&str]) -> Output {
+        run(Command::new("ip").arg("-n").arg(&self.name).args(args))
+    }
+
+    /// A command run inside the namespace.
+    pub fn cmd(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// A veth pair with one end in each namespace, created there directly (never in the host's).
+pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {
+    run(Command::new("ip")
+        .args(["link", "add", a_if, "netns", &a.name, "type", "veth", "peer", "name", b_if, "netns", &b.name]));
+    a.ip(&["link", "set", a_if, "up"]);
+    b.ip(&["link", "set", b_if, "up"]);
+}
+
+/// A process this test started, killed by its PID on drop.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(mut cmd: Command, log: &Path) -> Proc {
+        let f = std::fs::File::create(log).unwrap();
+        cmd.stdout(f.try_clone().unwrap()).stderr(f).stdin(Stdio::null());
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+        Proc { child, log: log.to_path_buf() }
+    }
+
+    pub fn log_text(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// Waits until the log contains `needle`; panics with the log after `timeout`.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            if self.log_text().contains(needle) {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("process exited ({status}) before logging {needle:?}:\n{}", self.log_text());
+            }
+            if start.elapsed() > timeout {
+                panic!("no {needle:?} after {timeout:?}:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Sends a signal to this process only.
+    pub fn signal(&self, sig: &str) {
+        run(Command::new("kill").args([&format!("-{sig}"), &self.child.id().to_string()]));
+    }
+
+    /// SIGTERM, then waits (up to 10 s) for a clean exit; returns the log.
+    pub fn stop(mut self) -> String {
+        self.signal("TERM");
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                assert!(status.success(), "exited with {status} after SIGTERM:\n{}", self.log_text());
+                return self.log_text();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("did not stop within 10 s of SIGTERM:\n{}", self.log_text());
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// `kubenet serve --no-bridge` in `ns`, with its state in `dir`, once it says "ready".
+pub fn serve(ns: &Netns, dir: &Path, extra: &[&str]) -> Proc {
+    let mut cmd = ns.cmd(kubenet_bin());
+    cmd.current_dir(dir)
+        .args(["serve", "--no-bridge", "--dir"])
+        .arg(dir.join("state"))
+        .args(extra)
+        .env_remove("KUBENET_CONFIG")
+        .env("RUST_LOG", "debug");
+    let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
+    let mut p = Proc::spawn(cmd, &dir.join(format!("serve{n}.log")));
+    p.wait_for("ready", Duration::from_secs(15));
+    p
+}

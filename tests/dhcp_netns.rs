@@ -261,6 +261,10 @@ fn a_burst_of_malformed_packets_is_dropped_and_a_real_client_is_still_served() {
     support::run(lan.client.cmd("udhcpc").args(["-q", "-n", "-f", "-i", "knc", "-s", &script, "-t", "5", "-T", "1"]));
     assert!(read(&d.join("udhcpc.events")).contains("bound ip=192.168.1.14"));
 
+    // The kernel may drop part of a burst when the socket buffer is full; it counts those in
+    // the server namespace's own UDP statistics.
+    let snmp = String::from_utf8_lossy(&support::run(lan.server.cmd("cat").arg("/proc/net/snmp")).stdout).into_owned();
+    let kernel_dropped = udp_rcvbuf_errors(&snmp);
     let log = server.stop();
     let malformed: u64 = log
         .lines()
@@ -270,6 +274,16 @@ fn a_burst_of_malformed_packets_is_dropped_and_a_real_client_is_still_served() {
         .unwrap_or_else(|| panic!("no malformed count in:\n{log}"));
     // All 140 crafted packets, and nearly all of the 200 random ones (a random one passes the
     // header checks with odds of about 1 in 2^40).
-    assert!(malformed >= 140 + 190, "only {malformed} of {sent} counted as malformed:\n{log}");
+    assert!(
+        malformed + kernel_dropped >= 140 + 190,
+        "only {malformed} of {sent} counted as malformed ({kernel_dropped} dropped by the kernel):\n{log}"
+    );
     assert!(!log.contains("panicked"), "{log}");
+}
+
+/// `Udp: ... RcvbufErrors ...` from /proc/net/snmp: a header line, then a value line.
+fn udp_rcvbuf_errors(snmp: &str) -> u64 {
+    let udp: Vec<&str> = snmp.lines().filter(|l| l.starts_with("Udp:")).collect();
+    let (names, values) = (udp[0].split_whitespace(), udp[1].split_whitespace());
+    names.zip(values).find(|(n, _)| *n == "RcvbufErrors").and_then(|(_, v)| v.parse().ok()).expect("RcvbufErrors")
 }

@@ -28,6 +28,8 @@ use crate::wire::{self, Malformed};
 /// How many datagrams one wake-up handles before the lease file is written once for all of
 /// them (group commit): durability per ACK without an fsync per packet.
 const BATCH: usize = 64;
+/// The socket's receive buffer.
+const RECV_BUFFER: usize = 1 << 20;
 /// How often expired leases are dropped from the table and the file.
 const EXPIRY_TICK: Duration = Duration::from_secs(60);
 /// How long an interface lookup is trusted before the interface list is read again.
@@ -57,6 +59,9 @@ pub fn bind(addr: SocketAddrV4) -> Result<UdpSocket, BindError> {
     let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))
         .map_err(wrap)?;
     s.set_broadcast(true).map_err(wrap)?;
+    // Room for a burst (a whole lab booting at once) while a batch is being written to disk.
+    // The kernel caps it at net.core.rmem_max; a smaller buffer is not an error.
+    let _ = s.set_recv_buffer_size(RECV_BUFFER);
     s.set_nonblocking(true).map_err(wrap)?;
     #[cfg(target_os = "linux")]
     nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Ipv4PacketInfo, &true).map_err(|e| wrap(e.into()))?;

@@ -63,6 +63,7 @@ pub fn decode_request(buf: &[u8]) -> Result<Request, Malformed> {
     if buf[236..240] != MAGIC_COOKIE {
         return Err(Malformed::BadCookie);
     }
+    check_options(&buf[MIN_LEN..])?;
     let msg = Message::decode(&mut Decoder::new(buf)).map_err(|_| Malformed::BadOptions)?;
     if msg.htype() != HType::Eth {
         return Err(Malformed::NotEthernet);
@@ -71,6 +72,53 @@ pub fn decode_request(buf: &[u8]) -> Result<Request, Malformed> {
     let mut mac = [0u8; 6];
     mac.copy_from_slice(&buf[28..34]);
     Ok(Request { msg, kind, mac: kubenet_cluster::Mac(mac) })
+}
+
+/// Walks the options' code-length-value triples before dhcproto does. Every option must lie
+/// inside the datagram, and options whose length dhcproto trusts must have the length their RFC
+/// gives: for some it only `debug_assert`s the length (a panic in debug builds) or subtracts from
+/// it (an underflow); for fixed-width ones it reads the width whatever the length says, and every
+/// option after is then misread.
+fn check_options(opts: &[u8]) -> Result<(), Malformed> {
+    let mut i = 0;
+    while i < opts.len() {
+        let code = opts[i];
+        match code {
+            0 => {
+                i += 1;
+                continue;
+            }
+            255 => return Ok(()),
+            _ => {}
+        }
+        let len = usize::from(*opts.get(i + 1).ok_or(Malformed::BadOptions)?);
+        if i + 2 + len > opts.len() {
+            return Err(Malformed::BadOptions);
+        }
+        let ok = match code {
+            // Message type (53), overload (52).
+            52 | 53 => len == 1,
+            // Max message size (57).
+            57 => len == 2,
+            // Requested address (50), lease time (51), server id (54), RFC 6926 times.
+            50 | 51 | 54 | 152..=155 => len == 4,
+            // Rapid commit (RFC 4039).
+            80 => len == 0,
+            // Client FQDN (RFC 4702): flags and two rcodes before the name.
+            81 => len >= 3,
+            // Client network interface (RFC 4578).
+            94 => len == 3,
+            // RFC 6926 status code: the code before the message.
+            151 => len >= 1,
+            _ => true,
+        };
+        if !ok {
+            return Err(Malformed::BadOptions);
+        }
+        i += 2 + len;
+    }
+    // Options must end with option 255 (RFC 2131 4.1); a request without is cut short.
+    Err(Malformed::BadOptions)
 }
 
 /// Encodes a reply, padded to 300 bytes. Fails only if dhcproto cannot encode an option, which
@@ -133,6 +181,30 @@ pub(crate) mod tests {
         let mut b = good[..240].to_vec();
         b.push(255);
         assert_eq!(decode_request(&b).unwrap_err(), Malformed::NoMessageType);
+    }
+
+    #[test]
+    fn option_lengths_dhcproto_trusts_are_checked() {
+        let good = discover_bytes([2, 0, 0, 0, 0, 1]);
+        let with_opts = |opts: &[u8]| {
+            let mut b = good[..240].to_vec();
+            b.extend_from_slice(&[53, 1, 1]);
+            b.extend_from_slice(opts);
+            b
+        };
+        assert!(decode_request(&with_opts(&[255])).is_ok());
+        assert!(decode_request(&with_opts(&[0, 0, 255])).is_ok(), "pad options are skipped");
+        for bad in [
+            &[94, 2, 0, 0, 255][..],        // dhcproto debug_asserts len == 3
+            &[81, 1, 0, 255],               // len - 3 underflows
+            &[151, 0, 255],                 // len - 1 underflows
+            &[80, 1, 0, 255],               // rapid commit carries no data
+            &[51, 2, 0, 0, 255],            // a u32 read from two bytes
+            &[12, 9, b'a', 255],            // runs past the end
+            &[12, 1, b'a'],                 // no end option
+        ] {
+            assert_eq!(decode_request(&with_opts(bad)).unwrap_err(), Malformed::BadOptions, "{bad:?}");
+        }
     }
 
     #[test]

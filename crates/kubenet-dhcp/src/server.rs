@@ -179,7 +179,10 @@ impl Server {
 
     async fn serve_batch(&mut self) -> io::Result<()> {
         let mut buf = [0u8; wire::MAX_LEN + 1];
-        let mut replies: Vec<Reply> = Vec::new();
+        // Replies that change no lease (OFFER, NAK, INFORM's ACK) go out at once; the others
+        // wait until the batch's leases are on disk.
+        let mut immediate: Vec<Reply> = Vec::new();
+        let mut durable: Vec<Reply> = Vec::new();
         let mut changed = false;
         let now = unix_now();
         for _ in 0..BATCH {
@@ -212,26 +215,37 @@ impl Server {
                 continue;
             }
             let out = self.engine.handle(&req, Received { ifindex: d.ifindex, src: d.src }, now);
-            changed |= out.leases_changed;
-            replies.extend(out.reply);
+            if out.leases_changed {
+                changed = true;
+                durable.extend(out.reply);
+            } else {
+                immediate.extend(out.reply);
+            }
         }
-        if changed && let Err(e) = self.persist().await {
-            // An ACK whose lease is not on disk would be forgotten by a crash: send none.
-            // Clients retry, and are answered once the file can be written again.
-            self.counters.unpersisted += replies.len() as u64;
-            tracing::error!(
-                "cannot write the lease file {}: {e}; withholding {} replies until it can",
-                self.lease_file.display(),
-                replies.len()
-            );
-            return Ok(());
+        self.send_all(immediate).await;
+        if changed {
+            if let Err(e) = self.persist().await {
+                // An ACK whose lease is not on disk would be forgotten by a crash: send none.
+                // Clients retry, and are answered once the file can be written again.
+                self.counters.unpersisted += durable.len() as u64;
+                tracing::error!(
+                    "cannot write the lease file {}: {e}; withholding {} replies until it can",
+                    self.lease_file.display(),
+                    durable.len()
+                );
+                return Ok(());
+            }
         }
+        self.send_all(durable).await;
+        Ok(())
+    }
+
+    async fn send_all(&mut self, replies: Vec<Reply>) {
         for r in replies {
             if let Err(e) = self.send(&r).await {
                 tracing::warn!(dest = ?r.dest, "DHCP send: {e}");
             }
         }
-        Ok(())
     }
 
     async fn persist(&self) -> io::Result<()> {

@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# Benchmarks kubenet against dnsmasq serving the same lab, side by side, inside two network
+# namespaces this script creates (a server and a client joined by veth). No traffic leaves them.
+#
+# DHCP: perfdhcp (Kea) as a relay agent, 5000 simulated clients, at several offered rates of
+# DISCOVER-OFFER-REQUEST-ACK exchanges for a fixed time each. Reported per server and rate: the
+# exchanges/s completed, drops, and mean delays; then the best rate completed with < 1% drops,
+# and the server's peak RSS.
+#
+# dnsmasq is set up as a lab user would (dhcp-host per VM, dhcp-authoritative) plus what a
+# fair comparison needs: no-ping (otherwise it waits 3 s per new address), quiet-dhcp (kubenet
+# runs with -q), and dhcp-lease-max raised from its default of 1000 leases.
+#
+# Usage: sudo bench/run.sh [SECONDS_PER_RATE] [RATES...]     (defaults: 5; 250 500 1000 2000 4000 8000)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+secs="${1:-5}"
+shift || true
+rates=("${@:-250 500 1000 2000 4000 8000}")
+read -r -a rates <<<"${rates[*]}"
+clients=5000
+
+[ "$(id -u)" -eq 0 ] || { echo "bench/run.sh needs root for network namespaces"; exit 2; }
+bash scripts/install-test-deps.sh
+cargo build --release --locked -q -p kubenet
+kubenet="$PWD/target/release/kubenet"
+
+work=$(mktemp -d)
+srv="kbs$$"
+cli="kbc$$"
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    ip netns del "$srv" 2>/dev/null || true
+    ip netns del "$cli" 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+ip netns add "$srv"
+ip netns add "$cli"
+ip link add kbs0 netns "$srv" type veth peer name kbc0 netns "$cli"
+ip -n "$srv" addr add 192.168.1.1/16 dev kbs0
+ip -n "$cli" addr add 192.168.1.254/16 dev kbc0
+for ns in "$srv" "$cli"; do ip -n "$ns" link set lo up; done
+ip -n "$srv" link set kbs0 up
+ip -n "$cli" link set kbc0 up
+
+# The reference lab's VMs on a /16, so the pool holds every simulated client.
+cat >"$work/lab.toml" <<'EOF'
+[network]
+subnet = "192.168.0.0/16"
+host_address = "192.168.1.1"
+dhcp_range = ["192.168.100.1", "192.168.199.254"]
+[[group]]
+name = "gateway"
+[[group]]
+prefix = "control"
+count = 3
+[[group]]
+prefix = "worker"
+count = 3
+EOF
+
+{
+    cat <<EOF
+port=0
+no-resolv
+no-hosts
+interface=kbs0
+bind-interfaces
+dhcp-authoritative
+no-ping
+quiet-dhcp
+dhcp-lease-max=100000
+dhcp-range=192.168.100.1,192.168.199.254,255.255.0.0,12h
+dhcp-option=option:router,192.168.1.1
+dhcp-option=option:dns-server,192.168.1.1
+domain=kubevms
+dhcp-leasefile=$work/dnsmasq/leases
+EOF
+    for id in 0 1 2 3 4 5 6; do
+        names=(gateway control0 control1 control2 worker0 worker1 worker2)
+        printf 'dhcp-host=52:52:52:00:00:%02x,192.168.1.%d,%s\n' "$id" $((10 + id)) "${names[$id]}"
+    done
+} >"$work/dnsmasq.conf"
+
+start_server() { # name -> sets $server_pid
+    case "$1" in
+    kubenet)
+        mkdir -p "$work/kubenet"
+        ip netns exec "$srv" "$kubenet" -q --config "$work/lab.toml" serve --no-bridge --dir "$work/kubenet" \
+            >"$work/kubenet.log" 2>&1 &
+        ;;
+    dnsmasq)
+        mkdir -p "$work/dnsmasq"
+        ip netns exec "$srv" dnsmasq -k -C "$work/dnsmasq.conf" --log-facility="$work/dnsmasq.log" &
+        ;;
+    esac
+    server_pid=$!
+    pids+=("$server_pid")
+    sleep 1
+    kill -0 "$server_pid" || { echo "$1 did not start"; cat "$work/$1.log" 2>/dev/null; exit 1; }
+}
+
+stop_server() {
+    kill "$server_pid"
+    wait "$server_pid" 2>/dev/null || true
+}
+
+# perfdhcp's report -> "rate drops% offer_ms ack_ms"
+perf() {
+    timeout $((secs + 30)) ip netns exec "$cli" perfdhcp -4 -l 192.168.1.254 -r "$1" -R "$clients" -p "$secs" 192.168.1.1 2>&1 |
+        awk '
+            /^Rate:/ { rate = $2 }
+            /^sent packets:/ { sent[++s] = $3 }
+            /^drops:/ { drops[++d] = $2 }
+            /^avg delay:/ { delay[++a] = $3 }
+            END {
+                # Drops over the whole exchange: lost DISCOVERs plus lost REQUESTs, per DISCOVER sent.
+                pct = sent[1] ? 100 * (drops[1] + drops[2]) / sent[1] : 100
+                printf "%.0f %.2f %s %s\n", rate, pct, delay[1], delay[2]
+            }'
+}
+
+declare -A result best rss
+for server in kubenet dnsmasq; do
+    start_server "$server"
+    best[$server]=0
+    for r in "${rates[@]}"; do
+        read -r got pct offer ack < <(perf "$r")
+        result[$server,$r]="$got $pct $offer $ack"
+        if awk -v p="$pct" 'BEGIN { exit !(p < 1) }' && [ "$got" -gt "${best[$server]}" ]; then
+            best[$server]=$got
+        fi
+    done
+    rss[$server]=$(awk '/VmHWM/ { print $2 }' "/proc/$server_pid/status")
+    stop_server
+done
+
+echo
+echo "DHCP: perfdhcp relay mode, $clients clients, ${secs}s per rate (exchanges = DISCOVER-OFFER-REQUEST-ACK)"
+printf '%-8s | %-38s | %-38s\n' "offered" "kubenet: done/s  drops  offer/ack ms" "dnsmasq: done/s  drops  offer/ack ms"
+for r in "${rates[@]}"; do
+    read -r kg kp ko ka <<<"${result[kubenet,$r]}"
+    read -r dg dp do da <<<"${result[dnsmasq,$r]}"
+    printf '%-8s | %7s/s %6s%% %7s / %-7s      | %7s/s %6s%% %7s / %-7s\n' "$r/s" "$kg" "$kp" "$ko" "$ka" "$dg" "$dp" "$do" "$da"
+done
+ratio=$(awk -v k="${best[kubenet]}" -v d="${best[dnsmasq]}" 'BEGIN { if (d > 0) printf "%.1fx", k / d; else print "n/a" }')
+printf 'best rate with < 1%% drops: kubenet %s/s, dnsmasq %s/s (%s)\n' "${best[kubenet]}" "${best[dnsmasq]}" "$ratio"
+printf 'peak RSS: kubenet %s kB, dnsmasq %s kB\n' "${rss[kubenet]}" "${rss[dnsmasq]}"

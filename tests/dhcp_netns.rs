@@ -268,7 +268,7 @@ fn a_burst_of_malformed_packets_is_dropped_and_a_real_client_is_still_served() {
     let log = server.stop();
     let malformed: u64 = log
         .lines()
-        .find(|l| l.contains(" stopped"))
+        .find(|l| l.contains("DHCP stopped"))
         .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("malformed=")))
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no malformed count in:\n{log}"));

@@ -22,7 +22,20 @@ pub fn kubenet_bin() -> &'static str {
 
 /// None when the test can run; else why not. Panics instead under CI=true.
 pub fn prerequisites(tools: &[&str]) -> Option<String> {
-    let reason = missing(tools);
+    check(missing(tools))
+}
+
+/// As [`prerequisites`], for tests that need only tools (loopback, no namespaces, no root).
+pub fn tools(tools: &[&str]) -> Option<String> {
+    check(
+        tools
+            .iter()
+            .find(|t| which(t).is_none())
+            .map(|t| format!("`{t}` is not installed: run scripts/install-test-deps.sh")),
+    )
+}
+
+fn check(reason: Option<String>) -> Option<String> {
     if let Some(r) = &reason {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             panic!("CI=true but this test cannot run: {r}");

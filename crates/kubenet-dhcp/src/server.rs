@@ -129,11 +129,16 @@ struct Datagram {
     ifindex: u32,
 }
 
+/// Called with the lease table after each change is on disk (the DNS server learns clients'
+/// names from it).
+pub type LeaseHook = Box<dyn Fn(&crate::LeaseTable) + Send + Sync>;
+
 pub struct Server {
     socket: UdpSocket,
     engine: Engine,
     lease_file: PathBuf,
     ifaces: Interfaces,
+    on_leases: Option<LeaseHook>,
     pub counters: Counters,
 }
 
@@ -143,7 +148,13 @@ fn unix_now() -> u64 {
 
 impl Server {
     pub fn new(socket: UdpSocket, engine: Engine, lease_file: PathBuf) -> Self {
-        Server { socket, engine, lease_file, ifaces: Interfaces::new(), counters: Counters::default() }
+        Server { socket, engine, lease_file, ifaces: Interfaces::new(), on_leases: None, counters: Counters::default() }
+    }
+
+    /// Runs `hook` now and after every change to the lease table.
+    pub fn on_leases(&mut self, hook: LeaseHook) {
+        hook(self.engine.leases());
+        self.on_leases = Some(hook);
     }
 
     pub fn engine(&self) -> &Engine {
@@ -223,18 +234,16 @@ impl Server {
             }
         }
         self.send_all(immediate).await;
-        if changed {
-            if let Err(e) = self.persist().await {
-                // An ACK whose lease is not on disk would be forgotten by a crash: send none.
-                // Clients retry, and are answered once the file can be written again.
-                self.counters.unpersisted += durable.len() as u64;
-                tracing::error!(
-                    "cannot write the lease file {}: {e}; withholding {} replies until it can",
-                    self.lease_file.display(),
-                    durable.len()
-                );
-                return Ok(());
-            }
+        if changed && let Err(e) = self.persist().await {
+            // An ACK whose lease is not on disk would be forgotten by a crash: send none.
+            // Clients retry, and are answered once the file can be written again.
+            self.counters.unpersisted += durable.len() as u64;
+            tracing::error!(
+                "cannot write the lease file {}: {e}; withholding {} replies until it can",
+                self.lease_file.display(),
+                durable.len()
+            );
+            return Ok(());
         }
         self.send_all(durable).await;
         Ok(())
@@ -251,7 +260,13 @@ impl Server {
     async fn persist(&self) -> io::Result<()> {
         let text = self.engine.leases().to_text();
         let path = self.lease_file.clone();
-        tokio::task::spawn_blocking(move || crate::lease::save_text(&path, &text)).await.map_err(io::Error::other)?
+        tokio::task::spawn_blocking(move || crate::lease::save_text(&path, &text))
+            .await
+            .map_err(io::Error::other)??;
+        if let Some(hook) = &self.on_leases {
+            hook(self.engine.leases());
+        }
+        Ok(())
     }
 
     async fn send(&mut self, r: &Reply) -> io::Result<()> {

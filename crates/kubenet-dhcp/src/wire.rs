@@ -195,13 +195,13 @@ pub(crate) mod tests {
         assert!(decode_request(&with_opts(&[255])).is_ok());
         assert!(decode_request(&with_opts(&[0, 0, 255])).is_ok(), "pad options are skipped");
         for bad in [
-            &[94, 2, 0, 0, 255][..],        // dhcproto debug_asserts len == 3
-            &[81, 1, 0, 255],               // len - 3 underflows
-            &[151, 0, 255],                 // len - 1 underflows
-            &[80, 1, 0, 255],               // rapid commit carries no data
-            &[51, 2, 0, 0, 255],            // a u32 read from two bytes
-            &[12, 9, b'a', 255],            // runs past the end
-            &[12, 1, b'a'],                 // no end option
+            &[94, 2, 0, 0, 255][..], // dhcproto debug_asserts len == 3
+            &[81, 1, 0, 255],        // len - 3 underflows
+            &[151, 0, 255],          // len - 1 underflows
+            &[80, 1, 0, 255],        // rapid commit carries no data
+            &[51, 2, 0, 0, 255],     // a u32 read from two bytes
+            &[12, 9, b'a', 255],     // runs past the end
+            &[12, 1, b'a'],          // no end option
         ] {
             assert_eq!(decode_request(&with_opts(bad)).unwrap_err(), Malformed::BadOptions, "{bad:?}");
         }

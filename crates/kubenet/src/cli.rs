@@ -34,8 +34,8 @@ pub struct Cli {
 pub enum Command {
     /// Show the resolved lab: every VM with its id, MAC, address and size.
     Config(ConfigArgs),
-    /// Run the lab's DHCP server (and, with later releases, DNS and host networking) in the
-    /// foreground until Ctrl-C. Needs root for port 67.
+    /// Run the lab's DHCP and DNS servers in the foreground until Ctrl-C or SIGTERM. Needs root
+    /// for ports 67 and 53.
     Serve(ServeArgs),
     /// Write the reference lab definition to DIR/kubenet.toml to edit (never overwrites).
     Init {
@@ -82,4 +82,16 @@ pub struct ServeArgs {
     /// The DHCP server port; something other than 67 only for tests.
     #[arg(long, default_value_t = 67, value_name = "PORT")]
     pub dhcp_port: u16,
+
+    /// Serve DNS only, no DHCP: the lab's names for the host, or beside another DHCP server.
+    #[arg(long)]
+    pub dns_only: bool,
+
+    /// The address the DNS server binds (UDP and TCP).
+    #[arg(long, default_value = "0.0.0.0", value_name = "IP")]
+    pub dns_listen: std::net::IpAddr,
+
+    /// The DNS server port.
+    #[arg(long, default_value_t = 53, value_name = "PORT")]
+    pub dns_port: u16,
 }

@@ -1,16 +1,20 @@
 //! `kubenet serve`: the host agent. Binds every socket before it says "ready", then runs the
 //! servers until SIGINT or SIGTERM.
 
-use std::net::SocketAddrV4;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::time::SystemTime;
 
 use anyhow::Context;
+use ipnet::IpNet;
 use kubenet_cluster::Lab;
-use kubenet_dhcp::server::{Server, bind};
-use kubenet_dhcp::{Config, Engine};
+use kubenet_dhcp::server::Server;
+use kubenet_dns::{Dns, Forwarder, Zone};
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::ServeArgs;
+
+/// The TTL of the lab's own names: 0, as dnsmasq's local-ttl, so a changed lab is seen at once.
+const LOCAL_TTL: u32 = 0;
 
 pub fn run(lab: Lab, args: &ServeArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -21,46 +25,128 @@ pub fn run(lab: Lab, args: &ServeArgs) -> anyhow::Result<()> {
     rt.block_on(serve(lab, args))
 }
 
+/// Where forwarded queries go: the lab's `upstream`, else the host's resolvers; never this
+/// server itself.
+fn upstreams(lab: &Lab, listen: SocketAddr) -> anyhow::Result<Vec<SocketAddr>> {
+    let configured = if lab.network.upstream.is_empty() {
+        let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        kubenet_dns::forward::parse_resolv_conf(&text)
+    } else {
+        lab.network.upstream.clone()
+    };
+    let kept = kubenet_dns::server::without_self(&configured, listen, &kubenet_dns::server::host_addresses());
+    for dropped in configured.iter().filter(|u| !kept.contains(u)) {
+        tracing::warn!(upstream = %dropped, "not forwarding to {dropped}: that is this server itself");
+    }
+    if kept.is_empty() {
+        tracing::warn!("no upstream DNS server: names outside the lab will get SERVFAIL (set network.upstream)");
+    }
+    Ok(kept)
+}
+
 async fn serve(lab: Lab, args: &ServeArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&lab.state_dir)
         .with_context(|| format!("cannot create the state directory {}", lab.state_dir.display()))?;
-    let lease_file = lab.lease_file();
-    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH)?.as_secs();
-    let (leases, bad) = kubenet_dhcp::lease::load(&lease_file, now)
-        .with_context(|| format!("cannot read the lease file {}", lease_file.display()))?;
-    if bad > 0 {
-        tracing::warn!("{}: skipped {bad} lines that are not leases", lease_file.display());
+    let shutdown = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+
+    // DNS first: DHCP hands out this server's address as the resolver.
+    let dns_addr = SocketAddr::new(args.dns_listen, args.dns_port);
+    let (udp, tcp) = kubenet_dns::server::bind(dns_addr)?;
+    let dns_addr = udp.local_addr()?;
+    let allow: Vec<IpNet> = vec![
+        IpNet::V4(lab.network.subnet),
+        IpNet::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 0)), 8)?,
+        IpNet::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 128)?,
+    ];
+    let forwarder = Forwarder::new(upstreams(&lab, dns_addr)?, kubenet_dns::forward::UPSTREAM_TIMEOUT);
+    let dns = Dns::new(Zone::from_lab(&lab, LOCAL_TTL), forwarder, allow);
+    tasks.spawn(dns.clone().serve_udp(udp, shutdown.clone()));
+    tasks.spawn(dns.clone().serve_tcp(tcp, shutdown.clone()));
+
+    let mut dhcp = None;
+    if !args.dns_only {
+        let lease_file = lab.lease_file();
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH)?.as_secs();
+        let (leases, bad) = kubenet_dhcp::lease::load(&lease_file, now)
+            .with_context(|| format!("cannot read the lease file {}", lease_file.display()))?;
+        if bad > 0 {
+            tracing::warn!("{}: skipped {bad} lines that are not leases", lease_file.display());
+        }
+        let socket = kubenet_dhcp::server::bind(SocketAddrV4::new(args.dhcp_listen, args.dhcp_port))?;
+        let engine = kubenet_dhcp::Engine::new(kubenet_dhcp::Config::from_lab(&lab), leases);
+        let mut server = Server::new(socket, engine, lease_file);
+        // Clients' own names (option 12) join the zone while their leases live.
+        let zone_dns = dns.clone();
+        server.on_leases(Box::new(move |table| {
+            let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            let names: Vec<(String, Ipv4Addr)> =
+                table.iter().filter(|l| l.active(now)).filter_map(|l| l.hostname.clone().map(|h| (h, l.ip))).collect();
+            zone_dns.update_zone(|z| z.set_dynamic(names.iter().map(|(h, ip)| (h.as_str(), *ip))));
+        }));
+        dhcp = Some(server);
     }
-    let addr = SocketAddrV4::new(args.dhcp_listen, args.dhcp_port);
-    let socket = bind(addr)?;
-    let mut dhcp = Server::new(socket, Engine::new(Config::from_lab(&lab), leases), lease_file.clone());
     if !args.no_bridge {
         tracing::debug!("host networking (bridge, taps, NAT) is not built yet; serving on the interfaces that exist");
     }
-    tracing::info!(
-        dhcp = %dhcp.local_addr()?,
-        subnet = %lab.network.subnet,
-        vms = lab.vms.len(),
-        leases = %lease_file.display(),
-        active = dhcp.engine().leases().len(),
-        "ready"
-    );
 
-    let shutdown = CancellationToken::new();
+    let upstream: Vec<String> = dns.forwarder().upstreams().iter().map(ToString::to_string).collect();
+    match &dhcp {
+        Some(d) => tracing::info!(
+            dns = %dns_addr,
+            dhcp = %d.local_addr()?,
+            subnet = %lab.network.subnet,
+            vms = lab.vms.len(),
+            upstream = upstream.join(","),
+            leases = %lab.lease_file().display(),
+            active = d.engine().leases().len(),
+            "ready"
+        ),
+        None => {
+            tracing::info!(dns = %dns_addr, domain = %lab.network.domain, upstream = upstream.join(","), "ready (DNS only)")
+        }
+    }
+
     tokio::spawn(stop_on_signal(shutdown.clone()));
-    dhcp.run(shutdown).await.context("DHCP server")?;
-
-    let s = dhcp.engine().stats;
-    let c = &dhcp.counters;
+    if let Some(mut server) = dhcp {
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            let r = server.run(stop).await;
+            let s = server.engine().stats;
+            let c = &server.counters;
+            tracing::info!(
+                offers = s.offers,
+                acks = s.acks,
+                naks = s.naks,
+                malformed = c.malformed_total(),
+                foreign = c.foreign,
+                "DHCP stopped"
+            );
+            r
+        });
+    }
+    // The first server to fail stops the others; a clean stop ends them all.
+    let mut result = Ok(());
+    while let Some(r) = tasks.join_next().await {
+        if let Err(e) = r.context("server task").and_then(|r| r.context("server")) {
+            shutdown.cancel();
+            result = Err(e);
+        }
+    }
+    let f = dns.forwarder().stats();
+    let c = &dns.counters;
+    use std::sync::atomic::Ordering::Relaxed;
     tracing::info!(
-        offers = s.offers,
-        acks = s.acks,
-        naks = s.naks,
-        malformed = c.malformed_total(),
-        foreign = c.foreign,
+        queries = c.queries.load(Relaxed),
+        local = c.local.load(Relaxed),
+        forwarded = f.forwarded,
+        cache_hits = f.cache_hits,
+        servfail = f.servfail,
+        refused = c.refused.load(Relaxed),
+        malformed = c.malformed.load(Relaxed),
         "stopped"
     );
-    Ok(())
+    result
 }
 
 async fn stop_on_signal(token: CancellationToken) {

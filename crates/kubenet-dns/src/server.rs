@@ -1,0 +1,308 @@
+//! The DNS server's I/O: UDP and TCP sockets, the access list, truncation, and the split between
+//! local answers (inline, never waiting on the network) and forwarded queries (each in a task of
+//! its own, so a slow upstream never delays the lab's names).
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use hickory_proto::op::{Message, MessageType, ResponseCode};
+use ipnet::IpNet;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio_util::sync::CancellationToken;
+
+use crate::forward::Forwarder;
+use crate::zone::{Decision, Zone, response};
+
+/// The EDNS payload kubenet offers and honours: the DNS flag day 2020 value, safe from IP
+/// fragmentation.
+pub const EDNS_PAYLOAD: u16 = 1232;
+/// Without EDNS a UDP answer is at most 512 bytes (RFC 1035 4.2.1).
+const PLAIN_UDP: usize = 512;
+/// A TCP client that says nothing for this long is dropped.
+const TCP_IDLE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error(
+        "port {port} ({proto}) is already in use: another DNS server holds it (macOS: mDNSResponder only on 5353, but Internet Sharing starts one on 53; Linux: systemd-resolved, dnsmasq). Find it with `sudo ss -lpn 'sport = :{port}'` (Linux) or `sudo lsof -i :{port}` (macOS), stop it or bind kubenet's DNS elsewhere with --dns-listen"
+    )]
+    InUse { port: u16, proto: &'static str },
+    #[error("binding port {port} needs root: run `sudo kubenet serve`")]
+    Permission { port: u16 },
+    #[error("cannot open the DNS socket on {addr}: {source}")]
+    Other { addr: SocketAddr, source: io::Error },
+}
+
+fn wrap(addr: SocketAddr, proto: &'static str) -> impl Fn(io::Error) -> BindError {
+    move |source| match source.kind() {
+        io::ErrorKind::AddrInUse => BindError::InUse { port: addr.port(), proto },
+        io::ErrorKind::PermissionDenied => BindError::Permission { port: addr.port() },
+        _ => BindError::Other { addr, source },
+    }
+}
+
+/// Binds UDP and TCP on `addr`, without SO_REUSEPORT so nothing can share the port.
+pub fn bind(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), BindError> {
+    let domain = socket2::Domain::for_address(addr);
+    let udp =
+        socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP)).map_err(wrap(addr, "UDP"))?;
+    udp.set_nonblocking(true).map_err(wrap(addr, "UDP"))?;
+    let _ = udp.set_recv_buffer_size(1 << 20);
+    udp.bind(&addr.into()).map_err(wrap(addr, "UDP"))?;
+    // The TCP port follows the UDP one (port 0 in tests picks a free UDP port).
+    let addr = udp.local_addr().ok().and_then(|a| a.as_socket()).unwrap_or(addr);
+    let tcp =
+        socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP)).map_err(wrap(addr, "TCP"))?;
+    // SO_REUSEADDR on a listener only lets it rebind past TIME_WAIT; it does not share the port.
+    tcp.set_reuse_address(true).map_err(wrap(addr, "TCP"))?;
+    tcp.set_nonblocking(true).map_err(wrap(addr, "TCP"))?;
+    tcp.bind(&addr.into()).map_err(wrap(addr, "TCP"))?;
+    tcp.listen(128).map_err(wrap(addr, "TCP"))?;
+    let udp = UdpSocket::from_std(udp.into()).map_err(wrap(addr, "UDP"))?;
+    let tcp = TcpListener::from_std(tcp.into()).map_err(wrap(addr, "TCP"))?;
+    Ok((udp, tcp))
+}
+
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub queries: AtomicU64,
+    pub local: AtomicU64,
+    pub refused: AtomicU64,
+    /// Datagrams that were not DNS queries at all; dropped.
+    pub malformed: AtomicU64,
+}
+
+pub struct Dns {
+    zone: RwLock<Zone>,
+    forwarder: Forwarder,
+    allow: Vec<IpNet>,
+    pub counters: Counters,
+}
+
+/// What one request came to.
+enum Handled {
+    Reply(Message),
+    Forward(Message),
+    Drop,
+}
+
+impl Dns {
+    pub fn new(zone: Zone, forwarder: Forwarder, allow: Vec<IpNet>) -> Arc<Self> {
+        Arc::new(Dns { zone: RwLock::new(zone), forwarder, allow, counters: Counters::default() })
+    }
+
+    pub fn forwarder(&self) -> &Forwarder {
+        &self.forwarder
+    }
+
+    /// Replaces the zone (a reload, or new DHCP names).
+    pub fn update_zone(&self, f: impl FnOnce(&mut Zone)) {
+        f(&mut self.zone.write().expect("zone lock"));
+    }
+
+    fn allowed(&self, src: IpAddr) -> bool {
+        let src = match src {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(src, IpAddr::V4),
+            v4 => v4,
+        };
+        self.allow.iter().any(|n| n.contains(&src))
+    }
+
+    fn handle(&self, bytes: &[u8], src: SocketAddr) -> Handled {
+        self.counters.queries.fetch_add(1, Ordering::Relaxed);
+        let msg = match Message::from_vec(bytes) {
+            Ok(m) => m,
+            Err(_) => {
+                self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                // A readable header earns a FORMERR; anything shorter is dropped.
+                return match bytes.get(..12) {
+                    Some(h) if h[2] & 0x80 == 0 => {
+                        let mut m = Message::new(
+                            u16::from_be_bytes([h[0], h[1]]),
+                            MessageType::Response,
+                            hickory_proto::op::OpCode::Query,
+                        );
+                        m.metadata.response_code = ResponseCode::FormErr;
+                        m.metadata.recursion_available = true;
+                        Handled::Reply(m)
+                    }
+                    _ => Handled::Drop,
+                };
+            }
+        };
+        if msg.metadata.message_type != MessageType::Query {
+            self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+            return Handled::Drop;
+        }
+        if !self.allowed(src.ip()) {
+            self.counters.refused.fetch_add(1, Ordering::Relaxed);
+            return Handled::Reply(response(&msg, ResponseCode::Refused, false));
+        }
+        match self.zone.read().expect("zone lock").decide(&msg) {
+            Decision::Answer(m) => {
+                self.counters.local.fetch_add(1, Ordering::Relaxed);
+                Handled::Reply(m)
+            }
+            Decision::Forward => Handled::Forward(msg),
+        }
+    }
+
+    /// Serves UDP until `shutdown`.
+    pub async fn serve_udp(self: Arc<Self>, socket: UdpSocket, shutdown: CancellationToken) -> io::Result<()> {
+        let socket = Arc::new(socket);
+        let mut buf = vec![0u8; 65535];
+        loop {
+            let (n, src) = tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                r = socket.recv_from(&mut buf) => match r {
+                    Ok(x) => x,
+                    // ICMP errors from earlier sends surface here on some systems: not fatal.
+                    Err(e) => { tracing::debug!("DNS receive: {e}"); continue; }
+                },
+            };
+            match self.handle(&buf[..n], src) {
+                Handled::Drop => {}
+                Handled::Reply(m) => send_udp(&socket, &m, src, udp_limit(&buf[..n])).await,
+                Handled::Forward(q) => {
+                    let (me, socket) = (self.clone(), socket.clone());
+                    let limit = udp_limit(&buf[..n]);
+                    tokio::spawn(async move {
+                        let m = me.forwarder.resolve(&q, false).await;
+                        send_udp(&socket, &m, src, limit).await;
+                    });
+                }
+            }
+        }
+    }
+
+    /// Serves TCP until `shutdown`: each connection in its own task.
+    pub async fn serve_tcp(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) -> io::Result<()> {
+        loop {
+            let (stream, src) = tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => { tracing::debug!("DNS accept: {e}"); continue; }
+                },
+            };
+            let me = self.clone();
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = stop.cancelled() => {}
+                    r = me.serve_connection(stream, src) => if let Err(e) = r { tracing::debug!(%src, "DNS over TCP: {e}"); },
+                }
+            });
+        }
+    }
+
+    async fn serve_connection(&self, mut stream: TcpStream, src: SocketAddr) -> io::Result<()> {
+        loop {
+            let len = match tokio::time::timeout(TCP_IDLE, stream.read_u16()).await {
+                Ok(Ok(n)) => usize::from(n),
+                // Idle, or the client closed: both end the connection quietly.
+                _ => return Ok(()),
+            };
+            let mut buf = vec![0u8; len];
+            tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut buf))
+                .await
+                .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+            let reply = match self.handle(&buf, src) {
+                Handled::Drop => return Ok(()),
+                Handled::Reply(m) => m,
+                Handled::Forward(q) => self.forwarder.resolve(&q, true).await,
+            };
+            let bytes = reply.to_vec().map_err(io::Error::other)?;
+            let n = u16::try_from(bytes.len()).map_err(io::Error::other)?;
+            stream.write_all(&n.to_be_bytes()).await?;
+            stream.write_all(&bytes).await?;
+        }
+    }
+}
+
+/// The most a UDP answer to this request may take: its EDNS size (up to ours), else 512.
+fn udp_limit(request: &[u8]) -> usize {
+    match Message::from_vec(request).ok().and_then(|m| m.edns.map(|e| e.max_payload())) {
+        Some(p) => usize::from(p.clamp(PLAIN_UDP as u16, EDNS_PAYLOAD)),
+        None => PLAIN_UDP,
+    }
+}
+
+/// Sends a reply over UDP; one too large is sent truncated (TC set, records dropped), and the
+/// client retries over TCP.
+async fn send_udp(socket: &UdpSocket, m: &Message, to: SocketAddr, limit: usize) {
+    let bytes = match m.to_vec() {
+        Ok(b) if b.len() <= limit => b,
+        Ok(_) => match m.truncate().to_vec() {
+            Ok(b) => b,
+            Err(e) => return tracing::warn!("DNS encode: {e}"),
+        },
+        Err(e) => return tracing::warn!("DNS encode: {e}"),
+    };
+    if let Err(e) = socket.send_to(&bytes, to).await {
+        tracing::debug!(%to, "DNS send: {e}");
+    }
+}
+
+/// Upstreams minus any that would be this server itself: the listen address, or with a
+/// wildcard listen address any of the host's own addresses on the same port.
+pub fn without_self(upstreams: &[SocketAddr], listen: SocketAddr, own: &[IpAddr]) -> Vec<SocketAddr> {
+    upstreams
+        .iter()
+        .copied()
+        .filter(|u| {
+            let same_port = u.port() == listen.port();
+            let is_listen =
+                *u == listen || (listen.ip().is_unspecified() && (u.ip().is_loopback() || own.contains(&u.ip())));
+            !(same_port && is_listen)
+        })
+        .collect()
+}
+
+/// The host's own interface addresses, for [`without_self`].
+pub fn host_addresses() -> Vec<IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else { return Vec::new() };
+    addrs
+        .filter_map(|a| a.address)
+        .filter_map(|a| {
+            a.as_sockaddr_in()
+                .map(|v4| IpAddr::V4(v4.ip()))
+                .or_else(|| a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstreams_that_are_this_server_are_dropped() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let ups = [a("127.0.0.1:53"), a("192.168.1.1:53"), a("192.0.2.53:53"), a("127.0.0.53:53"), a("127.0.0.1:5353")];
+        let own = [IpAddr::from([192, 168, 1, 1])];
+        // Wildcard listen on 53: loopback and own addresses on port 53 are us.
+        assert_eq!(without_self(&ups, a("0.0.0.0:53"), &own), [a("192.0.2.53:53"), a("127.0.0.1:5353")]);
+        // A specific listen address: only that exact address is us (systemd-resolved's
+        // 127.0.0.53 is another server).
+        assert_eq!(
+            without_self(&ups, a("127.0.0.1:53"), &own),
+            [a("192.168.1.1:53"), a("192.0.2.53:53"), a("127.0.0.53:53"), a("127.0.0.1:5353")]
+        );
+    }
+
+    #[test]
+    fn udp_limit_follows_edns() {
+        let mut q = Message::query();
+        q.add_query(hickory_proto::op::Query::query("a.b.".parse().unwrap(), hickory_proto::rr::RecordType::A));
+        assert_eq!(udp_limit(&q.to_vec().unwrap()), 512);
+        let mut e = hickory_proto::op::Edns::new();
+        e.set_max_payload(4096);
+        q.set_edns(e);
+        assert_eq!(udp_limit(&q.to_vec().unwrap()), 1232);
+    }
+}

@@ -1,0 +1,233 @@
+//! `kubenet serve --dns-only` on a loopback port, asked by a real client (`dig`), forwarding to
+//! a fake upstream that this test runs on loopback itself. No query leaves the machine. A last
+//! test runs the whole `serve` in namespaces to check the access list from another network.
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use support::{Netns, Proc, kubenet_bin, prerequisites, tools, veth};
+
+/// A fake upstream resolver: answers every A question with 203.0.113.7 (TEST-NET-3) and counts
+/// the queries it saw. Stops when dropped.
+struct FakeUpstream {
+    addr: SocketAddr,
+    seen: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl FakeUpstream {
+    fn start() -> FakeUpstream {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let addr = sock.local_addr().unwrap();
+        let seen = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s2, st2) = (seen.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while !st2.load(Ordering::Relaxed) {
+                let Ok((n, from)) = sock.recv_from(&mut buf) else { continue };
+                if n < 12 {
+                    continue;
+                }
+                s2.fetch_add(1, Ordering::Relaxed);
+                // The question ends at the name's zero byte plus type and class.
+                let qend = 12 + buf[12..n].iter().position(|&b| b == 0).unwrap() + 5;
+                let mut r = Vec::new();
+                r.extend_from_slice(&buf[..2]); // id
+                r.extend_from_slice(&[0x81, 0x80, 0, 1, 0, 1, 0, 0, 0, 0]); // QR RD RA, 1 question, 1 answer
+                r.extend_from_slice(&buf[12..qend]);
+                r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0x01, 0x2c, 0, 4, 203, 0, 113, 7]);
+                let _ = sock.send_to(&r, from);
+            }
+        });
+        FakeUpstream { addr, seen, stop }
+    }
+}
+
+impl Drop for FakeUpstream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn free_port() -> u16 {
+    // UDP and TCP both free: the server binds both.
+    loop {
+        let u = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = u.local_addr().unwrap().port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// A lab with the given upstream, served DNS-only on 127.0.0.1:PORT.
+fn serve_dns(dir: &Path, upstream: &str) -> (Proc, u16) {
+    let lab = kubenet_cluster_reference().replace("upstream = []", &format!("upstream = [\"{upstream}\"]"));
+    std::fs::write(dir.join("kubenet.toml"), lab).unwrap();
+    let port = free_port();
+    let mut cmd = Command::new(kubenet_bin());
+    cmd.current_dir(dir)
+        .args(["serve", "--dns-only", "--no-bridge", "--dns-listen", "127.0.0.1", "--dns-port", &port.to_string()])
+        .env_remove("KUBENET_CONFIG")
+        .env("RUST_LOG", "debug");
+    let mut p = Proc::spawn(cmd, &dir.join("serve.log"));
+    p.wait_for("ready", Duration::from_secs(15));
+    (p, port)
+}
+
+fn kubenet_cluster_reference() -> String {
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/kubenet.toml")).unwrap()
+}
+
+fn dig(port: u16, args: &[&str]) -> String {
+    let out = Command::new("dig")
+        .args(["@127.0.0.1", "-p", &port.to_string(), "+tries=1", "+time=5"])
+        .args(args)
+        .output()
+        .expect("run dig");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn short(port: u16, args: &[&str]) -> String {
+    let mut a = vec!["+short"];
+    a.extend_from_slice(args);
+    dig(port, &a).trim().to_string()
+}
+
+#[test]
+fn lab_names_over_udp_and_tcp() {
+    if tools(&["dig"]).is_some() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let up = FakeUpstream::start();
+    let (server, port) = serve_dns(dir.path(), &up.addr.to_string());
+
+    assert_eq!(short(port, &["worker0.kubevms", "A"]), "192.168.1.14");
+    assert_eq!(short(port, &["+tcp", "worker0.kubevms", "A"]), "192.168.1.14");
+    assert_eq!(short(port, &["vmhost.kubevms"]), "192.168.1.1");
+    assert_eq!(short(port, &["GATEWAY.KubeVMs."]), "192.168.1.10");
+    assert_eq!(short(port, &["-x", "192.168.1.14"]), "worker0.kubevms.");
+    // A single label, as a resolver without a search list sends it.
+    assert_eq!(short(port, &["+nosearch", "worker0."]), "192.168.1.14");
+
+    let full = dig(port, &["worker0.kubevms"]);
+    let flags = full.lines().find(|l| l.contains(";; flags:")).unwrap();
+    assert!(flags.contains(" aa") && flags.contains(" ra"), "{flags}");
+
+    let aaaa = dig(port, &["worker0.kubevms", "AAAA"]);
+    assert!(aaaa.contains("status: NOERROR") && aaaa.contains("ANSWER: 0") && aaaa.contains("AUTHORITY: 1"), "{aaaa}");
+    let nx = dig(port, &["nope.kubevms"]);
+    assert!(nx.contains("status: NXDOMAIN") && nx.contains("AUTHORITY: 1") && nx.contains("SOA"), "{nx}");
+    let nx = dig(port, &["-x", "10.1.2.3"]);
+    assert!(nx.contains("status: NXDOMAIN"), "{nx}");
+    let nx = dig(port, &["+nosearch", "intranet."]);
+    assert!(nx.contains("status: NXDOMAIN"), "{nx}");
+    // None of that was the upstream's business.
+    assert_eq!(up.seen.load(Ordering::Relaxed), 0, "a lab query was forwarded");
+    drop(server);
+}
+
+#[test]
+fn other_names_are_forwarded_and_cached() {
+    if tools(&["dig"]).is_some() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let up = FakeUpstream::start();
+    let (server, port) = serve_dns(dir.path(), &up.addr.to_string());
+    assert_eq!(short(port, &["deb.example.org"]), "203.0.113.7");
+    let full = dig(port, &["deb.example.org"]);
+    assert!(full.contains(" ra"), "{full}");
+    assert_eq!(short(port, &["DEB.example.org"]), "203.0.113.7");
+    assert_eq!(up.seen.load(Ordering::Relaxed), 1, "the second and third queries should be cache hits");
+    assert_eq!(short(port, &["other.example.org"]), "203.0.113.7");
+    assert_eq!(up.seen.load(Ordering::Relaxed), 2);
+    let log = server.stop();
+    assert!(log.contains("cache_hits=2"), "{log}");
+}
+
+#[test]
+fn a_silent_upstream_gives_servfail_quickly_and_local_names_still_answer() {
+    if tools(&["dig"]).is_some() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Bound but never read: queries to it vanish without an ICMP error.
+    let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let (server, port) = serve_dns(dir.path(), &silent.local_addr().unwrap().to_string());
+    let start = Instant::now();
+    let out = dig(port, &["deb.example.org"]);
+    let took = start.elapsed();
+    assert!(out.contains("status: SERVFAIL"), "{out}");
+    assert!(took < Duration::from_secs(4), "SERVFAIL took {took:?}");
+    // While a forward waits, the lab's names answer at once.
+    let waiting = std::thread::spawn(move || dig(port, &["slow.example.org"]));
+    let start = Instant::now();
+    assert_eq!(short(port, &["worker1.kubevms"]), "192.168.1.15");
+    assert!(start.elapsed() < Duration::from_millis(500), "local answer waited on the upstream");
+    assert!(waiting.join().unwrap().contains("SERVFAIL"));
+    drop(server);
+}
+
+#[test]
+fn the_server_never_forwards_to_itself() {
+    if tools(&["dig"]).is_some() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // An upstream on the port kubenet will listen on: find the port first, then point at it.
+    let port = free_port();
+    let lab = kubenet_cluster_reference().replace("upstream = []", &format!("upstream = [\"127.0.0.1:{port}\"]"));
+    std::fs::write(dir.path().join("kubenet.toml"), lab).unwrap();
+    let mut cmd = Command::new(kubenet_bin());
+    cmd.current_dir(dir.path())
+        .args(["serve", "--dns-only", "--dns-listen", "127.0.0.1", "--dns-port", &port.to_string()])
+        .env_remove("KUBENET_CONFIG");
+    let mut p = Proc::spawn(cmd, &dir.path().join("serve.log"));
+    p.wait_for("ready", Duration::from_secs(15));
+    assert!(p.log_text().contains("that is this server itself"), "{}", p.log_text());
+    let out = dig(port, &["deb.example.org"]);
+    assert!(out.contains("status: SERVFAIL"), "{out}");
+    let log = p.stop();
+    assert!(log.contains("queries=1 "), "the query looped:\n{log}");
+}
+
+#[test]
+fn clients_outside_the_lab_are_refused() {
+    if prerequisites(&["dig"]).is_some() {
+        return;
+    }
+    // The server's namespace is on the lab's network and on another one; a client on the other
+    // network gets REFUSED, a client on the lab's gets answers.
+    let server_ns = Netns::new("ds");
+    let lab_client = Netns::new("dl");
+    let stranger = Netns::new("dx");
+    veth(&server_ns, "knl", &lab_client, "knl0");
+    veth(&server_ns, "knx", &stranger, "knx0");
+    server_ns.ip(&["addr", "add", "192.168.1.1/24", "dev", "knl"]);
+    server_ns.ip(&["addr", "add", "10.99.0.1/24", "dev", "knx"]);
+    lab_client.ip(&["addr", "add", "192.168.1.50/24", "dev", "knl0"]);
+    stranger.ip(&["addr", "add", "10.99.0.2/24", "dev", "knx0"]);
+    let dir = tempfile::tempdir().unwrap();
+    let server = support::serve(&server_ns, dir.path(), &["--dns-only"]);
+    let ask = |ns: &Netns, at: &str| {
+        let out = support::run(ns.cmd("dig").args([&format!("@{at}"), "+tries=1", "+time=3", "worker0.kubevms"]));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let ok = ask(&lab_client, "192.168.1.1");
+    assert!(ok.contains("status: NOERROR") && ok.contains("192.168.1.14"), "{ok}");
+    let refused = ask(&stranger, "10.99.0.1");
+    assert!(refused.contains("status: REFUSED"), "{refused}");
+    let log = server.stop();
+    assert!(log.contains("refused=1"), "{log}");
+}

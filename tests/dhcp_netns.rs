@@ -287,3 +287,43 @@ fn udp_rcvbuf_errors(snmp: &str) -> u64 {
     let (names, values) = (udp[0].split_whitespace(), udp[1].split_whitespace());
     names.zip(values).find(|(n, _)| *n == "RcvbufErrors").and_then(|(_, v)| v.parse().ok()).expect("RcvbufErrors")
 }
+
+#[test]
+fn a_dhcp_clients_name_resolves_while_its_lease_lives() {
+    if prerequisites(&["udhcpc", "dig"]).is_some() {
+        return;
+    }
+    let lan = lan("02:aa:bb:cc:dd:77");
+    let d = lan.dir.path();
+    let server = serve(&lan.server, d, &[]);
+    let script = udhcpc_script(d);
+    // udhcpc sends option 12; its script puts the address on the client's interface.
+    support::run(lan.client.cmd("udhcpc").args([
+        "-q",
+        "-n",
+        "-f",
+        "-i",
+        "knc",
+        "-s",
+        &script,
+        "-t",
+        "5",
+        "-T",
+        "1",
+        "-x",
+        "hostname:laptop",
+    ]));
+    let events = read(&d.join("udhcpc.events"));
+    let bound = events.lines().rfind(|l| l.starts_with("bound")).expect("no lease");
+    let ip = bound.split_whitespace().nth(1).unwrap().trim_start_matches("ip=").to_string();
+    let dig = |args: &[&str]| {
+        let out =
+            support::run(lan.client.cmd("dig").args(["@192.168.1.1", "+short", "+tries=1", "+time=3"]).args(args));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(dig(&["laptop.kubevms"]), ip);
+    assert_eq!(dig(&["-x", &ip]), "laptop.kubevms.");
+    // The VMs' own names are unaffected, and reachable from the same client.
+    assert_eq!(dig(&["worker0.kubevms"]), "192.168.1.14");
+    drop(server);
+}

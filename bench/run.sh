@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # Benchmarks kubenet against dnsmasq serving the same lab, side by side, inside two network
-# namespaces this script creates (a server and a client joined by veth). No traffic leaves them.
+# namespaces this script creates (a server and a client joined by veth). No traffic leaves them:
+# both servers' upstream is a dead port inside the server's namespace, and the query mix is the
+# lab's own names.
+#
+# DNS: dnsperf with the same query mix for both (A by FQDN and by single label, PTR, AAAA with
+# no data, NXDOMAIN) for twice SECONDS_PER_RATE: queries/s, lost queries, mean and p99 latency.
 #
 # DHCP: perfdhcp (Kea) as a relay agent, 5000 simulated clients, at several offered rates of
 # DISCOVER-OFFER-REQUEST-ACK exchanges for a fixed time each. Reported per server and rate: the
@@ -47,9 +52,12 @@ for ns in "$srv" "$cli"; do ip -n "$ns" link set lo up; done
 ip -n "$srv" link set kbs0 up
 ip -n "$cli" link set kbc0 up
 
-# The reference lab's VMs on a /16, so the pool holds every simulated client.
+# The reference lab's VMs on a /16, so the pool holds every simulated client. ip_offset 266 keeps
+# the VMs on 192.168.1.10-16 as in the reference lab.
 cat >"$work/lab.toml" <<'EOF'
 [network]
+upstream = ["127.0.0.1:5399"]
+ip_offset = 266
 subnet = "192.168.0.0/16"
 host_address = "192.168.1.1"
 dhcp_range = ["192.168.100.1", "192.168.199.254"]
@@ -65,9 +73,14 @@ EOF
 
 {
     cat <<EOF
-port=0
 no-resolv
+server=127.0.0.1#5399
 no-hosts
+addn-hosts=$work/hosts
+local=/kubevms/
+expand-hosts
+domain-needed
+bogus-priv
 interface=kbs0
 bind-interfaces
 dhcp-authoritative
@@ -85,6 +98,23 @@ EOF
         printf 'dhcp-host=52:52:52:00:00:%02x,192.168.1.%d,%s\n' "$id" $((10 + id)) "${names[$id]}"
     done
 } >"$work/dnsmasq.conf"
+
+names=(gateway control0 control1 control2 worker0 worker1 worker2)
+{
+    echo "192.168.1.1 vmhost"
+    for id in 0 1 2 3 4 5 6; do echo "192.168.1.$((10 + id)) ${names[$id]}"; done
+} >"$work/hosts"
+
+cat >"$work/queries" <<'EOF'
+worker0.kubevms A
+control1 A
+14.1.168.192.in-addr.arpa PTR
+worker0.kubevms AAAA
+nope.kubevms A
+gateway.kubevms A
+vmhost A
+11.1.168.192.in-addr.arpa PTR
+EOF
 
 start_server() { # name -> sets $server_pid
     case "$1" in
@@ -124,8 +154,28 @@ perf() {
             }'
 }
 
-declare -A result best rss
+# dnsperf's report -> "qps lost mean_ms p99_ms"
+dnsbench() {
+    timeout $((secs * 2 + 30)) ip netns exec "$cli" dnsperf -s 192.168.1.1 -d "$work/queries" -l $((secs * 2)) -c 8 -q 200 -v \
+        >"$work/dnsperf.out" 2>&1 || true
+    p99=$(awk '/^> / { print $NF }' "$work/dnsperf.out" | sort -n | awk '{ v[NR] = $1 } END { i = int(NR * 0.99); if (i < 1) i = 1; printf "%.3f", v[i] * 1000 }')
+    awk -v p99="$p99" '
+        /Queries per second:/ { qps = $4 }
+        /Queries lost:/ { lost = $3 }
+        /Average Latency/ { mean = $4 * 1000 }
+        END { printf "%.0f %s %.3f %s\n", qps, lost, mean, p99 }' "$work/dnsperf.out"
+}
+
+declare -A result best rss_dhcp rss_dns dns
+# Each phase on a fresh server with fresh state, so that neither inherits the other's backlog.
 for server in kubenet dnsmasq; do
+    rm -rf "${work:?}/$server"
+    start_server "$server"
+    dns[$server]=$(dnsbench)
+    rss_dns[$server]=$(awk '/VmHWM/ { print $2 }' "/proc/$server_pid/status")
+    stop_server
+
+    rm -rf "${work:?}/$server"
     start_server "$server"
     best[$server]=0
     for r in "${rates[@]}"; do
@@ -135,7 +185,7 @@ for server in kubenet dnsmasq; do
             best[$server]=$got
         fi
     done
-    rss[$server]=$(awk '/VmHWM/ { print $2 }' "/proc/$server_pid/status")
+    rss_dhcp[$server]=$(awk '/VmHWM/ { print $2 }' "/proc/$server_pid/status")
     stop_server
 done
 
@@ -149,4 +199,13 @@ for r in "${rates[@]}"; do
 done
 ratio=$(awk -v k="${best[kubenet]}" -v d="${best[dnsmasq]}" 'BEGIN { if (d > 0) printf "%.1fx", k / d; else print "n/a" }')
 printf 'best rate with < 1%% drops: kubenet %s/s, dnsmasq %s/s (%s)\n' "${best[kubenet]}" "${best[dnsmasq]}" "$ratio"
-printf 'peak RSS: kubenet %s kB, dnsmasq %s kB\n' "${rss[kubenet]}" "${rss[dnsmasq]}"
+printf 'peak RSS after the DHCP runs: kubenet %s kB, dnsmasq %s kB\n' "${rss_dhcp[kubenet]}" "${rss_dhcp[dnsmasq]}"
+
+read -r kq kl km kp <<<"${dns[kubenet]}"
+read -r dq dl dm dp <<<"${dns[dnsmasq]}"
+echo
+echo "DNS: dnsperf, lab names only (A FQDN and single label, PTR, AAAA NODATA, NXDOMAIN), $((secs * 2))s"
+printf '%-10s | %10s | %6s | %8s | %8s\n' server "queries/s" lost "mean ms" "p99 ms"
+printf '%-10s | %10s | %6s | %8s | %8s\n' kubenet "$kq" "$kl" "$km" "$kp" dnsmasq "$dq" "$dl" "$dm" "$dp"
+awk -v k="$kq" -v d="$dq" 'BEGIN { if (d > 0) printf "kubenet/dnsmasq queries/s: %.2fx\n", k / d }'
+printf 'peak RSS after the DNS run: kubenet %s kB, dnsmasq %s kB\n' "${rss_dns[kubenet]}" "${rss_dns[dnsmasq]}"

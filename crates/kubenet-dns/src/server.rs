@@ -24,6 +24,8 @@ pub const EDNS_PAYLOAD: u16 = 1232;
 const PLAIN_UDP: usize = 512;
 /// A TCP client that says nothing for this long is dropped.
 const TCP_IDLE: Duration = Duration::from_secs(10);
+/// The answer cache of local replies holds at most this many; when full it starts over.
+const ANSWER_CACHE_MAX: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
@@ -80,19 +82,31 @@ pub struct Dns {
     zone: RwLock<Zone>,
     forwarder: Forwarder,
     allow: Vec<IpNet>,
+    /// Encoded UDP replies to local questions, by the request's bytes after the id (flags
+    /// without RD, counts, question, EDNS). A hit costs a copy and two patched fields instead
+    /// of a parse and an encode. Local answers change only with the zone, which clears it.
+    answers: RwLock<std::collections::HashMap<Vec<u8>, Vec<u8>>>,
     pub counters: Counters,
 }
 
 /// What one request came to.
 enum Handled {
-    Reply(Message),
-    Forward(Message),
+    /// The reply, the most a UDP reply to this request may take, and whether the reply is the
+    /// zone's (so it may go in the answer cache).
+    Reply(Message, usize, bool),
+    Forward(Message, usize),
     Drop,
 }
 
 impl Dns {
     pub fn new(zone: Zone, forwarder: Forwarder, allow: Vec<IpNet>) -> Arc<Self> {
-        Arc::new(Dns { zone: RwLock::new(zone), forwarder, allow, counters: Counters::default() })
+        Arc::new(Dns {
+            zone: RwLock::new(zone),
+            forwarder,
+            allow,
+            answers: RwLock::new(std::collections::HashMap::new()),
+            counters: Counters::default(),
+        })
     }
 
     pub fn forwarder(&self) -> &Forwarder {
@@ -102,6 +116,38 @@ impl Dns {
     /// Replaces the zone (a reload, or new DHCP names).
     pub fn update_zone(&self, f: impl FnOnce(&mut Zone)) {
         f(&mut self.zone.write().expect("zone lock"));
+        self.answers.write().expect("answer cache lock").clear();
+    }
+
+    /// The cache key of a request that can be answered from the cache: a plain query (QR 0,
+    /// opcode QUERY, one question, no answer or authority records, at most the OPT record).
+    fn answer_key(request: &[u8]) -> Option<Vec<u8>> {
+        let h = request.get(..12)?;
+        let plain = h[2] & 0xf8 == 0 && h[4..6] == [0, 1] && h[6..10] == [0, 0, 0, 0] && h[10] == 0 && h[11] <= 1;
+        plain.then(|| {
+            let mut k = Vec::with_capacity(request.len() - 2);
+            k.push(h[2] & !1);
+            k.extend_from_slice(&request[3..]);
+            k
+        })
+    }
+
+    /// The cached reply to `request`, with its id and RD.
+    fn cached_answer(&self, request: &[u8]) -> Option<Vec<u8>> {
+        let key = Self::answer_key(request)?;
+        let mut reply = self.answers.read().expect("answer cache lock").get(&key)?.clone();
+        reply[..2].copy_from_slice(&request[..2]);
+        reply[2] = (reply[2] & !1) | (request[2] & 1);
+        Some(reply)
+    }
+
+    fn remember_answer(&self, request: &[u8], reply: &[u8]) {
+        let Some(key) = Self::answer_key(request) else { return };
+        let mut cache = self.answers.write().expect("answer cache lock");
+        if cache.len() >= ANSWER_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(key, reply.to_vec());
     }
 
     fn allowed(&self, src: IpAddr) -> bool {
@@ -128,7 +174,7 @@ impl Dns {
                         );
                         m.metadata.response_code = ResponseCode::FormErr;
                         m.metadata.recursion_available = true;
-                        Handled::Reply(m)
+                        Handled::Reply(m, PLAIN_UDP, false)
                     }
                     _ => Handled::Drop,
                 };
@@ -138,16 +184,18 @@ impl Dns {
             self.counters.malformed.fetch_add(1, Ordering::Relaxed);
             return Handled::Drop;
         }
+        let limit = udp_limit(&msg);
         if !self.allowed(src.ip()) {
             self.counters.refused.fetch_add(1, Ordering::Relaxed);
-            return Handled::Reply(response(&msg, ResponseCode::Refused, false));
+            return Handled::Reply(response(&msg, ResponseCode::Refused, false), limit, false);
         }
-        match self.zone.read().expect("zone lock").decide(&msg) {
+        let decision = self.zone.read().expect("zone lock").decide(&msg);
+        match decision {
             Decision::Answer(m) => {
                 self.counters.local.fetch_add(1, Ordering::Relaxed);
-                Handled::Reply(m)
+                Handled::Reply(m, limit, true)
             }
-            Decision::Forward => Handled::Forward(msg),
+            Decision::Forward => Handled::Forward(msg, limit),
         }
     }
 
@@ -164,15 +212,32 @@ impl Dns {
                     Err(e) => { tracing::debug!("DNS receive: {e}"); continue; }
                 },
             };
-            match self.handle(&buf[..n], src) {
+            let request = &buf[..n];
+            if self.allowed(src.ip())
+                && let Some(reply) = self.cached_answer(request)
+            {
+                self.counters.queries.fetch_add(1, Ordering::Relaxed);
+                self.counters.local.fetch_add(1, Ordering::Relaxed);
+                send(&socket, &reply, src).await;
+                continue;
+            }
+            match self.handle(request, src) {
                 Handled::Drop => {}
-                Handled::Reply(m) => send_udp(&socket, &m, src, udp_limit(&buf[..n])).await,
-                Handled::Forward(q) => {
+                Handled::Reply(m, limit, cacheable) => {
+                    if let Some(reply) = encode_udp(&m, limit) {
+                        if cacheable {
+                            self.remember_answer(request, &reply);
+                        }
+                        send(&socket, &reply, src).await;
+                    }
+                }
+                Handled::Forward(q, limit) => {
                     let (me, socket) = (self.clone(), socket.clone());
-                    let limit = udp_limit(&buf[..n]);
                     tokio::spawn(async move {
                         let m = me.forwarder.resolve(&q, false).await;
-                        send_udp(&socket, &m, src, limit).await;
+                        if let Some(reply) = encode_udp(&m, limit) {
+                            send(&socket, &reply, src).await;
+                        }
                     });
                 }
             }
@@ -213,8 +278,8 @@ impl Dns {
                 .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
             let reply = match self.handle(&buf, src) {
                 Handled::Drop => return Ok(()),
-                Handled::Reply(m) => m,
-                Handled::Forward(q) => self.forwarder.resolve(&q, true).await,
+                Handled::Reply(m, _, _) => m,
+                Handled::Forward(q, _) => self.forwarder.resolve(&q, true).await,
             };
             let bytes = reply.to_vec().map_err(io::Error::other)?;
             let n = u16::try_from(bytes.len()).map_err(io::Error::other)?;
@@ -225,25 +290,26 @@ impl Dns {
 }
 
 /// The most a UDP answer to this request may take: its EDNS size (up to ours), else 512.
-fn udp_limit(request: &[u8]) -> usize {
-    match Message::from_vec(request).ok().and_then(|m| m.edns.map(|e| e.max_payload())) {
-        Some(p) => usize::from(p.clamp(PLAIN_UDP as u16, EDNS_PAYLOAD)),
+fn udp_limit(request: &Message) -> usize {
+    match &request.edns {
+        Some(e) => usize::from(e.max_payload().clamp(PLAIN_UDP as u16, EDNS_PAYLOAD)),
         None => PLAIN_UDP,
     }
 }
 
-/// Sends a reply over UDP; one too large is sent truncated (TC set, records dropped), and the
+/// A reply encoded for UDP; one too large goes truncated (TC set, records dropped), and the
 /// client retries over TCP.
-async fn send_udp(socket: &UdpSocket, m: &Message, to: SocketAddr, limit: usize) {
-    let bytes = match m.to_vec() {
-        Ok(b) if b.len() <= limit => b,
-        Ok(_) => match m.truncate().to_vec() {
-            Ok(b) => b,
-            Err(e) => return tracing::warn!("DNS encode: {e}"),
-        },
-        Err(e) => return tracing::warn!("DNS encode: {e}"),
+fn encode_udp(m: &Message, limit: usize) -> Option<Vec<u8>> {
+    let r = match m.to_vec() {
+        Ok(b) if b.len() <= limit => Ok(b),
+        Ok(_) => m.truncate().to_vec(),
+        Err(e) => Err(e),
     };
-    if let Err(e) = socket.send_to(&bytes, to).await {
+    r.map_err(|e| tracing::warn!("DNS encode: {e}")).ok()
+}
+
+async fn send(socket: &UdpSocket, bytes: &[u8], to: SocketAddr) {
+    if let Err(e) = socket.send_to(bytes, to).await {
         tracing::debug!(%to, "DNS send: {e}");
     }
 }
@@ -295,14 +361,120 @@ mod tests {
         );
     }
 
+    fn lab_zone() -> Zone {
+        let lab =
+            kubenet_cluster::parse(kubenet_cluster::REFERENCE_CONFIG, kubenet_cluster::Source::Embedded, "/".as_ref())
+                .unwrap();
+        Zone::from_lab(&lab, 0)
+    }
+
+    fn ask(sock: &std::net::UdpSocket, to: SocketAddr, id: u16, rd: bool, name: &str) -> Message {
+        let mut q = Message::query();
+        q.metadata.id = id;
+        q.metadata.recursion_desired = rd;
+        q.add_query(hickory_proto::op::Query::query(name.parse().unwrap(), hickory_proto::rr::RecordType::A));
+        sock.send_to(&q.to_vec().unwrap(), to).unwrap();
+        let mut buf = [0u8; 1500];
+        let n = sock.recv(&mut buf).unwrap();
+        Message::from_vec(&buf[..n]).unwrap()
+    }
+
+    fn a_records(m: &Message) -> Vec<String> {
+        m.answers.iter().map(|r| r.data.to_string()).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_answer_cache_patches_id_and_rd_and_follows_the_zone() {
+        let (udp, _tcp) = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = udp.local_addr().unwrap();
+        let loopback: IpNet = "127.0.0.0/8".parse().unwrap();
+        let dns = Dns::new(lab_zone(), Forwarder::new(vec![], Duration::from_millis(100)), vec![loopback]);
+        let stop = CancellationToken::new();
+        tokio::spawn(dns.clone().serve_udp(udp, stop.clone()));
+        let d2 = dns.clone();
+        tokio::task::spawn_blocking(move || {
+            let c = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let first = ask(&c, addr, 1, true, "worker0.kubevms.");
+            let again = ask(&c, addr, 2, false, "worker0.kubevms.");
+            assert_eq!((first.metadata.id, first.metadata.recursion_desired), (1, true));
+            assert_eq!((again.metadata.id, again.metadata.recursion_desired), (2, false));
+            assert_eq!(a_records(&first), ["192.168.1.14"]);
+            assert_eq!(a_records(&again), ["192.168.1.14"]);
+            assert!(!d2.answers.read().unwrap().is_empty(), "the second answer should come from the cache");
+
+            // A cached NXDOMAIN does not outlive the zone change that creates the name.
+            let before = ask(&c, addr, 3, true, "laptop.kubevms.");
+            assert_eq!(before.metadata.response_code, ResponseCode::NXDomain);
+            d2.update_zone(|z| z.set_dynamic([("laptop", std::net::Ipv4Addr::new(192, 168, 1, 3))]));
+            let after = ask(&c, addr, 4, true, "laptop.kubevms.");
+            assert_eq!(a_records(&after), ["192.168.1.3"]);
+        })
+        .await
+        .unwrap();
+        stop.cancel();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn refused_clients_are_never_served_from_the_cache() {
+        let (udp, _tcp) = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = udp.local_addr().unwrap();
+        let lab_only: IpNet = "192.168.1.0/24".parse().unwrap();
+        let dns = Dns::new(lab_zone(), Forwarder::new(vec![], Duration::from_millis(100)), vec![lab_only]);
+        // Even with the answer in the cache, a client outside the list is refused.
+        let q = {
+            let mut q = Message::query();
+            q.metadata.id = 9;
+            q.add_query(hickory_proto::op::Query::query(
+                "worker0.kubevms.".parse().unwrap(),
+                hickory_proto::rr::RecordType::A,
+            ));
+            q.to_vec().unwrap()
+        };
+        dns.remember_answer(&q, &q);
+        let stop = CancellationToken::new();
+        tokio::spawn(dns.clone().serve_udp(udp, stop.clone()));
+        tokio::task::spawn_blocking(move || {
+            let c = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            for id in [1, 2] {
+                let m = ask(&c, addr, id, true, "worker0.kubevms.");
+                assert_eq!(m.metadata.response_code, ResponseCode::Refused);
+                assert!(m.answers.is_empty());
+            }
+        })
+        .await
+        .unwrap();
+        stop.cancel();
+    }
+
+    #[test]
+    fn only_plain_queries_have_a_cache_key() {
+        let mut q = Message::query();
+        q.add_query(hickory_proto::op::Query::query("a.b.".parse().unwrap(), hickory_proto::rr::RecordType::A));
+        let plain = q.to_vec().unwrap();
+        assert!(Dns::answer_key(&plain).is_some());
+        let mut update = plain.clone();
+        update[2] |= 5 << 3; // opcode UPDATE
+        assert!(Dns::answer_key(&update).is_none());
+        let mut response = plain.clone();
+        response[2] |= 0x80;
+        assert!(Dns::answer_key(&response).is_none());
+        // RD is not part of the key: the reply's RD is patched per request.
+        let mut rd = plain.clone();
+        rd[2] ^= 1;
+        assert_eq!(Dns::answer_key(&rd), Dns::answer_key(&plain));
+        assert!(Dns::answer_key(&plain[..11]).is_none());
+    }
+
     #[test]
     fn udp_limit_follows_edns() {
         let mut q = Message::query();
         q.add_query(hickory_proto::op::Query::query("a.b.".parse().unwrap(), hickory_proto::rr::RecordType::A));
-        assert_eq!(udp_limit(&q.to_vec().unwrap()), 512);
+        assert_eq!(udp_limit(&q), 512);
         let mut e = hickory_proto::op::Edns::new();
         e.set_max_payload(4096);
         q.set_edns(e);
-        assert_eq!(udp_limit(&q.to_vec().unwrap()), 1232);
+        assert_eq!(udp_limit(&q), 1232);
     }
 }

@@ -41,6 +41,9 @@ pub struct Zone {
     dynamic: HashMap<String, Ipv4Addr>,
     /// Address -> FQDN for PTR; fixed names win over dynamic ones.
     ptr: HashMap<Ipv4Addr, Name>,
+    /// The SOA records of the forward and reverse zones, built once.
+    soa_forward: Record,
+    soa_reverse: Record,
 }
 
 /// RFC 1918 and link-local ranges: their reverse lookups never leave the host (`bogus-priv`).
@@ -89,14 +92,26 @@ fn is_private_reverse(name: &Name) -> bool {
         .is_some_and(|n| PRIVATE.iter().any(|(net, len)| Ipv4Net::new(*net, *len).is_ok_and(|p| p.contains(&n))))
 }
 
+/// A zone's SOA: the host as primary server, hostmaster@domain, the local TTL as minimum.
+fn soa(zone: &Name, domain: &Name, ns: &Name, ttl: u32) -> Record {
+    let rname = Name::from_str("hostmaster").expect("a label").append_domain(domain).expect("short");
+    // Serial 1: the zone is generated, and no secondary ever transfers it.
+    let soa = SOA::new(ns.clone(), rname, 1, 1200, 180, 1_209_600, ttl);
+    Record::from_rdata(zone.clone(), ttl, RData::SOA(soa))
+}
+
 impl Zone {
     pub fn from_lab(lab: &Lab, ttl: u32) -> Zone {
         let n = &lab.network;
         let domain = fqdn(&format!("{}.", n.domain));
+        let ns = fqdn(&format!("{}.{}.", n.host_name, n.domain));
+        let reverse = reverse_zone(&n.subnet);
         let mut z = Zone {
-            ns: fqdn(&format!("{}.{}.", n.host_name, n.domain)),
+            soa_forward: soa(&domain, &domain, &ns, ttl),
+            soa_reverse: soa(&reverse, &domain, &ns, ttl),
+            ns,
             domain,
-            reverse: reverse_zone(&n.subnet),
+            reverse,
             subnet: n.subnet,
             ttl,
             fixed: HashMap::new(),
@@ -130,10 +145,7 @@ impl Zone {
     }
 
     fn soa(&self, zone: &Name) -> Record {
-        let rname = Name::from_str("hostmaster").expect("a label").append_domain(&self.domain).expect("short");
-        // Serial 1: the zone is generated, and no secondary ever transfers it.
-        let soa = SOA::new(self.ns.clone(), rname, 1, 1200, 180, 1_209_600, self.ttl);
-        Record::from_rdata(zone.clone(), self.ttl, RData::SOA(soa))
+        if *zone == self.reverse { self.soa_reverse.clone() } else { self.soa_forward.clone() }
     }
 
     /// Decides a query. `msg` is a parsed request with exactly one question.

@@ -231,3 +231,27 @@ fn clients_outside_the_lab_are_refused() {
     let log = server.stop();
     assert!(log.contains("refused=1"), "{log}");
 }
+
+#[test]
+fn replies_come_from_the_address_the_client_asked() {
+    if prerequisites(&["dig"]).is_some() {
+        return;
+    }
+    // Two addresses on the server's one link: routing would answer from the first, and dig
+    // drops a reply from an address it did not ask.
+    let server_ns = Netns::new("da");
+    let client = Netns::new("dc");
+    veth(&server_ns, "kna", &client, "kna0");
+    server_ns.ip(&["addr", "add", "192.168.1.1/24", "dev", "kna"]);
+    server_ns.ip(&["addr", "add", "192.168.1.2/24", "dev", "kna"]);
+    client.ip(&["addr", "add", "192.168.1.50/24", "dev", "kna0"]);
+    let dir = tempfile::tempdir().unwrap();
+    let server = support::serve(&server_ns, dir.path(), &["--dns-only"]);
+    for at in ["192.168.1.2", "192.168.1.1"] {
+        let out = support::run(client.cmd("dig").args([&format!("@{at}"), "+tries=1", "+time=3", "worker0.kubevms"]));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("status: NOERROR") && text.contains(&format!("SERVER: {at}#53")), "asking {at}:\n{text}");
+        assert!(!text.contains("unexpected source"), "{text}");
+    }
+    drop(server);
+}

@@ -77,8 +77,17 @@ pub struct Lab {
     pub state_dir: PathBuf,
     pub accelerator: Accelerator,
     pub network: Network,
+    pub dns: Dns,
     pub login: Login,
     pub vms: Vec<Vm>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Dns {
+    /// The TTL of the lab's own names.
+    pub local_ttl: u32,
+    /// Who may ask: the lab's subnet and loopback unless the config says otherwise.
+    pub allow: Vec<ipnet::IpNet>,
 }
 
 #[derive(Clone, Debug, Serialize)]

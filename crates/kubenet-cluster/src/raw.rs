@@ -16,6 +16,8 @@ pub struct RawLab {
     #[serde(default)]
     pub network: RawNetwork,
     #[serde(default)]
+    pub dns: RawDns,
+    #[serde(default)]
     pub login: RawLogin,
     #[serde(default, rename = "group")]
     pub groups: Vec<Spanned<RawGroup>>,
@@ -36,6 +38,13 @@ pub struct RawNetwork {
     pub bridge: Option<Spanned<String>>,
     #[serde(default)]
     pub hosts: BTreeMap<String, Spanned<Ipv4Addr>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDns {
+    pub local_ttl: Option<u32>,
+    pub allow: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

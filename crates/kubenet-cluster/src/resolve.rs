@@ -12,7 +12,7 @@ use ipnet::Ipv4Net;
 use toml::Spanned;
 
 use crate::error::{LineIndex, Problem};
-use crate::model::{DhcpRange, HostEntry, Lab, Login, Network, Vm, parse_hex_bytes};
+use crate::model::{DhcpRange, Dns, HostEntry, Lab, Login, Network, Vm, parse_hex_bytes};
 use crate::raw::{RawGroup, RawLab};
 use crate::units::{Bytes, LeaseTime};
 
@@ -249,6 +249,29 @@ pub(crate) fn resolve(raw: RawLab, text: &str, source: String, base_dir: &Path) 
         }
     }
 
+    let dns = Dns {
+        local_ttl: raw.dns.local_ttl.unwrap_or(0),
+        allow: match &raw.dns.allow {
+            Some(list) => list
+                .iter()
+                .enumerate()
+                .filter_map(|(i, v)| {
+                    cx.parse(v, &format!("dns.allow[{i}]"), |s| {
+                        s.parse::<ipnet::IpNet>()
+                            .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                            .map(|n| n.trunc())
+                            .map_err(|_| format!("`{s}` is not an address or a network in CIDR form"))
+                    })
+                })
+                .collect(),
+            None => vec![
+                ipnet::IpNet::V4(subnet),
+                "127.0.0.0/8".parse().expect("loopback"),
+                "::1/128".parse().expect("loopback"),
+            ],
+        },
+    };
+
     let login = Login {
         user: match &raw.login.user {
             Some(v) => cx.parse(v, "login.user", |s| {
@@ -397,6 +420,7 @@ pub(crate) fn resolve(raw: RawLab, text: &str, source: String, base_dir: &Path) 
             bridge,
             hosts,
         },
+        dns,
         login,
         vms,
     })

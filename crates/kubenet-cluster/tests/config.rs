@@ -219,6 +219,13 @@ const BROKEN: &[(&str, &str, usize, &str)] = &[
     ("[[group]]\nname = \"a\"\nmemory = \"2G\"\nmemory = \"4G\"\n", "memory", 4, "duplicate key"),
     ("accelerator = \"xen\"\n", "accelerator", 1, "unknown variant"),
     (
+        "[dns]\nallow = [\"127.0.0.0/8\", \"the lab\"]\n[[group]]\nname = \"a\"\n",
+        "dns.allow[1]",
+        2,
+        "not an address or a network",
+    ),
+    ("[dns]\nlocal_ttl = -1\n", "dns.local_ttl", 2, "invalid value"),
+    (
         "[network]\nip_offset = 250\n[[group]]\nprefix = \"w\"\ncount = 6\n",
         "group",
         0,
@@ -254,4 +261,16 @@ fn the_error_text_has_the_file_line_column_form() {
         e.to_string().lines().next().unwrap(),
         "lab.toml:2:10: network.subnet: `x` is not an IPv4 network in CIDR form, e.g. \"192.168.1.0/24\""
     );
+}
+
+#[test]
+fn dns_access_list_and_ttl() {
+    let default = parse(REFERENCE_CONFIG, Source::Embedded, Path::new("/")).unwrap();
+    let allow: Vec<String> = default.dns.allow.iter().map(ToString::to_string).collect();
+    assert_eq!(allow, ["192.168.1.0/24", "127.0.0.0/8", "::1/128"]);
+    assert_eq!(default.dns.local_ttl, 0);
+    let custom = lab("[dns]\nlocal_ttl = 30\nallow = [\"10.1.2.3\", \"172.16.5.0/24\"]\n[[group]]\nname = \"a\"\n");
+    let allow: Vec<String> = custom.dns.allow.iter().map(ToString::to_string).collect();
+    assert_eq!(allow, ["10.1.2.3/32", "172.16.5.0/24"]);
+    assert_eq!(custom.dns.local_ttl, 30);
 }

@@ -63,8 +63,7 @@ pub fn bind(addr: SocketAddrV4) -> Result<UdpSocket, BindError> {
     // The kernel caps it at net.core.rmem_max; a smaller buffer is not an error.
     let _ = s.set_recv_buffer_size(RECV_BUFFER);
     s.set_nonblocking(true).map_err(wrap)?;
-    #[cfg(target_os = "linux")]
-    nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Ipv4PacketInfo, &true).map_err(|e| wrap(e.into()))?;
+    kubenet_udp::enable_pktinfo(&s).map_err(wrap)?;
     s.bind(&std::net::SocketAddr::V4(addr).into()).map_err(wrap)?;
     UdpSocket::from_std(s.into()).map_err(wrap)
 }
@@ -119,14 +118,6 @@ impl Interfaces {
         }
         self.by_index.get(&ifindex)?.iter().map(|n| n.addr()).find(|a| subnet.contains(a))
     }
-}
-
-/// One received datagram.
-struct Datagram {
-    len: usize,
-    truncated: bool,
-    src: SocketAddrV4,
-    ifindex: u32,
 }
 
 /// Called with the lease table after each change is on disk (the DNS server learns clients'
@@ -198,7 +189,7 @@ impl Server {
         let now = unix_now();
         for _ in 0..BATCH {
             let fd = self.socket.as_raw_fd();
-            let d = match self.socket.try_io(Interest::READABLE, || recv(fd, &mut buf)) {
+            let d = match self.socket.try_io(Interest::READABLE, || kubenet_udp::recv(fd, &mut buf)) {
                 Ok(d) => d,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
@@ -286,39 +277,10 @@ impl Server {
             }
         };
         let fd = self.socket.as_raw_fd();
-        self.socket.async_io(Interest::WRITABLE, || send(fd, &bytes, to, ifindex)).await
+        self.socket
+            .async_io(Interest::WRITABLE, || kubenet_udp::send(fd, &bytes, to, ifindex, Ipv4Addr::UNSPECIFIED))
+            .await
     }
-}
-
-#[cfg(target_os = "linux")]
-fn recv(fd: std::os::fd::RawFd, buf: &mut [u8]) -> io::Result<Datagram> {
-    use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrIn, recvmsg};
-    let mut iov = [io::IoSliceMut::new(buf)];
-    let mut cmsg = nix::cmsg_space!(libc::in_pktinfo);
-    let m = recvmsg::<SockaddrIn>(fd, &mut iov, Some(&mut cmsg), MsgFlags::empty()).map_err(io::Error::from)?;
-    let mut ifindex = 0;
-    for c in m.cmsgs().map_err(io::Error::from)? {
-        if let ControlMessageOwned::Ipv4PacketInfo(info) = c {
-            ifindex = info.ipi_ifindex as u32;
-        }
-    }
-    let src = m.address.map_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0), |a| SocketAddrV4::new(a.ip(), a.port()));
-    Ok(Datagram { len: m.bytes, truncated: m.flags.contains(MsgFlags::MSG_TRUNC), src, ifindex })
-}
-
-#[cfg(target_os = "linux")]
-fn send(fd: std::os::fd::RawFd, bytes: &[u8], to: SocketAddrV4, ifindex: u32) -> io::Result<()> {
-    use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrIn, sendmsg};
-    let info = libc::in_pktinfo {
-        ipi_ifindex: ifindex as i32,
-        ipi_spec_dst: libc::in_addr { s_addr: 0 },
-        ipi_addr: libc::in_addr { s_addr: 0 },
-    };
-    let cmsgs = [ControlMessage::Ipv4PacketInfo(&info)];
-    let cm: &[ControlMessage] = if ifindex == 0 { &[] } else { &cmsgs };
-    sendmsg(fd, &[io::IoSlice::new(bytes)], cm, MsgFlags::empty(), Some(&SockaddrIn::from(to)))
-        .map_err(io::Error::from)?;
-    Ok(())
 }
 
 /// Adds `ip -> mac` to the ARP table of interface `ifindex` (SIOCSARP).
@@ -349,22 +311,7 @@ fn set_arp(socket: &UdpSocket, ifindex: u32, ip: Ipv4Addr, mac: kubenet_cluster:
     if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
-// Elsewhere (macOS until IP_RECVIF / IP_BOUND_IF land): no interface per packet; replies follow
-// the routing table, and Direct replies are broadcast.
-#[cfg(not(target_os = "linux"))]
-fn recv(fd: std::os::fd::RawFd, buf: &mut [u8]) -> io::Result<Datagram> {
-    use nix::sys::socket::{SockaddrIn, recvfrom};
-    let (len, addr) = recvfrom::<SockaddrIn>(fd, buf).map_err(io::Error::from)?;
-    let src = addr.map_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0), |a| SocketAddrV4::new(a.ip(), a.port()));
-    Ok(Datagram { len: len.min(buf.len()), truncated: len >= buf.len(), src, ifindex: 0 })
-}
-
-#[cfg(not(target_os = "linux"))]
-fn send(fd: std::os::fd::RawFd, bytes: &[u8], to: SocketAddrV4, _ifindex: u32) -> io::Result<()> {
-    use nix::sys::socket::{MsgFlags, SockaddrIn, sendto};
-    sendto(fd, bytes, &SockaddrIn::from(to), MsgFlags::empty()).map_err(io::Error::from)?;
-    Ok(())
-}
+// Elsewhere (macOS until IP_RECVIF / IP_BOUND_IF land): Direct replies are broadcast.
 
 #[cfg(not(target_os = "linux"))]
 fn set_arp(_: &UdpSocket, _: u32, _: Ipv4Addr, _: kubenet_cluster::Mac) -> io::Result<()> {

@@ -3,14 +3,15 @@
 //! its own, so a slow upstream never delays the lab's names).
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use hickory_proto::op::{Message, MessageType, ResponseCode};
 use ipnet::IpNet;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
 
@@ -54,6 +55,9 @@ pub fn bind(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), BindError> {
         socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP)).map_err(wrap(addr, "UDP"))?;
     udp.set_nonblocking(true).map_err(wrap(addr, "UDP"))?;
     let _ = udp.set_recv_buffer_size(1 << 20);
+    if addr.is_ipv4() {
+        kubenet_udp::enable_pktinfo(&udp).map_err(wrap(addr, "UDP"))?;
+    }
     udp.bind(&addr.into()).map_err(wrap(addr, "UDP"))?;
     // The TCP port follows the UDP one (port 0 in tests picks a free UDP port).
     let addr = udp.local_addr().ok().and_then(|a| a.as_socket()).unwrap_or(addr);
@@ -204,9 +208,9 @@ impl Dns {
         let socket = Arc::new(socket);
         let mut buf = vec![0u8; 65535];
         loop {
-            let (n, src) = tokio::select! {
+            let (n, src, dst) = tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
-                r = socket.recv_from(&mut buf) => match r {
+                r = receive(&socket, &mut buf) => match r {
                     Ok(x) => x,
                     // ICMP errors from earlier sends surface here on some systems: not fatal.
                     Err(e) => { tracing::debug!("DNS receive: {e}"); continue; }
@@ -218,7 +222,7 @@ impl Dns {
             {
                 self.counters.queries.fetch_add(1, Ordering::Relaxed);
                 self.counters.local.fetch_add(1, Ordering::Relaxed);
-                send(&socket, &reply, src).await;
+                send(&socket, &reply, src, dst).await;
                 continue;
             }
             match self.handle(request, src) {
@@ -228,7 +232,7 @@ impl Dns {
                         if cacheable {
                             self.remember_answer(request, &reply);
                         }
-                        send(&socket, &reply, src).await;
+                        send(&socket, &reply, src, dst).await;
                     }
                 }
                 Handled::Forward(q, limit) => {
@@ -236,7 +240,7 @@ impl Dns {
                     tokio::spawn(async move {
                         let m = me.forwarder.resolve(&q, false).await;
                         if let Some(reply) = encode_udp(&m, limit) {
-                            send(&socket, &reply, src).await;
+                            send(&socket, &reply, src, dst).await;
                         }
                     });
                 }
@@ -308,8 +312,37 @@ fn encode_udp(m: &Message, limit: usize) -> Option<Vec<u8>> {
     r.map_err(|e| tracing::warn!("DNS encode: {e}")).ok()
 }
 
-async fn send(socket: &UdpSocket, bytes: &[u8], to: SocketAddr) {
-    if let Err(e) = socket.send_to(bytes, to).await {
+/// One datagram: its length, sender, and the address it was sent to (unspecified when the
+/// socket cannot tell: IPv6, or not Linux).
+async fn receive(socket: &UdpSocket, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, Ipv4Addr)> {
+    if socket.local_addr()?.is_ipv6() {
+        let (n, src) = socket.recv_from(buf).await?;
+        return Ok((n, src, Ipv4Addr::UNSPECIFIED));
+    }
+    let fd = socket.as_raw_fd();
+    loop {
+        socket.readable().await?;
+        match socket.try_io(Interest::READABLE, || kubenet_udp::recv(fd, buf)) {
+            Ok(d) => return Ok((d.len, SocketAddr::V4(d.src), d.dst)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Sends a reply from the address the query was sent to, so that a client that asked one of
+/// the host's several addresses accepts it (a wildcard socket otherwise answers from whatever
+/// address the routing table prefers: hickory#3401).
+async fn send(socket: &UdpSocket, bytes: &[u8], to: SocketAddr, asked: Ipv4Addr) {
+    let r = match to {
+        SocketAddr::V4(to4) => {
+            let from = if asked.is_broadcast() || asked.is_multicast() { Ipv4Addr::UNSPECIFIED } else { asked };
+            let fd = socket.as_raw_fd();
+            socket.async_io(Interest::WRITABLE, || kubenet_udp::send(fd, bytes, to4, 0, from)).await
+        }
+        SocketAddr::V6(_) => socket.send_to(bytes, to).await.map(|_| ()),
+    };
+    if let Err(e) = r {
         tracing::debug!(%to, "DNS send: {e}");
     }
 }

@@ -1,20 +1,16 @@
 //! `kubenet serve`: the host agent. Binds every socket before it says "ready", then runs the
 //! servers until SIGINT or SIGTERM.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::SystemTime;
 
 use anyhow::Context;
-use ipnet::IpNet;
 use kubenet_cluster::Lab;
 use kubenet_dhcp::server::Server;
 use kubenet_dns::{Dns, Forwarder, Zone};
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::ServeArgs;
-
-/// The TTL of the lab's own names: 0, as dnsmasq's local-ttl, so a changed lab is seen at once.
-const LOCAL_TTL: u32 = 0;
 
 pub fn run(lab: Lab, args: &ServeArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -54,13 +50,8 @@ async fn serve(lab: Lab, args: &ServeArgs) -> anyhow::Result<()> {
     let dns_addr = SocketAddr::new(args.dns_listen, args.dns_port);
     let (udp, tcp) = kubenet_dns::server::bind(dns_addr)?;
     let dns_addr = udp.local_addr()?;
-    let allow: Vec<IpNet> = vec![
-        IpNet::V4(lab.network.subnet),
-        IpNet::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 0)), 8)?,
-        IpNet::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 128)?,
-    ];
     let forwarder = Forwarder::new(upstreams(&lab, dns_addr)?, kubenet_dns::forward::UPSTREAM_TIMEOUT);
-    let dns = Dns::new(Zone::from_lab(&lab, LOCAL_TTL), forwarder, allow);
+    let dns = Dns::new(Zone::from_lab(&lab, lab.dns.local_ttl), forwarder, lab.dns.allow.clone());
     tasks.spawn(dns.clone().serve_udp(udp, shutdown.clone()));
     tasks.spawn(dns.clone().serve_tcp(tcp, shutdown.clone()));
 

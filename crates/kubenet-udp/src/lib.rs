@@ -1,0 +1,115 @@
+//! UDP with each datagram's receiving interface and destination address: what a server bound to
+//! 0.0.0.0 needs to answer out of the interface a request came in on (DHCP: broadcast replies),
+//! and from the address the client asked (DNS: a wildcard socket otherwise answers from whatever
+//! source the routing table picks, and the client drops the reply; hickory#3401). I/O only.
+//!
+//! Linux: IP_PKTINFO on receive and send. Elsewhere, until macOS's IP_RECVIF / IP_BOUND_IF are
+//! added: plain recvfrom/sendto, interface 0 and an unspecified destination, so replies follow
+//! the routing table.
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::{AsFd, RawFd};
+
+/// One received datagram.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Datagram {
+    pub len: usize,
+    /// Larger than the buffer: the tail was cut off.
+    pub truncated: bool,
+    pub src: SocketAddrV4,
+    /// The interface it arrived on; 0 when unknown.
+    pub ifindex: u32,
+    /// The address it was sent to (a broadcast address for broadcasts); unspecified when unknown.
+    pub dst: Ipv4Addr,
+}
+
+/// Asks the kernel for each datagram's interface and destination (IP_PKTINFO).
+pub fn enable_pktinfo(socket: &impl AsFd) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    nix::sys::socket::setsockopt(socket, nix::sys::socket::sockopt::Ipv4PacketInfo, &true)?;
+    #[cfg(not(target_os = "linux"))]
+    let _ = socket;
+    Ok(())
+}
+
+/// Receives one datagram (the socket must have [`enable_pktinfo`]).
+#[cfg(target_os = "linux")]
+pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<Datagram> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrIn, recvmsg};
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let mut cmsg = nix::cmsg_space!(libc::in_pktinfo);
+    let m = recvmsg::<SockaddrIn>(fd, &mut iov, Some(&mut cmsg), MsgFlags::empty())?;
+    let (mut ifindex, mut dst) = (0, Ipv4Addr::UNSPECIFIED);
+    for c in m.cmsgs()? {
+        if let ControlMessageOwned::Ipv4PacketInfo(info) = c {
+            ifindex = info.ipi_ifindex as u32;
+            dst = Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr));
+        }
+    }
+    let src = m.address.map_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0), |a| SocketAddrV4::new(a.ip(), a.port()));
+    Ok(Datagram { len: m.bytes, truncated: m.flags.contains(MsgFlags::MSG_TRUNC), src, ifindex, dst })
+}
+
+/// Sends one datagram out of interface `ifindex` (0: as routed) from address `from`
+/// (unspecified: as routed).
+#[cfg(target_os = "linux")]
+pub fn send(fd: RawFd, bytes: &[u8], to: SocketAddrV4, ifindex: u32, from: Ipv4Addr) -> io::Result<()> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrIn, sendmsg};
+    let info = libc::in_pktinfo {
+        ipi_ifindex: ifindex as i32,
+        ipi_spec_dst: libc::in_addr { s_addr: u32::from(from).to_be() },
+        ipi_addr: libc::in_addr { s_addr: 0 },
+    };
+    let cmsgs = [ControlMessage::Ipv4PacketInfo(&info)];
+    let cm: &[ControlMessage] = if ifindex == 0 && from.is_unspecified() { &[] } else { &cmsgs };
+    sendmsg(fd, &[io::IoSlice::new(bytes)], cm, MsgFlags::empty(), Some(&SockaddrIn::from(to)))?;
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<Datagram> {
+    use nix::sys::socket::{SockaddrIn, recvfrom};
+    let (len, addr) = recvfrom::<SockaddrIn>(fd, buf)?;
+    let src = addr.map_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0), |a| SocketAddrV4::new(a.ip(), a.port()));
+    Ok(Datagram { len: len.min(buf.len()), truncated: len > buf.len(), src, ifindex: 0, dst: Ipv4Addr::UNSPECIFIED })
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn send(fd: RawFd, bytes: &[u8], to: SocketAddrV4, _ifindex: u32, _from: Ipv4Addr) -> io::Result<()> {
+    use nix::sys::socket::{MsgFlags, SockaddrIn, sendto};
+    sendto(fd, bytes, &SockaddrIn::from(to), MsgFlags::empty())?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn loopback_round_trip_reports_destination_and_interface() {
+        let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        enable_pktinfo(&server).unwrap();
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.send_to(b"ping", server.local_addr().unwrap()).unwrap();
+        let mut buf = [0u8; 2];
+        let d = recv(server.as_raw_fd(), &mut buf).unwrap();
+        assert!(d.truncated, "4 bytes into a 2-byte buffer");
+        assert_eq!(
+            d.src,
+            match client.local_addr().unwrap() {
+                std::net::SocketAddr::V4(a) => a,
+                _ => unreachable!(),
+            }
+        );
+        if cfg!(target_os = "linux") {
+            assert_eq!(d.dst, Ipv4Addr::LOCALHOST);
+            assert!(d.ifindex > 0, "lo has an index");
+        }
+        send(server.as_raw_fd(), b"pong", d.src, 0, d.dst).unwrap();
+        let mut back = [0u8; 8];
+        let (n, from) = client.recv_from(&mut back).unwrap();
+        assert_eq!((&back[..n], from), (&b"pong"[..], server.local_addr().unwrap()));
+    }
+}

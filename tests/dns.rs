@@ -230,6 +230,7 @@ fn clients_outside_the_lab_are_refused() {
     assert!(refused.contains("status: REFUSED"), "{refused}");
     let log = server.stop();
     assert!(log.contains("refused=1"), "{log}");
+    assert!(log.contains("upstream=\"127.0.0.1:9\""), "a test server must not forward to the host's resolvers:\n{log}");
 }
 
 #[test]

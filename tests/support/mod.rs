@@ -186,8 +186,20 @@ impl Drop for Proc {
     }
 }
 
-/// `kubenet serve --no-bridge` in `ns`, with its state in `dir`, once it says "ready".
+/// The reference lab with its DNS upstream pointed at the discard port on the namespace's own
+/// loopback: a test server never forwards to the host's real resolvers.
+pub fn test_lab() -> String {
+    let reference = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/kubenet.toml")).unwrap();
+    assert!(reference.contains("upstream = []"));
+    reference.replace("upstream = []", "upstream = [\"127.0.0.1:9\"]")
+}
+
+/// `kubenet serve --no-bridge` in `ns`, with its state in `dir`, once it says "ready". Uses
+/// `dir/kubenet.toml`, written from [`test_lab`] unless the test wrote its own.
 pub fn serve(ns: &Netns, dir: &Path, extra: &[&str]) -> Proc {
+    if !dir.join("kubenet.toml").exists() {
+        std::fs::write(dir.join("kubenet.toml"), test_lab()).unwrap();
+    }
     let mut cmd = ns.cmd(kubenet_bin());
     cmd.current_dir(dir)
         .args(["serve", "--no-bridge", "--dir"])

@@ -94,4 +94,13 @@ pub struct ServeArgs {
     /// The DNS server port.
     #[arg(long, default_value_t = 53, value_name = "PORT")]
     pub dns_port: u16,
+
+    /// Make the host itself resolve the lab's domain through kubenet while it runs: macOS
+    /// /etc/resolver/DOMAIN, Linux systemd-resolved's per-link DNS. Undone when it stops.
+    #[arg(long)]
+    pub host_resolver: bool,
+
+    /// Where --host-resolver writes on macOS.
+    #[arg(long, default_value = "/etc/resolver", value_name = "DIR", hide = true)]
+    pub resolver_dir: std::path::PathBuf,
 }

@@ -2,6 +2,7 @@
 //! (0 ok, 1 failure, 2 usage or config error). The subcommands live in their own modules.
 
 mod cli;
+mod host_resolver;
 mod serve;
 mod table;
 

@@ -98,6 +98,25 @@ async fn serve(lab: Lab, args: &ServeArgs) -> anyhow::Result<()> {
         }
     }
 
+    // Undone when this function returns, whatever the reason.
+    let _host_resolver = if args.host_resolver {
+        let os = crate::host_resolver::Os::current().context("--host-resolver knows macOS and Linux only")?;
+        let lab_address = std::net::IpAddr::V4(lab.network.host_address);
+        let served = if dns_addr.ip().is_unspecified() { lab_address } else { dns_addr.ip() };
+        let link = crate::host_resolver::link_holding(served);
+        let plan = crate::host_resolver::plan(
+            os,
+            &lab.network.domain,
+            dns_addr,
+            lab_address,
+            link.as_deref(),
+            &args.resolver_dir,
+        )?;
+        Some(crate::host_resolver::apply(plan)?)
+    } else {
+        None
+    };
+
     tokio::spawn(stop_on_signal(shutdown.clone()));
     if let Some(mut server) = dhcp {
         let stop = shutdown.clone();

@@ -501,6 +501,29 @@ mod tests {
     }
 
     #[test]
+    fn an_answer_too_large_for_udp_is_truncated_for_a_tcp_retry() {
+        let mut q = Message::query();
+        q.add_query(hickory_proto::op::Query::query("big.example.".parse().unwrap(), hickory_proto::rr::RecordType::A));
+        let mut big = response(&q, ResponseCode::NoError, false);
+        for i in 0..60u8 {
+            big.add_answer(hickory_proto::rr::Record::from_rdata(
+                "big.example.".parse().unwrap(),
+                60,
+                hickory_proto::rr::RData::A(hickory_proto::rr::rdata::A::new(192, 0, 2, i)),
+            ));
+        }
+        assert!(big.to_vec().unwrap().len() > PLAIN_UDP);
+        let sent = encode_udp(&big, PLAIN_UDP).unwrap();
+        assert!(sent.len() <= PLAIN_UDP);
+        let back = Message::from_vec(&sent).unwrap();
+        assert!(back.metadata.truncation && back.answers.is_empty());
+        assert_eq!(back.queries, q.queries);
+        // Within an EDNS client's 1232 bytes it goes whole.
+        let whole = Message::from_vec(&encode_udp(&big, 1232).unwrap()).unwrap();
+        assert!(!whole.metadata.truncation && whole.answers.len() == 60);
+    }
+
+    #[test]
     fn udp_limit_follows_edns() {
         let mut q = Message::query();
         q.add_query(hickory_proto::op::Query::query("a.b.".parse().unwrap(), hickory_proto::rr::RecordType::A));

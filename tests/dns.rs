@@ -256,3 +256,76 @@ fn replies_come_from_the_address_the_client_asked() {
     }
     drop(server);
 }
+
+#[test]
+fn a_garbage_upstream_gives_servfail_and_local_names_keep_full_speed() {
+    if tools(&["dig"]).is_some() {
+        return;
+    }
+    // An upstream that answers every query with its id and then junk.
+    let junk = UdpSocket::bind("127.0.0.1:0").unwrap();
+    junk.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    let junk_addr = junk.local_addr().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while !stop2.load(Ordering::Relaxed) {
+            if let Ok((n, from)) = junk.recv_from(&mut buf) {
+                if n >= 2 {
+                    let mut r = buf[..2].to_vec();
+                    r.extend_from_slice(&[0xde, 0xad, 0xbe, 0xef, 0xff, 0xff, 0xff, 0xff, 0x07]);
+                    let _ = junk.send_to(&r, from);
+                }
+            }
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let (server, port) = serve_dns(dir.path(), &junk_addr.to_string());
+    let start = Instant::now();
+    assert!(dig(port, &["deb.example.org"]).contains("status: SERVFAIL"));
+    assert!(start.elapsed() < Duration::from_secs(1), "garbage should fail at once, not at the timeout");
+
+    // Forwarded queries keep failing in the background while 2000 local ones are timed.
+    let flooding = Arc::new(AtomicBool::new(true));
+    let f2 = flooding.clone();
+    let flood = std::thread::spawn(move || {
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut sent = 0u32;
+        while f2.load(Ordering::Relaxed) && sent < 20_000 {
+            let _ = s.send_to(&query(sent as u16, "deb.example.org"), ("127.0.0.1", port));
+            sent += 1;
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    });
+    let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let start = Instant::now();
+    let mut buf = [0u8; 512];
+    for id in 0..2000u16 {
+        c.send_to(&query(id, "worker0.kubevms"), ("127.0.0.1", port)).unwrap();
+        let n = c.recv(&mut buf).expect("a local query went unanswered");
+        assert_eq!(u16::from_be_bytes([buf[0], buf[1]]), id);
+        assert_eq!(buf[3] & 0x0f, 0, "rcode");
+        assert_eq!(&buf[n - 4..n], &[192, 168, 1, 14]);
+    }
+    let took = start.elapsed();
+    flooding.store(false, Ordering::Relaxed);
+    flood.join().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    eprintln!("2000 local queries in {took:?} with garbage forwards in flight");
+    assert!(took < Duration::from_secs(5), "local answers slowed to {took:?}");
+    drop(server);
+}
+
+/// A plain A query in wire form.
+fn query(id: u16, name: &str) -> Vec<u8> {
+    let mut q = id.to_be_bytes().to_vec();
+    q.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}

@@ -206,11 +206,12 @@ impl Dns {
     /// Serves UDP until `shutdown`.
     pub async fn serve_udp(self: Arc<Self>, socket: UdpSocket, shutdown: CancellationToken) -> io::Result<()> {
         let socket = Arc::new(socket);
+        let v6 = socket.local_addr()?.is_ipv6();
         let mut buf = vec![0u8; 65535];
         loop {
             let (n, src, dst) = tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
-                r = receive(&socket, &mut buf) => match r {
+                r = receive(&socket, v6, &mut buf) => match r {
                     Ok(x) => x,
                     // ICMP errors from earlier sends surface here on some systems: not fatal.
                     Err(e) => { tracing::debug!("DNS receive: {e}"); continue; }
@@ -314,8 +315,8 @@ fn encode_udp(m: &Message, limit: usize) -> Option<Vec<u8>> {
 
 /// One datagram: its length, sender, and the address it was sent to (unspecified when the
 /// socket cannot tell: IPv6, or not Linux).
-async fn receive(socket: &UdpSocket, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, Ipv4Addr)> {
-    if socket.local_addr()?.is_ipv6() {
+async fn receive(socket: &UdpSocket, v6: bool, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, Ipv4Addr)> {
+    if v6 {
         let (n, src) = socket.recv_from(buf).await?;
         return Ok((n, src, Ipv4Addr::UNSPECIFIED));
     }

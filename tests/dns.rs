@@ -271,12 +271,12 @@ fn a_garbage_upstream_gives_servfail_and_local_names_keep_full_speed() {
     std::thread::spawn(move || {
         let mut buf = [0u8; 1500];
         while !stop2.load(Ordering::Relaxed) {
-            if let Ok((n, from)) = junk.recv_from(&mut buf) {
-                if n >= 2 {
-                    let mut r = buf[..2].to_vec();
-                    r.extend_from_slice(&[0xde, 0xad, 0xbe, 0xef, 0xff, 0xff, 0xff, 0xff, 0x07]);
-                    let _ = junk.send_to(&r, from);
-                }
+            if let Ok((n, from)) = junk.recv_from(&mut buf)
+                && n >= 2
+            {
+                let mut r = buf[..2].to_vec();
+                r.extend_from_slice(&[0xde, 0xad, 0xbe, 0xef, 0xff, 0xff, 0xff, 0xff, 0x07]);
+                let _ = junk.send_to(&r, from);
             }
         }
     });

@@ -8,7 +8,7 @@ mod support;
 use std::path::Path;
 use std::time::Duration;
 
-use support::{Netns, Proc, prerequisites, serve, veth};
+use support::{Netns, Proc, prerequisites, serve};
 
 const VM_MAC: &str = "52:52:52:00:00:04";
 
@@ -20,10 +20,7 @@ struct Lan {
 }
 
 fn lan(client_mac: &str) -> Lan {
-    let server = Netns::new("s");
-    let client = Netns::new("c");
-    veth(&server, "kns", &client, "knc");
-    server.ip(&["addr", "add", "192.168.1.1/24", "dev", "kns"]);
+    let support::Pair { server, client } = support::pair("h", "192.168.1.1/24");
     client.ip(&["link", "set", "knc", "address", client_mac]);
     Lan { server, client, dir: tempfile::tempdir().unwrap() }
 }

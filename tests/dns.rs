@@ -240,12 +240,9 @@ fn replies_come_from_the_address_the_client_asked() {
     }
     // Two addresses on the server's one link: routing would answer from the first, and dig
     // drops a reply from an address it did not ask.
-    let server_ns = Netns::new("da");
-    let client = Netns::new("dc");
-    veth(&server_ns, "kna", &client, "kna0");
-    server_ns.ip(&["addr", "add", "192.168.1.1/24", "dev", "kna"]);
-    server_ns.ip(&["addr", "add", "192.168.1.2/24", "dev", "kna"]);
-    client.ip(&["addr", "add", "192.168.1.50/24", "dev", "kna0"]);
+    let support::Pair { server: server_ns, client } = support::pair("da", "192.168.1.1/24");
+    server_ns.ip(&["addr", "add", "192.168.1.2/24", "dev", "kns"]);
+    client.ip(&["addr", "add", "192.168.1.50/24", "dev", "knc"]);
     let dir = tempfile::tempdir().unwrap();
     let server = support::serve(&server_ns, dir.path(), &["--dns-only"]);
     for at in ["192.168.1.2", "192.168.1.1"] {

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use support::{Netns, prerequisites, veth};
+use support::prerequisites;
 
 /// A relay-mode DHCP client: DORA for fresh MACs from 192.168.1.254:67, one line per ACK
 /// ("MAC IP"), until its count is done or the server stops answering. With "renew FILE" it sends
@@ -81,11 +81,8 @@ fn kill_9_mid_stream_loses_no_acked_lease() {
     if prerequisites(&["python3"]).is_some() {
         return;
     }
-    let server_ns = Netns::new("fs");
-    let client_ns = Netns::new("fc");
-    veth(&server_ns, "knf", &client_ns, "knf0");
-    server_ns.ip(&["addr", "add", "192.168.1.1/16", "dev", "knf"]);
-    client_ns.ip(&["addr", "add", "192.168.1.254/16", "dev", "knf0"]);
+    let support::Pair { server: server_ns, client: client_ns } = support::pair("f", "192.168.1.1/16");
+    client_ns.ip(&["addr", "add", "192.168.1.254/16", "dev", "knc"]);
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("kubenet.toml"), big_pool_lab()).unwrap();
     kubenet_cluster_check(&dir.path().join("kubenet.toml"));
@@ -150,11 +147,8 @@ fn unwritable_state(setup: &str) {
     if prerequisites(&["udhcpc", "dig"]).is_some() {
         return;
     }
-    let server_ns = Netns::new("rs");
-    let client_ns = Netns::new("rc");
-    veth(&server_ns, "knr", &client_ns, "knr0");
-    server_ns.ip(&["addr", "add", "192.168.1.1/24", "dev", "knr"]);
-    client_ns.ip(&["link", "set", "knr0", "address", "52:52:52:00:00:04"]);
+    let support::Pair { server: server_ns, client: client_ns } = support::pair("r", "192.168.1.1/24");
+    client_ns.ip(&["link", "set", "knc", "address", "52:52:52:00:00:04"]);
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     std::fs::create_dir_all(&state).unwrap();
@@ -172,7 +166,7 @@ fn unwritable_state(setup: &str) {
 
     let out = client_ns
         .cmd("udhcpc")
-        .args(["-q", "-n", "-f", "-i", "knr0", "-s", "/bin/true", "-t", "2", "-T", "1"])
+        .args(["-q", "-n", "-f", "-i", "knc", "-s", "/bin/true", "-t", "2", "-T", "1"])
         .output()
         .unwrap();
     assert!(!out.status.success(), "a lease was ACKed though it could not be written");
@@ -180,7 +174,7 @@ fn unwritable_state(setup: &str) {
     let log = server.log_text();
     assert!(log.contains("cannot write the lease file") && log.contains("withholding"), "{log}");
     // DNS is unaffected.
-    client_ns.ip(&["addr", "add", "192.168.1.50/24", "dev", "knr0"]);
+    client_ns.ip(&["addr", "add", "192.168.1.50/24", "dev", "knc"]);
     let dig =
         support::run(client_ns.cmd("dig").args(["@192.168.1.1", "+short", "+tries=1", "+time=3", "worker0.kubevms"]));
     assert_eq!(String::from_utf8_lossy(&dig.stdout).trim(), "192.168.1.14");

@@ -114,6 +114,21 @@ pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {
     b.ip(&["link", "set", b_if, "up"]);
 }
 
+/// A server namespace and a client namespace joined by veth: `kns` on the server's side holds
+/// `server_cidr` (the lab's host address), `knc` is the client's.
+pub struct Pair {
+    pub server: Netns,
+    pub client: Netns,
+}
+
+pub fn pair(tag: &str, server_cidr: &str) -> Pair {
+    let server = Netns::new(&format!("{tag}s"));
+    let client = Netns::new(&format!("{tag}c"));
+    veth(&server, "kns", &client, "knc");
+    server.ip(&["addr", "add", server_cidr, "dev", "kns"]);
+    Pair { server, client }
+}
+
 /// A process this test started, killed by its PID on drop.
 pub struct Proc {
     pub child: Child,

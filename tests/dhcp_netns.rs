@@ -324,3 +324,48 @@ fn a_dhcp_clients_name_resolves_while_its_lease_lives() {
     assert_eq!(dig(&["worker0.kubevms"]), "192.168.1.14");
     drop(server);
 }
+
+#[test]
+fn sighup_reloads_the_lab_without_losing_a_lease() {
+    if prerequisites(&["udhcpc", "dig"]).is_some() {
+        return;
+    }
+    let lan = lan(VM_MAC);
+    let d = lan.dir.path();
+    let mut server = serve(&lan.server, d, &[]);
+    let script = udhcpc_script(d);
+    let mut cmd = lan.client.cmd("udhcpc");
+    cmd.args(["-f", "-i", "knc", "-s", &script, "-t", "5", "-T", "1", "-A", "1"]);
+    let client = Proc::spawn(cmd, &d.join("udhcpc.log"));
+    wait_file(&d.join("udhcpc.events"), "bound ip=192.168.1.14", Duration::from_secs(20));
+    let dig = |name: &str| {
+        let out = support::run(lan.client.cmd("dig").args(["@192.168.1.1", "+short", "+tries=1", "+time=3", name]));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(dig("registry.kubevms"), "");
+
+    // An extra host entry, then SIGHUP.
+    let config = d.join("kubenet.toml");
+    let text = read(&config);
+    std::fs::write(&config, text.replace("[network.hosts]\n", "[network.hosts]\nregistry = \"192.168.1.5\"\n"))
+        .unwrap();
+    server.signal("HUP");
+    server.wait_for("reloaded", Duration::from_secs(10));
+    assert_eq!(dig("registry.kubevms"), "192.168.1.5");
+    assert_eq!(dig("worker0.kubevms"), "192.168.1.14");
+    assert!(read(&d.join("state/leases")).contains("52:52:52:00:00:04 192.168.1.14"));
+    // The lease lives on: a renewal is granted by the reloaded server.
+    client.signal("USR1");
+    wait_file(&d.join("udhcpc.events"), "renew ip=192.168.1.14", Duration::from_secs(20));
+
+    // A broken edit is reported and the running lab keeps serving.
+    std::fs::write(&config, "colour = \"blue\"\n").unwrap();
+    server.signal("HUP");
+    server.wait_for("reload failed", Duration::from_secs(10));
+    assert!(server.log_text().contains("kubenet.toml:1:1: colour: unknown field"), "{}", server.log_text());
+    assert_eq!(dig("registry.kubevms"), "192.168.1.5");
+    drop(client);
+    let log = server.stop();
+    assert!(log.contains("DHCPACK renewed"), "{log}");
+    assert!(log.contains("1 leases kept"), "{log}");
+}

@@ -130,7 +130,17 @@ pub struct Server {
     lease_file: PathBuf,
     ifaces: Interfaces,
     on_leases: Option<LeaseHook>,
+    /// New engine configs (a reload); leases and the socket stay.
+    configs: Option<tokio::sync::mpsc::UnboundedReceiver<crate::Config>>,
     pub counters: Counters,
+}
+
+/// The next reload, or never when reloads are not wired.
+async fn next_config(rx: &mut Option<tokio::sync::mpsc::UnboundedReceiver<crate::Config>>) -> Option<crate::Config> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 fn unix_now() -> u64 {
@@ -139,7 +149,20 @@ fn unix_now() -> u64 {
 
 impl Server {
     pub fn new(socket: UdpSocket, engine: Engine, lease_file: PathBuf) -> Self {
-        Server { socket, engine, lease_file, ifaces: Interfaces::new(), on_leases: None, counters: Counters::default() }
+        Server {
+            socket,
+            engine,
+            lease_file,
+            ifaces: Interfaces::new(),
+            on_leases: None,
+            configs: None,
+            counters: Counters::default(),
+        }
+    }
+
+    /// Applies each config received on `rx` while running (SIGHUP): leases and the socket stay.
+    pub fn reloads(&mut self, rx: tokio::sync::mpsc::UnboundedReceiver<crate::Config>) {
+        self.configs = Some(rx);
     }
 
     /// Runs `hook` now and after every change to the lease table.
@@ -169,6 +192,14 @@ impl Server {
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
                 r = self.socket.readable() => { r?; self.serve_batch().await?; }
+                Some(cfg) = next_config(&mut self.configs) => {
+                    self.engine.set_config(cfg);
+                    // The hook's consumers (DNS) rebuilt their view: give them the leases again.
+                    if let Some(hook) = &self.on_leases {
+                        hook(self.engine.leases());
+                    }
+                    tracing::info!("DHCP: new configuration applied; {} leases kept", self.engine.leases().len());
+                }
                 _ = tick.tick() => {
                     if self.engine.expire(unix_now())
                         && let Err(e) = self.persist().await {

@@ -131,7 +131,14 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Serve(args) => {
             let lab = load_lab(&cli, None)?;
-            serve::run(lab, args)?;
+            // SIGHUP reads the lab definition again the same way.
+            let reload = || {
+                load_lab(&cli, None).map_err(|e| match e {
+                    Failure::Config(c) => anyhow::Error::new(c),
+                    Failure::Other(o) => o,
+                })
+            };
+            serve::run(lab, args, &reload)?;
         }
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "kubenet", &mut stdout);

@@ -12,13 +12,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::ServeArgs;
 
-pub fn run(lab: Lab, args: &ServeArgs) -> anyhow::Result<()> {
+pub fn run(lab: Lab, args: &ServeArgs, reload: &dyn Fn() -> anyhow::Result<Lab>) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    rt.block_on(serve(lab, args))
+    rt.block_on(serve(lab, args, reload))
 }
 
 /// Where forwarded queries go: the lab's `upstream`, else the host's resolvers; never this
@@ -40,7 +40,7 @@ fn upstreams(lab: &Lab, listen: SocketAddr) -> anyhow::Result<Vec<SocketAddr>> {
     Ok(kept)
 }
 
-async fn serve(lab: Lab, args: &ServeArgs) -> anyhow::Result<()> {
+async fn serve(lab: Lab, args: &ServeArgs, reload: &dyn Fn() -> anyhow::Result<Lab>) -> anyhow::Result<()> {
     std::fs::create_dir_all(&lab.state_dir)
         .with_context(|| format!("cannot create the state directory {}", lab.state_dir.display()))?;
     let shutdown = CancellationToken::new();
@@ -63,6 +63,7 @@ async fn serve(lab: Lab, args: &ServeArgs) -> anyhow::Result<()> {
     tasks.spawn(dns.clone().serve_tcp(tcp, shutdown.clone()));
 
     let mut dhcp = None;
+    let mut dhcp_configs = None;
     if !args.dns_only {
         let lease_file = lab.lease_file();
         let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH)?.as_secs();
@@ -82,6 +83,9 @@ async fn serve(lab: Lab, args: &ServeArgs) -> anyhow::Result<()> {
                 table.iter().filter(|l| l.active(now)).filter_map(|l| l.hostname.clone().map(|h| (h, l.ip))).collect();
             zone_dns.update_zone(|z| z.set_dynamic(names.iter().map(|(h, ip)| (h.as_str(), *ip))));
         }));
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        server.reloads(rx);
+        dhcp_configs = Some(tx);
         dhcp = Some(server);
     }
     if !args.no_bridge {
@@ -125,6 +129,9 @@ async fn serve(lab: Lab, args: &ServeArgs) -> anyhow::Result<()> {
     };
 
     tokio::spawn(stop_on_signal(shutdown.clone()));
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
+    let mut current = lab.clone();
     if let Some(mut server) = dhcp {
         let stop = shutdown.clone();
         tasks.spawn(async move {
@@ -142,12 +149,25 @@ async fn serve(lab: Lab, args: &ServeArgs) -> anyhow::Result<()> {
             r
         });
     }
-    // The first server to fail stops the others; a clean stop ends them all.
+    // The first server to fail stops the others; a clean stop ends them all. SIGHUP reloads.
     let mut result = Ok(());
-    while let Some(r) = tasks.join_next().await {
-        if let Err(e) = r.context("server task").and_then(|r| r.context("server")) {
-            shutdown.cancel();
-            result = Err(e);
+    loop {
+        tokio::select! {
+            r = tasks.join_next() => match r {
+                None => break,
+                Some(r) => if let Err(e) = r.context("server task").and_then(|r| r.context("server")) {
+                    shutdown.cancel();
+                    result = Err(e);
+                },
+            },
+            _ = hangups.recv() => match reload() {
+                Ok(new) => {
+                    apply_reload(&current, &new, &dns, dhcp_configs.as_ref());
+                    current = new;
+                }
+                // A broken edit must not take the lab down: keep serving what was loaded.
+                Err(e) => tracing::error!("reload failed, still serving the previous configuration:\n{e:#}"),
+            },
         }
     }
     match udp_thread.join() {
@@ -169,6 +189,26 @@ async fn serve(lab: Lab, args: &ServeArgs) -> anyhow::Result<()> {
         "stopped"
     );
     result
+}
+
+/// Swaps in a reloaded lab: the zone at once, the DHCP engine's config through its channel
+/// (whose lease hook then puts the clients' names back into the new zone). Sockets, leases and
+/// the forwarder stay; what only a restart can change is named.
+fn apply_reload(
+    old: &Lab,
+    new: &Lab,
+    dns: &Dns,
+    dhcp: Option<&tokio::sync::mpsc::UnboundedSender<kubenet_dhcp::Config>>,
+) {
+    dns.update_zone(|z| *z = Zone::from_lab(new, new.dns.local_ttl));
+    if let Some(tx) = dhcp {
+        let _ = tx.send(kubenet_dhcp::Config::from_lab(new));
+    }
+    let n = (&old.network, &new.network);
+    if n.0.upstream != n.1.upstream || old.dns.allow != new.dns.allow || old.state_dir != new.state_dir {
+        tracing::warn!("upstream, dns.allow and state_dir take effect at the next start of kubenet serve");
+    }
+    tracing::info!(vms = new.vms.len(), hosts = new.network.hosts.len(), "reloaded {}", new.source);
 }
 
 async fn stop_on_signal(token: CancellationToken) {

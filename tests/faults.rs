@@ -140,10 +140,17 @@ fn kubenet_cluster_check(path: &std::path::Path) {
     assert!(out.status.success(), "test lab invalid: {}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// When the state directory stops taking writes.
+#[derive(PartialEq)]
+enum When {
+    BeforeStart,
+    WhileServing,
+}
+
 /// Serves with a state directory that refuses writes, mounted by `setup` inside the server's
-/// own mount namespace (`ip netns exec` gives each command one), and checks that a client's ACK
-/// is withheld with a clear error while the server keeps serving.
-fn unwritable_state(setup: &str) {
+/// own mount namespace (`ip netns exec` gives each command one; `nsenter` joins it later), and
+/// checks that a client's ACK is withheld with a clear error while the server keeps serving.
+fn unwritable_state(setup: &str, when: When) {
     if prerequisites(&["udhcpc", "dig"]).is_some() {
         return;
     }
@@ -153,8 +160,9 @@ fn unwritable_state(setup: &str) {
     let state = dir.path().join("state");
     std::fs::create_dir_all(&state).unwrap();
     std::fs::write(dir.path().join("kubenet.toml"), support::test_lab()).unwrap();
+    let before = if when == When::BeforeStart { setup } else { "true" };
     let script = format!(
-        "set -e; S={state}; {setup}; cd {dir}; exec {bin} serve --no-bridge --dir $S",
+        "set -e; S={state}; {before}; cd {dir}; exec {bin} serve --no-bridge --dir $S",
         state = state.display(),
         dir = dir.path().display(),
         bin = support::kubenet_bin()
@@ -163,6 +171,11 @@ fn unwritable_state(setup: &str) {
     cmd.args(["-c", &script]).env("RUST_LOG", "info");
     let mut server = support::Proc::spawn(cmd, &dir.path().join("serve.log"));
     server.wait_for("ready", Duration::from_secs(15));
+    if when == When::WhileServing {
+        let pid = server.child.id().to_string();
+        let inside = format!("S={}; {setup}", state.display());
+        support::run(Command::new("nsenter").args(["-t", &pid, "-m", "sh", "-c", &inside]));
+    }
 
     let out = client_ns
         .cmd("udhcpc")
@@ -182,13 +195,37 @@ fn unwritable_state(setup: &str) {
 }
 
 #[test]
-fn a_read_only_state_directory_withholds_acks_with_a_clear_error() {
-    unwritable_state("mount --bind -o ro $S $S");
+fn a_state_directory_gone_read_only_withholds_acks_with_a_clear_error() {
+    unwritable_state("mount --bind -o ro $S $S", When::WhileServing);
 }
 
 #[test]
 fn a_full_disk_withholds_acks_with_a_clear_error() {
     unwritable_state(
         "mount -t tmpfs -o size=16k tmpfs $S; dd if=/dev/zero of=$S/fill bs=4k count=64 2>/dev/null || true",
+        When::BeforeStart,
     );
+}
+
+#[test]
+fn a_read_only_state_directory_at_start_is_a_one_line_error() {
+    if prerequisites(&[]).is_some() {
+        return;
+    }
+    let ns = support::Netns::new("ro");
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(dir.path().join("kubenet.toml"), support::test_lab()).unwrap();
+    let script = format!(
+        "mount --bind -o ro {s} {s} && cd {d} && exec {bin} serve --no-bridge --dir {s}",
+        s = state.display(),
+        d = dir.path().display(),
+        bin = support::kubenet_bin()
+    );
+    let out = ns.cmd("sh").args(["-c", &script]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.lines().last().unwrap_or_default();
+    assert!(last.contains("kubenet.sock") && last.contains("Read-only file system"), "{err}");
 }

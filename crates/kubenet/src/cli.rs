@@ -37,6 +37,9 @@ pub enum Command {
     /// Run the lab's DHCP and DNS servers in the foreground until Ctrl-C or SIGTERM. Needs root
     /// for ports 67 and 53.
     Serve(ServeArgs),
+    /// Ask the running `kubenet serve` to re-read the lab definition (as SIGHUP does) and say
+    /// whether it took.
+    Reload,
     /// Write the reference lab definition to DIR/kubenet.toml to edit (never overwrites).
     Init {
         /// Where to write kubenet.toml; created if missing.

@@ -2,6 +2,7 @@
 //! (0 ok, 1 failure, 2 usage or config error). The subcommands live in their own modules.
 
 mod cli;
+mod control;
 mod host_resolver;
 mod serve;
 mod table;
@@ -20,6 +21,9 @@ use cli::{Cli, Command, ConfigAction};
 enum Failure {
     /// A config problem: exit 2, like a usage error.
     Config(ConfigError),
+    /// Standard output was closed by its reader (`kubenet config | head`): not a failure, as in
+    /// ripgrep.
+    StdoutClosed,
     Other(anyhow::Error),
 }
 
@@ -44,14 +48,7 @@ fn main() -> ExitCode {
             eprintln!("{e}");
             ExitCode::from(2)
         }
-        // `kubenet config | head`: the reader left, which is not a failure (as in ripgrep).
-        Err(Failure::Other(e))
-            if e.chain().any(|c| {
-                c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-            }) =>
-        {
-            ExitCode::SUCCESS
-        }
+        Err(Failure::StdoutClosed) => ExitCode::SUCCESS,
         Err(Failure::Other(e)) => {
             eprintln!("kubenet: {e:#}");
             ExitCode::from(1)
@@ -95,6 +92,16 @@ fn load_lab(cli: &Cli, file: Option<&Path>) -> Result<Lab, Failure> {
     Ok(lab)
 }
 
+/// A failed write to standard output: a closed pipe is the reader's choice, anything else an
+/// error.
+fn output(e: std::io::Error) -> Failure {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        Failure::StdoutClosed
+    } else {
+        Failure::Other(anyhow::Error::new(e).context("writing to standard output"))
+    }
+}
+
 fn run(cli: Cli) -> Result<(), Failure> {
     let mut stdout = std::io::stdout().lock();
     match &cli.command {
@@ -102,10 +109,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
             None => {
                 let lab = load_lab(&cli, None)?;
                 if args.json {
-                    serde_json::to_writer_pretty(&mut stdout, &lab).context("writing JSON")?;
+                    serde_json::to_writer_pretty(&mut stdout, &lab).map_err(|e| output(e.into()))?;
                     writeln!(stdout).ok();
                 } else {
-                    write!(stdout, "{}", table::render(&lab)).context("writing the table")?;
+                    write!(stdout, "{}", table::render(&lab)).map_err(output)?;
                 }
             }
             Some(ConfigAction::Check { file }) => {
@@ -136,9 +143,15 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 load_lab(&cli, None).map_err(|e| match e {
                     Failure::Config(c) => anyhow::Error::new(c),
                     Failure::Other(o) => o,
+                    Failure::StdoutClosed => anyhow::anyhow!("standard output closed"),
                 })
             };
             serve::run(lab, args, &reload)?;
+        }
+        Command::Reload => {
+            let lab = load_lab(&cli, None)?;
+            let v = control::request(&lab.state_dir, "reload")?;
+            writeln!(stdout, "reloaded {}", v["reloaded"].as_str().unwrap_or("?")).ok();
         }
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "kubenet", &mut stdout);

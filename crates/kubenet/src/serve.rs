@@ -2,6 +2,7 @@
 //! servers until SIGINT or SIGTERM.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use anyhow::Context;
@@ -62,6 +63,7 @@ async fn serve(lab: Lab, args: &ServeArgs, reload: &dyn Fn() -> anyhow::Result<L
     })?;
     tasks.spawn(dns.clone().serve_tcp(tcp, shutdown.clone()));
 
+    let lease_view: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
     let mut dhcp = None;
     let mut dhcp_configs = None;
     if !args.dns_only {
@@ -75,10 +77,17 @@ async fn serve(lab: Lab, args: &ServeArgs, reload: &dyn Fn() -> anyhow::Result<L
         let socket = kubenet_dhcp::server::bind(SocketAddrV4::new(args.dhcp_listen, args.dhcp_port))?;
         let engine = kubenet_dhcp::Engine::new(kubenet_dhcp::Config::from_lab(&lab), leases);
         let mut server = Server::new(socket, engine, lease_file);
-        // Clients' own names (option 12) join the zone while their leases live.
+        // Clients' own names (option 12) join the zone while their leases live; the control
+        // socket's `leases` answer is kept here too.
         let zone_dns = dns.clone();
+        let snapshot = lease_view.clone();
         server.on_leases(Box::new(move |table| {
             let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            *snapshot.lock().expect("leases lock") = table
+                .iter()
+                .filter(|l| l.active(now))
+                .map(|l| serde_json::json!({"mac": l.mac.to_string(), "ip": l.ip, "hostname": l.hostname, "expires": l.expires}))
+                .collect();
             let names: Vec<(String, Ipv4Addr)> =
                 table.iter().filter(|l| l.active(now)).filter_map(|l| l.hostname.clone().map(|h| (h, l.ip))).collect();
             zone_dns.update_zone(|z| z.set_dynamic(names.iter().map(|(h, ip)| (h.as_str(), *ip))));
@@ -90,23 +99,6 @@ async fn serve(lab: Lab, args: &ServeArgs, reload: &dyn Fn() -> anyhow::Result<L
     }
     if !args.no_bridge {
         tracing::debug!("host networking (bridge, taps, NAT) is not built yet; serving on the interfaces that exist");
-    }
-
-    let upstream: Vec<String> = dns.forwarder().upstreams().iter().map(ToString::to_string).collect();
-    match &dhcp {
-        Some(d) => tracing::info!(
-            dns = %dns_addr,
-            dhcp = %d.local_addr()?,
-            subnet = %lab.network.subnet,
-            vms = lab.vms.len(),
-            upstream = upstream.join(","),
-            leases = %lab.lease_file().display(),
-            active = d.engine().leases().len(),
-            "ready"
-        ),
-        None => {
-            tracing::info!(dns = %dns_addr, domain = %lab.network.domain, upstream = upstream.join(","), "ready (DNS only)")
-        }
     }
 
     // Undone when this function returns, whatever the reason.
@@ -131,7 +123,68 @@ async fn serve(lab: Lab, args: &ServeArgs, reload: &dyn Fn() -> anyhow::Result<L
     tokio::spawn(stop_on_signal(shutdown.clone()));
     let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing the SIGHUP handler")?;
-    let mut current = lab.clone();
+    let current = Arc::new(Mutex::new(lab.clone()));
+
+    // The control socket, for the user who ran sudo.
+    let (owner_uid, owner_gid) = crate::control::owner();
+    let (listener, _socket_file) = crate::control::bind(&lab.state_dir, (owner_uid, owner_gid))?;
+    let (reload_tx, mut reload_rx) = tokio::sync::mpsc::unbounded_channel::<crate::control::ReloadRequest>();
+    let status = {
+        let (dns, leases, current) = (dns.clone(), lease_view.clone(), current.clone());
+        move || {
+            use std::sync::atomic::Ordering::Relaxed;
+            let lab = current.lock().expect("lab lock");
+            let f = dns.forwarder().stats();
+            serde_json::json!({
+                "config": lab.source, "state_dir": lab.state_dir, "vms": lab.vms.len(),
+                "leases": leases.lock().expect("leases lock").len(),
+                "dns": {"queries": dns.counters.queries.load(Relaxed), "local": dns.counters.local.load(Relaxed),
+                        "forwarded": f.forwarded, "cache_hits": f.cache_hits, "servfail": f.servfail,
+                        "refused": dns.counters.refused.load(Relaxed)},
+            })
+        }
+    };
+    let shared = Arc::new(crate::control::Shared {
+        owner: owner_uid,
+        status: Box::new(status),
+        leases: lease_view.clone(),
+        reloads: reload_tx,
+    });
+    tasks.spawn(crate::control::serve(listener, shared, shutdown.clone()));
+
+    let upstream: Vec<String> = dns.forwarder().upstreams().iter().map(ToString::to_string).collect();
+    match &dhcp {
+        Some(d) => tracing::info!(
+            dns = %dns_addr,
+            dhcp = %d.local_addr()?,
+            subnet = %lab.network.subnet,
+            vms = lab.vms.len(),
+            upstream = upstream.join(","),
+            leases = %lab.lease_file().display(),
+            active = d.engine().leases().len(),
+            "ready"
+        ),
+        None => {
+            tracing::info!(dns = %dns_addr, domain = %lab.network.domain, upstream = upstream.join(","), "ready (DNS only)")
+        }
+    }
+
+    let reload_now = |current: &Mutex<Lab>| -> Result<String, String> {
+        match reload() {
+            Ok(new) => {
+                let mut cur = current.lock().expect("lab lock");
+                apply_reload(&cur, &new, &dns, dhcp_configs.as_ref());
+                let source = new.source.clone();
+                *cur = new;
+                Ok(source)
+            }
+            // A broken edit must not take the lab down: keep serving what was loaded.
+            Err(e) => {
+                tracing::error!("reload failed, still serving the previous configuration:\n{e:#}");
+                Err(format!("{e:#}"))
+            }
+        }
+    };
     if let Some(mut server) = dhcp {
         let stop = shutdown.clone();
         tasks.spawn(async move {
@@ -160,14 +213,8 @@ async fn serve(lab: Lab, args: &ServeArgs, reload: &dyn Fn() -> anyhow::Result<L
                     result = Err(e);
                 },
             },
-            _ = hangups.recv() => match reload() {
-                Ok(new) => {
-                    apply_reload(&current, &new, &dns, dhcp_configs.as_ref());
-                    current = new;
-                }
-                // A broken edit must not take the lab down: keep serving what was loaded.
-                Err(e) => tracing::error!("reload failed, still serving the previous configuration:\n{e:#}"),
-            },
+            _ = hangups.recv() => { let _ = reload_now(&current); }
+            Some(reply) = reload_rx.recv() => { let _ = reply.send(reload_now(&current)); }
         }
     }
     match udp_thread.join() {

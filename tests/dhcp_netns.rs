@@ -344,6 +344,22 @@ fn sighup_reloads_the_lab_without_losing_a_lease() {
     };
     assert_eq!(dig("registry.kubevms"), "");
 
+    // The control socket reports the live lease.
+    let ask = |cmd: &str| -> serde_json::Value {
+        use std::io::{BufRead, Write};
+        let mut c = std::os::unix::net::UnixStream::connect(d.join("state/kubenet.sock")).unwrap();
+        writeln!(c, "{{\"cmd\":\"{cmd}\"}}").unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(c).read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap()
+    };
+    let leases = ask("leases");
+    assert_eq!(leases["leases"].as_array().map(Vec::len), Some(1), "{leases}");
+    assert_eq!(leases["leases"][0]["mac"], "52:52:52:00:00:04");
+    assert_eq!(leases["leases"][0]["ip"], "192.168.1.14");
+    assert_eq!(leases["leases"][0]["hostname"], "worker0");
+    assert_eq!(ask("status")["status"]["leases"], 1);
+
     // An extra host entry, then SIGHUP.
     let config = d.join("kubenet.toml");
     let text = read(&config);

@@ -132,11 +132,16 @@ pub struct Server {
     on_leases: Option<LeaseHook>,
     /// New engine configs (a reload); leases and the socket stay.
     configs: Option<tokio::sync::mpsc::UnboundedReceiver<crate::Config>>,
+    /// Requests for the active leases (the control socket), answered from the live table.
+    lease_queries: Option<tokio::sync::mpsc::UnboundedReceiver<LeaseQuery>>,
     pub counters: Counters,
 }
 
-/// The next reload, or never when reloads are not wired.
-async fn next_config(rx: &mut Option<tokio::sync::mpsc::UnboundedReceiver<crate::Config>>) -> Option<crate::Config> {
+/// A request for the active leases, answered on the enclosed channel.
+pub type LeaseQuery = tokio::sync::oneshot::Sender<Vec<crate::Lease>>;
+
+/// The next message of an optional channel; never, when it is not wired.
+async fn next<T>(rx: &mut Option<tokio::sync::mpsc::UnboundedReceiver<T>>) -> Option<T> {
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
@@ -156,6 +161,7 @@ impl Server {
             ifaces: Interfaces::new(),
             on_leases: None,
             configs: None,
+            lease_queries: None,
             counters: Counters::default(),
         }
     }
@@ -163,6 +169,11 @@ impl Server {
     /// Applies each config received on `rx` while running (SIGHUP): leases and the socket stay.
     pub fn reloads(&mut self, rx: tokio::sync::mpsc::UnboundedReceiver<crate::Config>) {
         self.configs = Some(rx);
+    }
+
+    /// Answers each query received on `rx` with the active leases.
+    pub fn lease_queries(&mut self, rx: tokio::sync::mpsc::UnboundedReceiver<LeaseQuery>) {
+        self.lease_queries = Some(rx);
     }
 
     /// Runs `hook` now and after every change to the lease table.
@@ -192,7 +203,11 @@ impl Server {
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
                 r = self.socket.readable() => { r?; self.serve_batch().await?; }
-                Some(cfg) = next_config(&mut self.configs) => {
+                Some(reply) = next(&mut self.lease_queries) => {
+                    let now = unix_now();
+                    let _ = reply.send(self.engine.leases().iter().filter(|l| l.active(now)).cloned().collect());
+                }
+                Some(cfg) = next(&mut self.configs) => {
                     self.engine.set_config(cfg);
                     // The hook's consumers (DNS) rebuilt their view: give them the leases again.
                     if let Some(hook) = &self.on_leases {

@@ -13,7 +13,7 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -43,7 +43,8 @@ pub struct Shared {
     /// The user who may ask besides root.
     pub owner: u32,
     pub status: Box<dyn Fn() -> Value + Send + Sync>,
-    pub leases: Arc<Mutex<Vec<Value>>>,
+    /// Asks the DHCP server for its active leases; None when it does not run (`--dns-only`).
+    pub leases: Option<mpsc::UnboundedSender<kubenet_dhcp::server::LeaseQuery>>,
     pub reloads: mpsc::UnboundedSender<ReloadRequest>,
 }
 
@@ -128,7 +129,7 @@ async fn connection(stream: UnixStream, shared: &Shared) -> io::Result<()> {
                 json!({"ok": false, "error": format!("bad request: {e}; send one JSON object per line, e.g. {{\"cmd\":\"status\"}}")})
             }
             Ok(Request::Status) => json!({"ok": true, "status": (shared.status)()}),
-            Ok(Request::Leases) => json!({"ok": true, "leases": *shared.leases.lock().expect("leases lock")}),
+            Ok(Request::Leases) => json!({"ok": true, "leases": leases(shared).await}),
             Ok(Request::Reload) => {
                 let (tx, rx) = oneshot::channel();
                 match shared.reloads.send(tx).ok().map(|()| rx) {
@@ -144,6 +145,21 @@ async fn connection(stream: UnixStream, shared: &Shared) -> io::Result<()> {
         send(&mut write, &answer).await?;
     }
     Ok(())
+}
+
+/// The active leases, asked of the DHCP server when the question comes (not kept up to date on
+/// every change, which would cost an allocation per lease per ACK).
+async fn leases(shared: &Shared) -> Vec<Value> {
+    let Some(tx) = &shared.leases else { return Vec::new() };
+    let (reply, rx) = oneshot::channel();
+    if tx.send(reply).is_err() {
+        return Vec::new();
+    }
+    rx.await
+        .unwrap_or_default()
+        .into_iter()
+        .map(|l| json!({"mac": l.mac.to_string(), "ip": l.ip, "hostname": l.hostname, "expires": l.expires}))
+        .collect()
 }
 
 async fn send(w: &mut tokio::net::unix::OwnedWriteHalf, v: &Value) -> io::Result<()> {

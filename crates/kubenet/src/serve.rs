@@ -63,7 +63,10 @@ async fn serve(lab: Lab, args: &ServeArgs, reload: &dyn Fn() -> anyhow::Result<L
     })?;
     tasks.spawn(dns.clone().serve_tcp(tcp, shutdown.clone()));
 
-    let lease_view: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
+    // Active leases, counted by the lease hook for `status`; the list itself is asked of the
+    // DHCP server when the control socket wants it.
+    let active_leases = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut lease_queries = None;
     let mut dhcp = None;
     let mut dhcp_configs = None;
     if !args.dns_only {
@@ -77,21 +80,19 @@ async fn serve(lab: Lab, args: &ServeArgs, reload: &dyn Fn() -> anyhow::Result<L
         let socket = kubenet_dhcp::server::bind(SocketAddrV4::new(args.dhcp_listen, args.dhcp_port))?;
         let engine = kubenet_dhcp::Engine::new(kubenet_dhcp::Config::from_lab(&lab), leases);
         let mut server = Server::new(socket, engine, lease_file);
-        // Clients' own names (option 12) join the zone while their leases live; the control
-        // socket's `leases` answer is kept here too.
+        // Clients' own names (option 12) join the zone while their leases live.
         let zone_dns = dns.clone();
-        let snapshot = lease_view.clone();
+        let count = active_leases.clone();
         server.on_leases(Box::new(move |table| {
             let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-            *snapshot.lock().expect("leases lock") = table
-                .iter()
-                .filter(|l| l.active(now))
-                .map(|l| serde_json::json!({"mac": l.mac.to_string(), "ip": l.ip, "hostname": l.hostname, "expires": l.expires}))
-                .collect();
+            count.store(table.iter().filter(|l| l.active(now)).count(), std::sync::atomic::Ordering::Relaxed);
             let names: Vec<(String, Ipv4Addr)> =
                 table.iter().filter(|l| l.active(now)).filter_map(|l| l.hostname.clone().map(|h| (h, l.ip))).collect();
             zone_dns.update_zone(|z| z.set_dynamic(names.iter().map(|(h, ip)| (h.as_str(), *ip))));
         }));
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        server.lease_queries(rx);
+        lease_queries = Some(tx);
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         server.reloads(rx);
         dhcp_configs = Some(tx);
@@ -130,14 +131,14 @@ async fn serve(lab: Lab, args: &ServeArgs, reload: &dyn Fn() -> anyhow::Result<L
     let (listener, _socket_file) = crate::control::bind(&lab.state_dir, (owner_uid, owner_gid))?;
     let (reload_tx, mut reload_rx) = tokio::sync::mpsc::unbounded_channel::<crate::control::ReloadRequest>();
     let status = {
-        let (dns, leases, current) = (dns.clone(), lease_view.clone(), current.clone());
+        let (dns, leases, current) = (dns.clone(), active_leases.clone(), current.clone());
         move || {
             use std::sync::atomic::Ordering::Relaxed;
             let lab = current.lock().expect("lab lock");
             let f = dns.forwarder().stats();
             serde_json::json!({
                 "config": lab.source, "state_dir": lab.state_dir, "vms": lab.vms.len(),
-                "leases": leases.lock().expect("leases lock").len(),
+                "leases": leases.load(Relaxed),
                 "dns": {"queries": dns.counters.queries.load(Relaxed), "local": dns.counters.local.load(Relaxed),
                         "forwarded": f.forwarded, "cache_hits": f.cache_hits, "servfail": f.servfail,
                         "refused": dns.counters.refused.load(Relaxed)},
@@ -147,7 +148,7 @@ async fn serve(lab: Lab, args: &ServeArgs, reload: &dyn Fn() -> anyhow::Result<L
     let shared = Arc::new(crate::control::Shared {
         owner: owner_uid,
         status: Box::new(status),
-        leases: lease_view.clone(),
+        leases: lease_queries,
         reloads: reload_tx,
     });
     tasks.spawn(crate::control::serve(listener, shared, shutdown.clone()));

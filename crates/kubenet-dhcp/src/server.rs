@@ -99,12 +99,10 @@ impl Interfaces {
     fn refresh(&mut self) {
         self.by_index.clear();
         self.read_at = Some(Instant::now());
-        let Ok(addrs) = nix::ifaddrs::getifaddrs() else { return };
-        for a in addrs {
-            let (Some(addr), Some(mask)) = (a.address, a.netmask) else { continue };
-            let (Some(addr), Some(mask)) = (addr.as_sockaddr_in(), mask.as_sockaddr_in()) else { continue };
-            let Ok(index) = nix::net::if_::if_nametoindex(a.interface_name.as_str()) else { continue };
-            if let Ok(net) = Ipv4Net::with_netmask(addr.ip(), mask.ip()) {
+        for a in kubenet_udp::addresses() {
+            let (std::net::IpAddr::V4(addr), Some(prefix)) = (a.address, a.prefix) else { continue };
+            let Ok(index) = nix::net::if_::if_nametoindex(a.interface.as_str()) else { continue };
+            if let Ok(net) = Ipv4Net::new(addr, prefix) {
                 self.by_index.entry(index).or_default().push(net);
             }
         }

@@ -365,15 +365,7 @@ pub fn without_self(upstreams: &[SocketAddr], listen: SocketAddr, own: &[IpAddr]
 
 /// The host's own interface addresses, for [`without_self`].
 pub fn host_addresses() -> Vec<IpAddr> {
-    let Ok(addrs) = nix::ifaddrs::getifaddrs() else { return Vec::new() };
-    addrs
-        .filter_map(|a| a.address)
-        .filter_map(|a| {
-            a.as_sockaddr_in()
-                .map(|v4| IpAddr::V4(v4.ip()))
-                .or_else(|| a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
-        })
-        .collect()
+    kubenet_udp::addresses().into_iter().map(|a| a.address).collect()
 }
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
-//! UDP with each datagram's receiving interface and destination address: what a server bound to
+//! The host's interfaces as kubenet's servers see them: [`addresses`] lists them, and UDP with
+//! each datagram's receiving interface and destination address is what a server bound to
 //! 0.0.0.0 needs to answer out of the interface a request came in on (DHCP: broadcast replies),
 //! and from the address the client asked (DNS: a wildcard socket otherwise answers from whatever
 //! source the routing table picks, and the client drops the reply; hickory#3401). I/O only.
@@ -8,7 +9,7 @@
 //! the routing table.
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::os::fd::{AsFd, RawFd};
 
 /// One received datagram.
@@ -22,6 +23,32 @@ pub struct Datagram {
     pub ifindex: u32,
     /// The address it was sent to (a broadcast address for broadcasts); unspecified when unknown.
     pub dst: Ipv4Addr,
+}
+
+/// One address of one of the host's interfaces.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InterfaceAddress {
+    pub interface: String,
+    pub address: IpAddr,
+    /// The prefix length, when the system gives the netmask.
+    pub prefix: Option<u8>,
+}
+
+/// Every IPv4 and IPv6 address of the host's interfaces (empty if the list cannot be read).
+pub fn addresses() -> Vec<InterfaceAddress> {
+    let ip = |s: &nix::sys::socket::SockaddrStorage| {
+        s.as_sockaddr_in().map(|v4| IpAddr::V4(v4.ip())).or_else(|| s.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+    };
+    let Ok(list) = nix::ifaddrs::getifaddrs() else { return Vec::new() };
+    list.filter_map(|a| {
+        let address = ip(a.address.as_ref()?)?;
+        let prefix = a.netmask.as_ref().and_then(ip).map(|m| match m {
+            IpAddr::V4(m) => u32::from(m).count_ones() as u8,
+            IpAddr::V6(m) => u128::from(m).count_ones() as u8,
+        });
+        Some(InterfaceAddress { interface: a.interface_name, address, prefix })
+    })
+    .collect()
 }
 
 /// Asks the kernel for each datagram's interface and destination (IP_PKTINFO).
@@ -86,6 +113,14 @@ pub fn send(fd: RawFd, bytes: &[u8], to: SocketAddrV4, _ifindex: u32, _from: Ipv
 mod tests {
     use super::*;
     use std::os::fd::AsRawFd;
+
+    #[test]
+    fn the_interface_list_has_loopback_with_its_prefix() {
+        let all = addresses();
+        let lo = all.iter().find(|a| a.address == IpAddr::V4(Ipv4Addr::LOCALHOST)).expect("127.0.0.1 is listed");
+        assert_eq!(lo.prefix, Some(8));
+        assert!(!lo.interface.is_empty());
+    }
 
     #[test]
     fn loopback_round_trip_reports_destination_and_interface() {

@@ -139,12 +139,7 @@ impl Drop for Applied {
 
 /// The interface that holds `addr`, if any.
 pub fn link_holding(addr: IpAddr) -> Option<String> {
-    nix::ifaddrs::getifaddrs().ok()?.find_map(|a| {
-        let ip = a.address.and_then(|s| {
-            s.as_sockaddr_in().map(|v| IpAddr::V4(v.ip())).or_else(|| s.as_sockaddr_in6().map(|v| IpAddr::V6(v.ip())))
-        })?;
-        (ip == addr).then_some(a.interface_name)
-    })
+    kubenet_udp::addresses().into_iter().find(|a| a.address == addr).map(|a| a.interface)
 }
 
 #[cfg(test)]

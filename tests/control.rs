@@ -19,13 +19,7 @@ fn kubenet(dir: &std::path::Path) -> Command {
 }
 
 fn start(dir: &std::path::Path) -> Proc {
-    std::fs::write(dir.join("kubenet.toml"), support::test_lab()).unwrap();
-    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut cmd = kubenet(dir);
-    cmd.args(["serve", "--dns-only", "--dns-listen", "127.0.0.1", "--dns-port", &port.to_string()]);
-    let mut p = Proc::spawn(cmd, &dir.join("serve.log"));
-    p.wait_for("ready", Duration::from_secs(15));
-    p
+    support::serve_dns_only(dir, support::free_port())
 }
 
 fn ask(conn: &mut UnixStream, line: &str) -> serde_json::Value {

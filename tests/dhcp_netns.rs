@@ -25,40 +25,32 @@ fn lan(client_mac: &str) -> Lan {
     Lan { server, client, dir: tempfile::tempdir().unwrap() }
 }
 
+/// Writes an executable script named `name` into `dir`; returns its path.
+fn script(dir: &Path, name: &str, body: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, body).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path.display().to_string()
+}
+
 /// A dhclient script that records its environment per reason and configures nothing.
 fn dhclient_script(dir: &Path) -> String {
-    let path = dir.join("dhclient-record.sh");
-    std::fs::write(
-        &path,
-        format!(
-            "#!/bin/sh\nenv | grep -E '^(reason|new_ip_address|new_routers|new_domain_name|new_domain_name_servers|new_host_name)=' | sort > {dir}/dhclient.$reason.tmp\nmv {dir}/dhclient.$reason.tmp {dir}/dhclient.$reason\n",
-            dir = dir.display()
-        ),
-    )
-    .unwrap();
-    make_executable(&path);
-    path.display().to_string()
+    let body = format!(
+        "#!/bin/sh\nenv | grep -E '^(reason|new_ip_address|new_routers|new_domain_name|new_domain_name_servers|new_host_name)=' | sort > {dir}/dhclient.$reason.tmp\nmv {dir}/dhclient.$reason.tmp {dir}/dhclient.$reason\n",
+        dir = dir.display()
+    );
+    script(dir, "dhclient-record.sh", &body)
 }
 
 /// A udhcpc script that records each event and puts the address on the client's interface (in
 /// the client's namespace), so that renewals are real unicast requests.
 fn udhcpc_script(dir: &Path) -> String {
-    let path = dir.join("udhcpc-record.sh");
-    std::fs::write(
-        &path,
-        format!(
-            "#!/bin/sh\ncase \"$1\" in\n  bound|renew) ip addr replace \"$ip/24\" dev \"$interface\";;\n  deconfig) ip addr flush dev \"$interface\";;\nesac\necho \"$1 ip=$ip router=$router dns=$dns domain=$domain hostname=$hostname\" >> {dir}/udhcpc.events\n",
-            dir = dir.display()
-        ),
-    )
-    .unwrap();
-    make_executable(&path);
-    path.display().to_string()
-}
-
-fn make_executable(p: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let body = format!(
+        "#!/bin/sh\ncase \"$1\" in\n  bound|renew) ip addr replace \"$ip/24\" dev \"$interface\";;\n  deconfig) ip addr flush dev \"$interface\";;\nesac\necho \"$1 ip=$ip router=$router dns=$dns domain=$domain hostname=$hostname\" >> {dir}/udhcpc.events\n",
+        dir = dir.display()
+    );
+    script(dir, "udhcpc-record.sh", &body)
 }
 
 fn read(p: &Path) -> String {

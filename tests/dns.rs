@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use support::{Netns, Proc, kubenet_bin, prerequisites, tools, veth};
+use support::{Netns, Proc, prerequisites, tools, veth};
 
 /// A fake upstream resolver: answers every A question with 203.0.113.7 (TEST-NET-3) and counts
 /// the queries it saw. Stops when dropped.
@@ -58,34 +58,11 @@ impl Drop for FakeUpstream {
     }
 }
 
-fn free_port() -> u16 {
-    // UDP and TCP both free: the server binds both.
-    loop {
-        let u = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let port = u.local_addr().unwrap().port();
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
-
-/// A lab with the given upstream, served DNS-only on 127.0.0.1:PORT.
+/// A lab with the given upstream, served DNS-only on a free loopback port.
 fn serve_dns(dir: &Path, upstream: &str) -> (Proc, u16) {
-    let lab = kubenet_cluster_reference().replace("upstream = []", &format!("upstream = [\"{upstream}\"]"));
-    std::fs::write(dir.join("kubenet.toml"), lab).unwrap();
-    let port = free_port();
-    let mut cmd = Command::new(kubenet_bin());
-    cmd.current_dir(dir)
-        .args(["serve", "--dns-only", "--no-bridge", "--dns-listen", "127.0.0.1", "--dns-port", &port.to_string()])
-        .env_remove("KUBENET_CONFIG")
-        .env("RUST_LOG", "debug");
-    let mut p = Proc::spawn(cmd, &dir.join("serve.log"));
-    p.wait_for("ready", Duration::from_secs(15));
-    (p, port)
-}
-
-fn kubenet_cluster_reference() -> String {
-    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/kubenet.toml")).unwrap()
+    std::fs::write(dir.join("kubenet.toml"), support::test_lab_with_upstream(upstream)).unwrap();
+    let port = support::free_port();
+    (support::serve_dns_only(dir, port), port)
 }
 
 fn dig(port: u16, args: &[&str]) -> String {
@@ -186,15 +163,10 @@ fn the_server_never_forwards_to_itself() {
     }
     let dir = tempfile::tempdir().unwrap();
     // An upstream on the port kubenet will listen on: find the port first, then point at it.
-    let port = free_port();
-    let lab = kubenet_cluster_reference().replace("upstream = []", &format!("upstream = [\"127.0.0.1:{port}\"]"));
-    std::fs::write(dir.path().join("kubenet.toml"), lab).unwrap();
-    let mut cmd = Command::new(kubenet_bin());
-    cmd.current_dir(dir.path())
-        .args(["serve", "--dns-only", "--dns-listen", "127.0.0.1", "--dns-port", &port.to_string()])
-        .env_remove("KUBENET_CONFIG");
-    let mut p = Proc::spawn(cmd, &dir.path().join("serve.log"));
-    p.wait_for("ready", Duration::from_secs(15));
+    let port = support::free_port();
+    std::fs::write(dir.path().join("kubenet.toml"), support::test_lab_with_upstream(&format!("127.0.0.1:{port}")))
+        .unwrap();
+    let p = support::serve_dns_only(dir.path(), port);
     assert!(p.log_text().contains("that is this server itself"), "{}", p.log_text());
     let out = dig(port, &["deb.example.org"]);
     assert!(out.contains("status: SERVFAIL"), "{out}");

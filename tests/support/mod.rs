@@ -209,6 +209,41 @@ pub fn test_lab() -> String {
     reference.replace("upstream = []", "upstream = [\"127.0.0.1:9\"]")
 }
 
+/// The test lab with its DNS upstream replaced (a fake the test runs itself).
+pub fn test_lab_with_upstream(upstream: &str) -> String {
+    test_lab().replace("upstream = [\"127.0.0.1:9\"]", &format!("upstream = [\"{upstream}\"]"))
+}
+
+/// A port free on 127.0.0.1 for both UDP and TCP (a DNS server binds both).
+pub fn free_port() -> u16 {
+    loop {
+        let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = u.local_addr().unwrap().port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// `kubenet serve --dns-only` on 127.0.0.1:`port`, run from `dir` (so it uses `dir/kubenet.toml`,
+/// written from [`test_lab`] unless the test wrote its own), once it says "ready". No root
+/// needed. SUDO_UID/SUDO_GID are removed so the control socket is the running user's.
+pub fn serve_dns_only(dir: &Path, port: u16) -> Proc {
+    if !dir.join("kubenet.toml").exists() {
+        std::fs::write(dir.join("kubenet.toml"), test_lab()).unwrap();
+    }
+    let mut cmd = Command::new(kubenet_bin());
+    cmd.current_dir(dir)
+        .args(["serve", "--dns-only", "--no-bridge", "--dns-listen", "127.0.0.1", "--dns-port", &port.to_string()])
+        .env_remove("KUBENET_CONFIG")
+        .env_remove("SUDO_UID")
+        .env_remove("SUDO_GID")
+        .env("RUST_LOG", "debug");
+    let mut p = Proc::spawn(cmd, &dir.join("serve.log"));
+    p.wait_for("ready", Duration::from_secs(15));
+    p
+}
+
 /// `kubenet serve --no-bridge` in `ns`, with its state in `dir`, once it says "ready". Uses
 /// `dir/kubenet.toml`, written from [`test_lab`] unless the test wrote its own.
 pub fn serve(ns: &Netns, dir: &Path, extra: &[&str]) -> Proc {

@@ -151,10 +151,10 @@ impl Zone {
     /// Decides a query. `msg` is a parsed request with exactly one question.
     pub fn decide(&self, msg: &Message) -> Decision {
         let Some(q) = msg.queries.first().filter(|_| msg.queries.len() == 1) else {
-            return Decision::Answer(self.reply(msg, ResponseCode::FormErr, false));
+            return Decision::Answer(response(msg, ResponseCode::FormErr, false));
         };
         if msg.metadata.op_code != OpCode::Query {
-            return Decision::Answer(self.reply(msg, ResponseCode::NotImp, false));
+            return Decision::Answer(response(msg, ResponseCode::NotImp, false));
         }
         let name = q.name().to_lowercase();
         let qtype = q.query_type();
@@ -162,13 +162,13 @@ impl Zone {
 
         if self.domain.zone_of(&name) {
             if !in_class {
-                return Decision::Answer(self.reply(msg, ResponseCode::Refused, false));
+                return Decision::Answer(response(msg, ResponseCode::Refused, false));
             }
             return Decision::Answer(self.forward_zone(msg, &name, qtype));
         }
         if self.reverse.zone_of(&name) {
             if !in_class {
-                return Decision::Answer(self.reply(msg, ResponseCode::Refused, false));
+                return Decision::Answer(response(msg, ResponseCode::Refused, false));
             }
             return Decision::Answer(self.reverse_zone_answer(msg, &name, qtype));
         }
@@ -177,11 +177,11 @@ impl Zone {
             let label = String::from_utf8_lossy(name.iter().next().unwrap_or_default()).to_ascii_lowercase();
             return Decision::Answer(match self.lookup(&label) {
                 Some(ip) => self.answer_a(msg, &name, qtype, ip, None),
-                None => self.reply(msg, ResponseCode::NXDomain, false),
+                None => response(msg, ResponseCode::NXDomain, false),
             });
         }
         if is_private_reverse(&name) {
-            return Decision::Answer(self.reply(msg, ResponseCode::NXDomain, false));
+            return Decision::Answer(response(msg, ResponseCode::NXDomain, false));
         }
         Decision::Forward
     }
@@ -206,7 +206,7 @@ impl Zone {
         let address = prefix.filter(|p| p.prefix_len() == 32).map(|p| p.addr());
         match address.and_then(|ip| self.ptr.get(&ip)) {
             Some(target) if matches!(qtype, RecordType::PTR | RecordType::ANY) => {
-                let mut m = self.reply(msg, ResponseCode::NoError, true);
+                let mut m = response(msg, ResponseCode::NoError, true);
                 m.add_answer(Record::from_rdata(name.clone(), self.ttl, RData::PTR(PTR(target.clone()))));
                 m
             }
@@ -223,7 +223,7 @@ impl Zone {
     }
 
     fn apex(&self, msg: &Message, zone: &Name, qtype: RecordType) -> Message {
-        let mut m = self.reply(msg, ResponseCode::NoError, true);
+        let mut m = response(msg, ResponseCode::NoError, true);
         match qtype {
             // RFC 8482: a minimal answer to ANY; the SOA is the apex's defining record.
             RecordType::SOA | RecordType::ANY => {
@@ -246,31 +246,27 @@ impl Zone {
     /// record is the minimal answer).
     fn answer_a(&self, msg: &Message, name: &Name, qtype: RecordType, ip: Ipv4Addr, zone: Option<&Name>) -> Message {
         if matches!(qtype, RecordType::A | RecordType::ANY) {
-            let mut m = self.reply(msg, ResponseCode::NoError, true);
+            let mut m = response(msg, ResponseCode::NoError, true);
             m.add_answer(Record::from_rdata(name.clone(), self.ttl, RData::A(A(ip))));
             return m;
         }
         match zone {
             Some(z) => self.negative(msg, ResponseCode::NoError, z),
-            None => self.reply(msg, ResponseCode::NoError, true),
+            None => response(msg, ResponseCode::NoError, true),
         }
     }
 
     /// NXDOMAIN or NODATA with the zone's SOA in the authority section (RFC 2308).
     fn negative(&self, msg: &Message, rcode: ResponseCode, zone: &Name) -> Message {
-        let mut m = self.reply(msg, rcode, true);
+        let mut m = response(msg, rcode, true);
         m.add_authority(self.soa(zone));
         m
     }
-
-    /// A response to `msg` with its question, id and RD, and RA set: kubenet recurses for the
-    /// lab's clients, and resolvers treat a missing RA as "this server does not".
-    pub fn reply(&self, msg: &Message, rcode: ResponseCode, authoritative: bool) -> Message {
-        response(msg, rcode, authoritative)
-    }
 }
 
-/// A response skeleton for `msg`: id, opcode, question, RD copied; RA set; EDNS echoed.
+/// A response skeleton for `msg`: id, opcode, question, RD copied; EDNS echoed; RA set, since
+/// kubenet recurses for the lab's clients and resolvers treat a missing RA as "this server does
+/// not".
 pub fn response(msg: &Message, rcode: ResponseCode, authoritative: bool) -> Message {
     let mut m = Message::new(msg.metadata.id, MessageType::Response, msg.metadata.op_code);
     m.metadata.response_code = rcode;

@@ -24,7 +24,7 @@ pub fn run(lab: Lab, args: &ServeArgs, reload: &dyn Fn() -> anyhow::Result<Lab>)
 
 /// Where forwarded queries go: the lab's `upstream`, else the host's resolvers; never this
 /// server itself.
-fn upstreams(lab: &Lab, listen: SocketAddr) -> anyhow::Result<Vec<SocketAddr>> {
+fn upstreams(lab: &Lab, listen: SocketAddr) -> Vec<SocketAddr> {
     let configured = if lab.network.upstream.is_empty() {
         let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
         kubenet_dns::forward::parse_resolv_conf(&text)
@@ -38,7 +38,7 @@ fn upstreams(lab: &Lab, listen: SocketAddr) -> anyhow::Result<Vec<SocketAddr>> {
     if kept.is_empty() {
         tracing::warn!("no upstream DNS server: names outside the lab will get SERVFAIL (set network.upstream)");
     }
-    Ok(kept)
+    kept
 }
 
 async fn serve(lab: Lab, args: &ServeArgs, reload: &dyn Fn() -> anyhow::Result<Lab>) -> anyhow::Result<()> {
@@ -51,7 +51,7 @@ async fn serve(lab: Lab, args: &ServeArgs, reload: &dyn Fn() -> anyhow::Result<L
     let dns_addr = SocketAddr::new(args.dns_listen, args.dns_port);
     let (udp, tcp) = kubenet_dns::server::bind(dns_addr)?;
     let dns_addr = udp.local_addr()?;
-    let forwarder = Forwarder::new(upstreams(&lab, dns_addr)?, kubenet_dns::forward::UPSTREAM_TIMEOUT);
+    let forwarder = Forwarder::new(upstreams(&lab, dns_addr), kubenet_dns::forward::UPSTREAM_TIMEOUT);
     let dns = Dns::new(Zone::from_lab(&lab, lab.dns.local_ttl), forwarder, lab.dns.allow.clone());
     // The UDP loop gets a thread and a single-threaded runtime of its own: no work stealing
     // between it and the other servers, which keeps its latency tail short.

@@ -7,8 +7,11 @@
 //! (or it was relayed from it), so a host on another LAN never hears from kubenet. Replies leave
 //! by the interface the request came in on.
 //!
-//! Linux only for the per-packet interface today: the macOS equivalents (IP_RECVIF, IP_BOUND_IF)
-//! are still to come; elsewhere the server answers through the routing table.
+//! The per-packet interface works on Linux and macOS (IP_PKTINFO in both kernels, see
+//! `kubenet_udp`); an interface index the server has not seen (bridge100 appearing with the first
+//! VM) rereads the interface list. Elsewhere the server answers through the routing table.
+//! Unicasting an OFFER to a client without an address needs an ARP entry first, which only Linux
+//! lets a program install (SIOCSARP): on macOS such replies are broadcast, as RFC 2131 4.1 allows.
 
 use std::collections::HashMap;
 use std::io;
@@ -253,7 +256,7 @@ impl Server {
             };
             let subnet = self.engine.config().subnet;
             if req.msg.giaddr().is_unspecified()
-                && cfg!(target_os = "linux")
+                && cfg!(any(target_os = "linux", target_vendor = "apple"))
                 && self.ifaces.lab_address(d.ifindex, &subnet).is_none()
             {
                 self.counters.foreign += 1;
@@ -355,7 +358,7 @@ fn set_arp(socket: &UdpSocket, ifindex: u32, ip: Ipv4Addr, mac: kubenet_cluster:
     if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
-// Elsewhere (macOS until IP_RECVIF / IP_BOUND_IF land): Direct replies are broadcast.
+// Elsewhere (macOS: no SIOCSARP): Direct replies are broadcast.
 
 #[cfg(not(target_os = "linux"))]
 fn set_arp(_: &UdpSocket, _: u32, _: Ipv4Addr, _: kubenet_cluster::Mac) -> io::Result<()> {

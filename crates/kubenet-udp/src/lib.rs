@@ -4,9 +4,12 @@
 //! and from the address the client asked (DNS: a wildcard socket otherwise answers from whatever
 //! source the routing table picks, and the client drops the reply; hickory#3401). I/O only.
 //!
-//! Linux: IP_PKTINFO on receive and send. Elsewhere, until macOS's IP_RECVIF / IP_BOUND_IF are
-//! added: plain recvfrom/sendto, interface 0 and an unspecified destination, so replies follow
-//! the routing table.
+//! Linux and macOS: IP_PKTINFO on receive and send. XNU implements it as Linux does (receive:
+//! `ipi_ifindex` and `ipi_addr`; send: `udp_check_pktinfo` turns `ipi_ifindex` into the bound
+//! interface, the same path IP_BOUND_IF takes, and `ipi_spec_dst` into the source), so one code
+//! path serves both and the macOS VM bridge (bridge100), which appears only while a VM runs, is
+//! found per packet. Elsewhere: plain recvfrom/sendto, interface 0 and an unspecified destination,
+//! so replies follow the routing table.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
@@ -53,15 +56,15 @@ pub fn addresses() -> Vec<InterfaceAddress> {
 
 /// Asks the kernel for each datagram's interface and destination (IP_PKTINFO).
 pub fn enable_pktinfo(socket: &impl AsFd) -> io::Result<()> {
-    #[cfg(target_os = "linux")]
+    #[cfg(any(target_os = "linux", target_vendor = "apple"))]
     nix::sys::socket::setsockopt(socket, nix::sys::socket::sockopt::Ipv4PacketInfo, &true)?;
-    #[cfg(not(target_os = "linux"))]
+    #[cfg(not(any(target_os = "linux", target_vendor = "apple")))]
     let _ = socket;
     Ok(())
 }
 
 /// Receives one datagram (the socket must have [`enable_pktinfo`]).
-#[cfg(target_os = "linux")]
+#[cfg(any(target_os = "linux", target_vendor = "apple"))]
 pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<Datagram> {
     use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrIn, recvmsg};
     let mut iov = [io::IoSliceMut::new(buf)];
@@ -70,7 +73,10 @@ pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<Datagram> {
     let (mut ifindex, mut dst) = (0, Ipv4Addr::UNSPECIFIED);
     for c in m.cmsgs()? {
         if let ControlMessageOwned::Ipv4PacketInfo(info) = c {
-            ifindex = info.ipi_ifindex as u32;
+            #[allow(clippy::unnecessary_cast)] // c_int on Linux, c_uint on macOS
+            {
+                ifindex = info.ipi_ifindex as u32;
+            }
             dst = Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr));
         }
     }
@@ -80,11 +86,12 @@ pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<Datagram> {
 
 /// Sends one datagram out of interface `ifindex` (0: as routed) from address `from`
 /// (unspecified: as routed).
-#[cfg(target_os = "linux")]
+#[cfg(any(target_os = "linux", target_vendor = "apple"))]
 pub fn send(fd: RawFd, bytes: &[u8], to: SocketAddrV4, ifindex: u32, from: Ipv4Addr) -> io::Result<()> {
     use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrIn, sendmsg};
     let info = libc::in_pktinfo {
-        ipi_ifindex: ifindex as i32,
+        // c_int on Linux, c_uint on macOS.
+        ipi_ifindex: ifindex as _,
         ipi_spec_dst: libc::in_addr { s_addr: u32::from(from).to_be() },
         ipi_addr: libc::in_addr { s_addr: 0 },
     };
@@ -94,7 +101,7 @@ pub fn send(fd: RawFd, bytes: &[u8], to: SocketAddrV4, ifindex: u32, from: Ipv4A
     Ok(())
 }
 
-#[cfg(not(target_os = "linux"))]
+#[cfg(not(any(target_os = "linux", target_vendor = "apple")))]
 pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<Datagram> {
     use nix::sys::socket::{SockaddrIn, recvfrom};
     let (len, addr) = recvfrom::<SockaddrIn>(fd, buf)?;
@@ -102,7 +109,7 @@ pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<Datagram> {
     Ok(Datagram { len: len.min(buf.len()), truncated: len > buf.len(), src, ifindex: 0, dst: Ipv4Addr::UNSPECIFIED })
 }
 
-#[cfg(not(target_os = "linux"))]
+#[cfg(not(any(target_os = "linux", target_vendor = "apple")))]
 pub fn send(fd: RawFd, bytes: &[u8], to: SocketAddrV4, _ifindex: u32, _from: Ipv4Addr) -> io::Result<()> {
     use nix::sys::socket::{MsgFlags, SockaddrIn, sendto};
     sendto(fd, bytes, &SockaddrIn::from(to), MsgFlags::empty())?;
@@ -138,7 +145,7 @@ mod tests {
                 _ => unreachable!(),
             }
         );
-        if cfg!(target_os = "linux") {
+        if cfg!(any(target_os = "linux", target_vendor = "apple")) {
             assert_eq!(d.dst, Ipv4Addr::LOCALHOST);
             assert!(d.ifindex > 0, "lo has an index");
         }

@@ -10,9 +10,18 @@
 #   iproute2         ip netns / veth / bridges for the namespace tests
 #   kea-admin        perfdhcp, the DHCP load generator used by bench/run.sh
 #   dnsperf          the DNS load generator used by bench/run.sh
+#   qemu-system-x86  QEMU for the VM process tests (TCG here), with qemu-utils (qemu-img) pinned
+#                    to the same release, see below
+#   ovmf             UEFI firmware, the boot path kubenet uses on macOS and by default on Linux
+#   genisoimage      isoinfo, a second reader for the cloud-init seed images kubenet writes
+#   cloud-init       `cloud-init schema`, to validate the user-data kubenet renders
+#   openssh-server   sshd, to check kubenet's host-key fetch against the real thing
+#   openssh-client   ssh, ssh-keygen
+#   tmux             the `kubenet tmux` layout test
 set -euo pipefail
 
-packages=(dnsmasq-base isc-dhcp-client udhcpc bind9-dnsutils iproute2 kea-admin dnsperf)
+packages=(dnsmasq-base isc-dhcp-client udhcpc bind9-dnsutils iproute2 kea-admin dnsperf
+    qemu-system-x86 ovmf genisoimage cloud-init openssh-server openssh-client tmux)
 
 missing=()
 for p in "${packages[@]}"; do
@@ -28,5 +37,12 @@ SUDO=""
 echo "install-test-deps: installing ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+# QEMU's parts must come from one Debian release: a qemu-utils from elsewhere (a newer
+# backport) would block qemu-system-x86, so pin qemu-utils to qemu-system-x86's version.
+extra=()
+if printf '%s\n' "${missing[@]}" | grep -qx qemu-system-x86; then
+    ver=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
+    extra=(--allow-downgrades "qemu-utils=$ver")
+fi
+$SUDO apt-get install -y -qq --no-install-recommends "${extra[@]}" "${missing[@]}" >/dev/null
 echo "install-test-deps: done"

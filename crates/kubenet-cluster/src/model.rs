@@ -173,6 +173,20 @@ impl Lab {
         self.vms.iter().find(|v| v.ip == ip)
     }
 
+    /// The VMs a command names, in lab order (no names: all of them). An unknown name is an
+    /// error listing the lab's names.
+    pub fn select(&self, names: &[String]) -> Result<Vec<&Vm>, String> {
+        if let Some(bad) = names.iter().find(|n| self.vm_by_name(n).is_none()) {
+            let all: Vec<&str> = self.vms.iter().map(|v| v.name.as_str()).collect();
+            return Err(format!("no VM named `{bad}` in this lab (its VMs: {})", all.join(", ")));
+        }
+        Ok(self
+            .vms
+            .iter()
+            .filter(|v| names.is_empty() || names.iter().any(|n| n.eq_ignore_ascii_case(&v.name)))
+            .collect())
+    }
+
     /// The folder holding one VM's disk, seed, keys and sockets.
     pub fn vm_dir(&self, vm: &Vm) -> PathBuf {
         self.state_dir.join(&vm.name)
@@ -212,5 +226,15 @@ mod tests {
         assert_eq!(m.to_string(), "52:52:52:00:01:2c");
         assert!("52:52:52".parse::<Mac>().is_err());
         assert!("52:52:52:00:01:zz".parse::<Mac>().is_err());
+    }
+
+    #[test]
+    fn select_names_in_lab_order() {
+        let lab = crate::parse(crate::REFERENCE_CONFIG, crate::Source::Embedded, "/".as_ref()).unwrap();
+        let names = |v: Vec<&Vm>| v.iter().map(|v| v.name.clone()).collect::<Vec<_>>();
+        assert_eq!(lab.select(&[]).unwrap().len(), 7);
+        assert_eq!(names(lab.select(&["worker1".into(), "Gateway".into()]).unwrap()), ["gateway", "worker1"]);
+        let err = lab.select(&["worker9".into()]).unwrap_err();
+        assert!(err.starts_with("no VM named `worker9`") && err.contains("control0, control1"), "{err}");
     }
 }

@@ -40,6 +40,44 @@ pub enum Command {
     /// Ask the running `kubenet serve` to re-read the lab definition (as SIGHUP does) and say
     /// whether it took.
     Reload,
+    /// Prepare VMs without starting them: SSH host key, disk overlay on the base image, cloud-init
+    /// seed; and the lab's known_hosts and ssh_config. What exists is kept (the seed is rewritten).
+    Setup(SetupArgs),
+    /// Prepare what is missing, have `kubenet serve` start the VMs, and wait until each has its
+    /// DHCP lease and answers SSH with the host key kubenet gave it.
+    Up(UpArgs),
+    /// Stop VMs gracefully (ACPI power-down, then SIGTERM after the grace time).
+    Down(DownArgs),
+    /// What runs: one row per VM (state, pid, MAC, IP, lease, SSH, uptime).
+    Status {
+        /// JSON instead of a table, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// SSH to a VM with the lab's ssh_config (strict host-key checking), e.g.
+    /// `kubenet ssh worker0 -- uptime`.
+    Ssh {
+        name: String,
+        /// A command to run instead of a login shell.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// Attach to a VM's serial console; Ctrl-] detaches.
+    Console { name: String },
+    /// Give VMs a fresh disk and seed, so cloud-init runs again at their next start (they must
+    /// be stopped). Their host keys stay.
+    Reset {
+        /// The VMs to reset (at least one).
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Remove everything of the lab but the base images and the lab definition: every VM's
+    /// folder, the leases, known_hosts, ssh_config and the lab key. VMs must be stopped.
+    Destroy {
+        /// Do not ask.
+        #[arg(long)]
+        yes: bool,
+    },
     /// Write the reference lab definition to DIR/kubenet.toml to edit (never overwrites).
     Init {
         /// Where to write kubenet.toml; created if missing.
@@ -106,4 +144,39 @@ pub struct ServeArgs {
     /// Where --host-resolver writes on macOS.
     #[arg(long, default_value = "/etc/resolver", value_name = "DIR", hide = true)]
     pub resolver_dir: std::path::PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct SetupArgs {
+    /// The VMs to prepare; none: all.
+    pub names: Vec<String>,
+
+    /// Also put the lab's host keys into ~/.ssh/known_hosts (under a lock), replacing older
+    /// entries for the VMs' names and addresses.
+    #[arg(long)]
+    pub update_known_hosts: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub setup: SetupArgs,
+
+    /// Print the QEMU command lines and do nothing else.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// How long to wait for every VM to answer SSH, in seconds.
+    #[arg(long, default_value_t = 600, value_name = "SECS")]
+    pub timeout: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct DownArgs {
+    /// The VMs to stop; none: all.
+    pub names: Vec<String>,
+
+    /// Seconds a guest gets to power off before QEMU is stopped.
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    pub grace: u64,
 }

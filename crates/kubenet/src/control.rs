@@ -9,7 +9,14 @@
 //! {"cmd":"status"}  -> {"ok":true,"status":{"config":..,"vms":7,"leases":3,"dns":{..}}}
 //! {"cmd":"leases"}  -> {"ok":true,"leases":[{"mac":..,"ip":..,"hostname":..,"expires":..}]}
 //! {"cmd":"reload"}  -> {"ok":true,"reloaded":"<config>"} or {"ok":false,"error":".."}
+//! {"cmd":"vms"}     -> {"ok":true,"vms":[{"name":"gateway","state":"running","pid":..,"since":..},..]}
+//! {"cmd":"start","vms":["worker0"]}  -> {"ok":true,"vms":[{"name":"worker0","result":"started","pid":..}]}
+//! {"cmd":"stop","vms":[],"grace_secs":60} -> {"ok":true,"vms":[{"name":..,"result":"powerdown"},..]}
 //! ```
+//!
+//! `start` and `stop` take VM names (none: every VM); the command line QEMU runs is always
+//! built from the lab definition, never from the request. A VM that fails has an `error` in its
+//! entry; the request itself fails only for an unknown name.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -33,7 +40,21 @@ enum Request {
     Status,
     Leases,
     Reload,
+    Vms,
+    Start {
+        #[serde(default)]
+        vms: Vec<String>,
+    },
+    Stop {
+        #[serde(default)]
+        vms: Vec<String>,
+        #[serde(default)]
+        grace_secs: Option<u64>,
+    },
 }
+
+/// How long `stop` waits for a guest to power off before SIGTERM, unless the request says.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A reload asked for over the socket; the agent's main loop answers it.
 pub type ReloadRequest = oneshot::Sender<Result<String, String>>;
@@ -46,6 +67,7 @@ pub struct Shared {
     /// Asks the DHCP server for its active leases; None when it does not run (`--dns-only`).
     pub leases: Option<mpsc::UnboundedSender<kubenet_dhcp::server::LeaseQuery>>,
     pub reloads: mpsc::UnboundedSender<ReloadRequest>,
+    pub vms: crate::vms::Supervisor,
 }
 
 /// The user behind sudo (SUDO_UID/SUDO_GID), else the one running.
@@ -130,6 +152,18 @@ async fn connection(stream: UnixStream, shared: &Shared) -> io::Result<()> {
             }
             Ok(Request::Status) => json!({"ok": true, "status": (shared.status)()}),
             Ok(Request::Leases) => json!({"ok": true, "leases": leases(shared).await}),
+            Ok(Request::Vms) => json!({"ok": true, "vms": shared.vms.states()}),
+            Ok(Request::Start { vms }) => match shared.vms.start(&vms).await {
+                Ok(v) => json!({"ok": true, "vms": v}),
+                Err(e) => json!({"ok": false, "error": e}),
+            },
+            Ok(Request::Stop { vms, grace_secs }) => {
+                let grace = grace_secs.map_or(STOP_GRACE, std::time::Duration::from_secs);
+                match shared.vms.stop(&vms, grace).await {
+                    Ok(v) => json!({"ok": true, "vms": v}),
+                    Err(e) => json!({"ok": false, "error": e}),
+                }
+            }
             Ok(Request::Reload) => {
                 let (tx, rx) = oneshot::channel();
                 match shared.reloads.send(tx).ok().map(|()| rx) {
@@ -168,8 +202,9 @@ async fn send(w: &mut tokio::net::unix::OwnedWriteHalf, v: &Value) -> io::Result
     w.write_all(&line).await
 }
 
-/// One request from a command-line client; the agent's answer.
-pub fn request(state_dir: &Path, cmd: &str) -> anyhow::Result<Value> {
+/// One request from a command-line client (`{"cmd": ...}` and its arguments); the agent's
+/// answer.
+pub fn request(state_dir: &Path, req: &Value) -> anyhow::Result<Value> {
     use std::io::{BufRead, Write};
     let path = state_dir.join(SOCKET);
     let mut s = match std::os::unix::net::UnixStream::connect(&path) {
@@ -183,7 +218,7 @@ pub fn request(state_dir: &Path, cmd: &str) -> anyhow::Result<Value> {
     };
     // Read an answer even if the write failed: the agent may have answered (a refusal) and
     // closed first.
-    let written = writeln!(s, "{}", json!({"cmd": cmd}));
+    let written = writeln!(s, "{req}");
     let mut line = String::new();
     let read = std::io::BufReader::new(s).read_line(&mut line);
     if line.is_empty() {

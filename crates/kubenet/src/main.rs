@@ -2,10 +2,13 @@
 //! (0 ok, 1 failure, 2 usage or config error). The subcommands live in their own modules.
 
 mod cli;
+mod console;
 mod control;
 mod host_resolver;
+mod lifecycle;
 mod serve;
 mod table;
+mod vms;
 
 use std::io::Write;
 use std::path::Path;
@@ -150,9 +153,19 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Reload => {
             let lab = load_lab(&cli, None)?;
-            let v = control::request(&lab.state_dir, "reload")?;
+            let v = control::request(&lab.state_dir, &serde_json::json!({"cmd": "reload"}))?;
             writeln!(stdout, "reloaded {}", v["reloaded"].as_str().unwrap_or("?")).ok();
         }
+        Command::Setup(args) => {
+            lifecycle::setup(&load_lab(&cli, None)?, args, &mut stdout)?;
+        }
+        Command::Up(args) => lifecycle::up(&load_lab(&cli, None)?, args, &mut stdout)?,
+        Command::Down(args) => lifecycle::down(&load_lab(&cli, None)?, args, &mut stdout)?,
+        Command::Status { json } => lifecycle::status(&load_lab(&cli, None)?, *json, &mut stdout)?,
+        Command::Ssh { name, command } => lifecycle::ssh(&load_lab(&cli, None)?, name, command)?,
+        Command::Console { name } => console::attach(&load_lab(&cli, None)?, name)?,
+        Command::Reset { names } => lifecycle::reset(&load_lab(&cli, None)?, names, &mut stdout)?,
+        Command::Destroy { yes } => lifecycle::destroy(&load_lab(&cli, None)?, *yes, &mut stdout)?,
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "kubenet", &mut stdout);
         }

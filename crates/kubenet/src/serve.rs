@@ -150,6 +150,7 @@ async fn serve(lab: Lab, args: &ServeArgs, reload: &dyn Fn() -> anyhow::Result<L
         status: Box::new(status),
         leases: lease_queries,
         reloads: reload_tx,
+        vms: crate::vms::Supervisor::new(current.clone(), (owner_uid, owner_gid)),
     });
     tasks.spawn(crate::control::serve(listener, shared, shutdown.clone()));
 

@@ -32,11 +32,11 @@ pub fn render(lab: &Lab) -> String {
     out.push('\n');
 
     let header = ["NAME", "ID", "ROLE", "MAC", "IP", "FQDN", "VCPUS", "MEMORY", "DISK"];
-    let rows: Vec<[String; 9]> = lab
+    let rows: Vec<Vec<String>> = lab
         .vms
         .iter()
         .map(|v| {
-            [
+            vec![
                 v.name.clone(),
                 v.id.to_string(),
                 v.role.clone(),
@@ -49,15 +49,22 @@ pub fn render(lab: &Lab) -> String {
             ]
         })
         .collect();
-    let mut widths = header.map(str::len);
-    for r in &rows {
+    out.push_str(&columns(&header, &rows));
+    out
+}
+
+/// Left-aligned columns, two spaces apart, with a header row.
+pub fn columns(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut out = String::new();
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
         for (w, c) in widths.iter_mut().zip(r) {
             *w = (*w).max(c.len());
         }
     }
     let mut line = |cells: &[String]| {
         let mut l = String::new();
-        for (i, (c, w)) in cells.iter().zip(widths).enumerate() {
+        for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
             if i + 1 == cells.len() {
                 l.push_str(c);
             } else {
@@ -67,8 +74,8 @@ pub fn render(lab: &Lab) -> String {
         out.push_str(l.trim_end());
         out.push('\n');
     };
-    line(&header.map(String::from));
-    for r in &rows {
+    line(&header.iter().map(|h| h.to_string()).collect::<Vec<_>>());
+    for r in rows {
         line(r);
     }
     out

@@ -1,0 +1,117 @@
+//! The VM's disk: a qcow2 overlay backed by the lab's base image, created once and kept across
+//! `down`/`up` (only `kubenet reset` replaces it). The backing path is stored relative to the
+//! VM's folder, so the state directory can move. The command is data; [`create`] runs it.
+
+use std::ffi::OsString;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use kubenet_cluster::{Bytes, Lab, Vm};
+
+use crate::files::{VmFiles, relative_to};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("the base image {path} does not exist: download it with `kubenet image pull`{hint}")]
+    NoBaseImage { path: PathBuf, hint: String },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("`qemu-img create` failed for {disk}: {stderr}")]
+    QemuImg { disk: PathBuf, stderr: String },
+}
+
+/// The base image's format from its first bytes: qcow2 images start with "QFI\xfb", anything
+/// else is taken as raw.
+pub fn image_format(header: &[u8]) -> &'static str {
+    if header.starts_with(b"QFI\xfb") { "qcow2" } else { "raw" }
+}
+
+/// `qemu-img create -f qcow2 -F FORMAT -b BACKING DISK SIZE`, with BACKING relative to the
+/// disk's folder (qemu-img resolves it from there).
+pub fn overlay_command(backing: &Path, backing_format: &str, disk: &Path, size: Bytes) -> Vec<OsString> {
+    let mut v: Vec<OsString> = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", backing_format, "-b"]
+        .into_iter()
+        .map(OsString::from)
+        .collect();
+    v.push(backing.as_os_str().to_owned());
+    v.push(disk.as_os_str().to_owned());
+    v.push(size.0.to_string().into());
+    v
+}
+
+/// The base image of `vm`, absolute.
+pub fn base_image(lab: &Lab, vm: &Vm) -> PathBuf {
+    lab.state_dir.join(&vm.image)
+}
+
+/// Creates the VM's overlay unless it exists. Returns whether it made one.
+pub fn create(lab: &Lab, vm: &Vm) -> Result<bool, DiskError> {
+    let files = VmFiles::new(lab, vm);
+    let disk = files.disk();
+    if disk.exists() {
+        return Ok(false);
+    }
+    let base = base_image(lab, vm);
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| DiskError::Io { path, source }
+    };
+    let mut header = [0u8; 4];
+    match std::fs::File::open(&base) {
+        Ok(mut f) => {
+            let _ = f.read(&mut header).map_err(io(&base))?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let hint = if lab.source.starts_with('<') { String::new() } else { format!(" --config {}", lab.source) };
+            return Err(DiskError::NoBaseImage { path: base, hint });
+        }
+        Err(e) => return Err(io(&base)(e)),
+    }
+    std::fs::create_dir_all(&files.dir).map_err(io(&files.dir))?;
+    let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let backing = relative_to(&abs(&base), &abs(&files.dir));
+    let cmd = overlay_command(&backing, image_format(&header), Path::new("disk.img"), vm.disk);
+    let out = std::process::Command::new(&cmd[0])
+        .args(&cmd[1..])
+        .current_dir(&files.dir)
+        .output()
+        .map_err(|e| DiskError::QemuImg { disk: disk.clone(), stderr: format!("cannot run qemu-img: {e}") })?;
+    if !out.status.success() {
+        return Err(DiskError::QemuImg { disk, stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned() });
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn format_sniffing() {
+        assert_eq!(image_format(b"QFI\xfb\0\0\0\x03"), "qcow2");
+        assert_eq!(image_format(b"\xeb\x63\x90\x10"), "raw");
+        assert_eq!(image_format(b""), "raw");
+    }
+
+    #[test]
+    fn overlay_command_is_relative_and_sized() {
+        let c = overlay_command(Path::new("../images/base.img"), "qcow2", Path::new("disk.img"), Bytes(20 << 30));
+        let c: Vec<String> = c.iter().map(|s| s.to_string_lossy().into_owned()).collect();
+        assert_eq!(
+            c,
+            [
+                "qemu-img",
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                "qcow2",
+                "-b",
+                "../images/base.img",
+                "disk.img",
+                "21474836480"
+            ]
+        );
+    }
+}

@@ -1,0 +1,113 @@
+//! Where things live. One folder per VM under the state directory, named after the VM, holding
+//! everything that VM owns, so `rm -r STATE/worker0` forgets it completely; lab-wide SSH files
+//! beside them. Pure: paths only.
+
+use std::path::{Path, PathBuf};
+
+use kubenet_cluster::{Lab, Vm};
+
+/// One VM's files.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmFiles {
+    pub dir: PathBuf,
+}
+
+impl VmFiles {
+    pub fn new(lab: &Lab, vm: &Vm) -> Self {
+        VmFiles { dir: lab.vm_dir(vm) }
+    }
+    /// The qcow2 overlay backed by the base image.
+    pub fn disk(&self) -> PathBuf {
+        self.dir.join("disk.img")
+    }
+    /// The cloud-init NoCloud seed (ISO 9660, volume id `cidata`).
+    pub fn seed(&self) -> PathBuf {
+        self.dir.join("seed.iso")
+    }
+    /// The VM's SSH host key (OpenSSH private key format), injected through cloud-init.
+    pub fn host_key(&self) -> PathBuf {
+        self.dir.join("ssh_host_ed25519_key")
+    }
+    /// The UEFI variable store, a private copy of the firmware's template.
+    pub fn efi_vars(&self) -> PathBuf {
+        self.dir.join("efi-vars.fd")
+    }
+    /// Everything the serial console printed since the VM started.
+    pub fn console_log(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+    /// The serial console, for `kubenet console`.
+    pub fn serial_socket(&self) -> PathBuf {
+        self.dir.join("serial.sock")
+    }
+    /// QEMU's machine protocol socket.
+    pub fn qmp_socket(&self) -> PathBuf {
+        self.dir.join("qmp.sock")
+    }
+    /// QEMU's pid, written by QEMU itself (`-pidfile`).
+    pub fn pidfile(&self) -> PathBuf {
+        self.dir.join("qemu.pid")
+    }
+    /// QEMU's own messages (stderr) from the last start.
+    pub fn qemu_log(&self) -> PathBuf {
+        self.dir.join("qemu.log")
+    }
+}
+
+/// The lab's SSH files in the state directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LabFiles {
+    pub dir: PathBuf,
+}
+
+impl LabFiles {
+    pub fn new(lab: &Lab) -> Self {
+        LabFiles { dir: lab.state_dir.clone() }
+    }
+    /// Every VM's host key under its name, FQDN and address.
+    pub fn known_hosts(&self) -> PathBuf {
+        self.dir.join("known_hosts")
+    }
+    /// `ssh -F STATE/ssh_config worker0`.
+    pub fn ssh_config(&self) -> PathBuf {
+        self.dir.join("ssh_config")
+    }
+    /// The login key kubenet generates when the user has none.
+    pub fn lab_key(&self) -> PathBuf {
+        self.dir.join("id_ed25519")
+    }
+}
+
+/// `path` relative to directory `from`, both absolute or both relative to the same place
+/// (`../images/base.img`), so a disk overlay keeps finding its base when the folder moves.
+pub fn relative_to(path: &Path, from: &Path) -> PathBuf {
+    use std::path::Component;
+    let p: Vec<Component> = path.components().collect();
+    let f: Vec<Component> = from.components().filter(|c| *c != Component::CurDir).collect();
+    let p: Vec<Component> = p.into_iter().filter(|c| *c != Component::CurDir).collect();
+    let common = p.iter().zip(&f).take_while(|(a, b)| a == b).count();
+    let mut out = PathBuf::new();
+    for _ in common..f.len() {
+        out.push("..");
+    }
+    for c in &p[common..] {
+        out.push(c.as_os_str());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths_climb_out_of_the_vm_folder() {
+        assert_eq!(
+            relative_to(Path::new("/lab/images/base.img"), Path::new("/lab/worker0")),
+            PathBuf::from("../images/base.img")
+        );
+        assert_eq!(relative_to(Path::new("/lab/worker0/x"), Path::new("/lab/worker0")), PathBuf::from("x"));
+        assert_eq!(relative_to(Path::new("/img/b.img"), Path::new("/a/b/c")), PathBuf::from("../../../img/b.img"));
+        assert_eq!(relative_to(Path::new("./images/b"), Path::new("./w")), PathBuf::from("../images/b"));
+    }
+}

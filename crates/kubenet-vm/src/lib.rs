@@ -1,0 +1,26 @@
+//! kubenet's VMs, from the lab definition to running QEMU processes.
+//!
+//! Layout:
+//! - [`files`]: where each VM's disk, seed, host key, sockets and logs live (pure paths).
+//! - [`qemu`]: the host profile (OS, architecture, accelerator, firmware) and the QEMU command
+//!   line built from it as data, so both the macOS and the Linux profile are tested anywhere.
+//! - [`disk`]: the qcow2 overlay on the base image (`qemu-img create` as data, run by `create`).
+//! - [`seed`]: the cloud-init NoCloud documents, rendered from serde values, and the `cidata`
+//!   ISO 9660 image that carries them.
+//! - [`keys`]: SSH host keys generated ahead of boot, the lab's `known_hosts` and `ssh_config`,
+//!   the user's login key, and the live host-key check after boot.
+//! - [`qmp`]: a minimal QMP client (graceful power-down, status).
+//! - [`process`]: starting a VM from its argv, finding it again by pidfile, stopping it.
+//!
+//! Everything but `disk::create`, `seed::write`, `keys` file helpers, `qmp` and `process` is pure.
+
+pub mod disk;
+pub mod files;
+pub mod keys;
+pub mod prepare;
+pub mod process;
+pub mod qemu;
+pub mod qmp;
+pub mod seed;
+
+pub use files::{LabFiles, VmFiles};

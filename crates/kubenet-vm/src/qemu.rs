@@ -1,0 +1,340 @@
+//! QEMU command lines as data. A [`HostProfile`] says what the host is (OS, architecture,
+//! accelerator, firmware, how QEMU drops root); [`argv`] turns a VM and a profile into the exact
+//! command, so the macOS profile (hvf, vmnet-shared, edk2) is tested on Linux and the Linux
+//! profile (kvm or tcg, a tap on the lab bridge, OVMF/AAVMF) anywhere. Only [`HostProfile::detect`]
+//! looks at the host.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use kubenet_cluster::{Accelerator, Lab, Vm};
+
+use crate::files::VmFiles;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Os {
+    MacOs,
+    Linux,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    X86_64,
+    Aarch64,
+}
+
+impl Arch {
+    pub fn qemu_binary(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "qemu-system-x86_64",
+            Arch::Aarch64 => "qemu-system-aarch64",
+        }
+    }
+}
+
+/// The accelerator QEMU runs with, decided for this host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Hvf,
+    Tcg,
+}
+
+impl fmt::Display for Accel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Accel::Kvm => "kvm",
+            Accel::Hvf => "hvf",
+            Accel::Tcg => "tcg",
+        })
+    }
+}
+
+/// How the guest boots.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Firmware {
+    /// QEMU's built-in SeaBIOS (x86 only).
+    Bios,
+    /// UEFI from two pflash images: the read-only code and a template copied per VM for its
+    /// variables.
+    Uefi { code: PathBuf, vars_template: PathBuf },
+}
+
+/// How QEMU, started as root, gives root up once the network is open.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DropTo {
+    /// `-run-with user=NAME` (QEMU 9.1 and later).
+    RunWith(String),
+    /// `-runas NAME` (older QEMU; removed in 10.0).
+    Runas(String),
+}
+
+impl DropTo {
+    /// The flag for QEMU `version` (major, minor).
+    pub fn for_version(version: (u32, u32), user: &str) -> DropTo {
+        if version >= (9, 1) { DropTo::RunWith(user.to_owned()) } else { DropTo::Runas(user.to_owned()) }
+    }
+}
+
+/// What the host is, as far as QEMU's command line cares.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostProfile {
+    pub os: Os,
+    pub arch: Arch,
+    pub accel: Accel,
+    pub firmware: Firmware,
+    /// The QEMU binary (a name looked up in PATH, or a path).
+    pub qemu: PathBuf,
+    pub drop_to: Option<DropTo>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProfileError {
+    #[error("accelerator = \"{0}\" is not available on {1}: use \"auto\" or \"tcg\"")]
+    AccelUnavailable(&'static str, &'static str),
+    #[error("/dev/kvm cannot be opened ({0}): add yourself to the `kvm` group, or set accelerator = \"tcg\"")]
+    NoKvm(String),
+    #[error(
+        "no UEFI firmware for {arch:?} found (looked for {looked}): install it (Debian: `apt install {package}`; macOS: it comes with Homebrew's qemu)"
+    )]
+    NoFirmware { arch: Arch, looked: String, package: &'static str },
+    #[error("this host is neither Linux nor macOS, or its CPU is neither x86_64 nor aarch64")]
+    UnsupportedHost,
+}
+
+/// The accelerator for `choice` on `os`, and a warning when `auto` falls back to TCG.
+/// `kvm` says whether /dev/kvm opened (Err: why not).
+pub fn resolve_accel(
+    choice: Accelerator,
+    os: Os,
+    kvm: Result<(), String>,
+) -> Result<(Accel, Option<String>), ProfileError> {
+    match (choice, os) {
+        (Accelerator::Tcg, _) => Ok((Accel::Tcg, None)),
+        (Accelerator::Hvf | Accelerator::Auto, Os::MacOs) => Ok((Accel::Hvf, None)),
+        (Accelerator::Hvf, Os::Linux) => Err(ProfileError::AccelUnavailable("hvf", "Linux")),
+        (Accelerator::Kvm, Os::MacOs) => Err(ProfileError::AccelUnavailable("kvm", "macOS")),
+        (Accelerator::Kvm, Os::Linux) => kvm.map(|()| (Accel::Kvm, None)).map_err(ProfileError::NoKvm),
+        (Accelerator::Auto, Os::Linux) => Ok(match kvm {
+            Ok(()) => (Accel::Kvm, None),
+            Err(why) => (
+                Accel::Tcg,
+                Some(format!(
+                    "/dev/kvm cannot be opened ({why}): falling back to TCG, software emulation, which is many times slower"
+                )),
+            ),
+        }),
+    }
+}
+
+/// Where UEFI firmware is looked for, in order: (code, vars template). `qemu_share` is the
+/// `share/qemu` folder beside the QEMU binary found in PATH (Homebrew, MacPorts, a build).
+pub fn firmware_candidates(os: Os, arch: Arch, qemu_share: Option<&Path>) -> Vec<(PathBuf, PathBuf)> {
+    let bundled = |code: &str, vars: &str| {
+        let mut v: Vec<(PathBuf, PathBuf)> = Vec::new();
+        let mut shares: Vec<PathBuf> = qemu_share.map(Path::to_path_buf).into_iter().collect();
+        let system: &[&str] = match os {
+            Os::MacOs => &["/opt/homebrew/share/qemu", "/usr/local/share/qemu", "/opt/local/share/qemu"],
+            Os::Linux => &["/usr/share/qemu", "/usr/local/share/qemu"],
+        };
+        shares.extend(system.iter().map(PathBuf::from));
+        for s in shares {
+            let pair = (s.join(code), s.join(vars));
+            if !v.contains(&pair) {
+                v.push(pair);
+            }
+        }
+        v
+    };
+    let p = |a: &str, b: &str| (PathBuf::from(a), PathBuf::from(b));
+    match (os, arch) {
+        (Os::MacOs, Arch::Aarch64) => bundled("edk2-aarch64-code.fd", "edk2-arm-vars.fd"),
+        (Os::MacOs, Arch::X86_64) => bundled("edk2-x86_64-code.fd", "edk2-i386-vars.fd"),
+        (Os::Linux, Arch::X86_64) => {
+            let mut v = vec![
+                // Debian and Ubuntu (ovmf), 4 MiB flash first.
+                p("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
+                p("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd"),
+                // Fedora (edk2-ovmf), Arch (edk2-ovmf).
+                p("/usr/share/edk2/ovmf/OVMF_CODE.fd", "/usr/share/edk2/ovmf/OVMF_VARS.fd"),
+                p("/usr/share/edk2/x64/OVMF_CODE.4m.fd", "/usr/share/edk2/x64/OVMF_VARS.4m.fd"),
+            ];
+            v.extend(bundled("edk2-x86_64-code.fd", "edk2-i386-vars.fd"));
+            v
+        }
+        (Os::Linux, Arch::Aarch64) => {
+            let mut v = vec![
+                // Debian and Ubuntu (qemu-efi-aarch64), Fedora (edk2-aarch64).
+                p("/usr/share/AAVMF/AAVMF_CODE.fd", "/usr/share/AAVMF/AAVMF_VARS.fd"),
+                p("/usr/share/edk2/aarch64/QEMU_EFI-pflash.raw", "/usr/share/edk2/aarch64/vars-template-pflash.raw"),
+            ];
+            v.extend(bundled("edk2-aarch64-code.fd", "edk2-arm-vars.fd"));
+            v
+        }
+    }
+}
+
+/// The first candidate whose two files exist. x86 falls back to BIOS (cloud images boot both
+/// ways); aarch64 has no BIOS, so no firmware is an error.
+pub fn pick_firmware(
+    os: Os,
+    arch: Arch,
+    candidates: &[(PathBuf, PathBuf)],
+    exists: impl Fn(&Path) -> bool,
+) -> Result<Firmware, ProfileError> {
+    if let Some((code, vars)) = candidates.iter().find(|(c, v)| exists(c) && exists(v)) {
+        return Ok(Firmware::Uefi { code: code.clone(), vars_template: vars.clone() });
+    }
+    match arch {
+        Arch::X86_64 => Ok(Firmware::Bios),
+        Arch::Aarch64 => Err(ProfileError::NoFirmware {
+            arch,
+            looked: candidates.iter().map(|(c, _)| c.display().to_string()).collect::<Vec<_>>().join(", "),
+            package: if os == Os::Linux { "qemu-efi-aarch64" } else { "qemu" },
+        }),
+    }
+}
+
+/// "QEMU emulator version 7.2.19 (Debian ...)" -> (7, 2).
+pub fn parse_version(text: &str) -> Option<(u32, u32)> {
+    let rest = text.split("version ").nth(1)?;
+    let mut it = rest.split(|c: char| !c.is_ascii_digit());
+    Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+}
+
+impl HostProfile {
+    /// Looks at this host: OS and CPU, /dev/kvm, firmware files, QEMU's version, and whether
+    /// QEMU should drop root to `owner` (the user behind sudo; None: stay as started).
+    /// Returns the profile and any warning to show.
+    pub fn detect(lab: &Lab, owner: Option<&str>) -> Result<(HostProfile, Option<String>), ProfileError> {
+        let os = match std::env::consts::OS {
+            "linux" => Os::Linux,
+            "macos" => Os::MacOs,
+            _ => return Err(ProfileError::UnsupportedHost),
+        };
+        let arch = match std::env::consts::ARCH {
+            "x86_64" => Arch::X86_64,
+            "aarch64" => Arch::Aarch64,
+            _ => return Err(ProfileError::UnsupportedHost),
+        };
+        let kvm =
+            std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").map(drop).map_err(|e| e.to_string());
+        let (accel, warning) = resolve_accel(lab.accelerator, os, kvm)?;
+        let qemu = PathBuf::from(arch.qemu_binary());
+        let found = find_in_path(&qemu);
+        let share = found.as_deref().and_then(|b| b.parent()?.parent()).map(|p| p.join("share/qemu"));
+        let firmware = pick_firmware(os, arch, &firmware_candidates(os, arch, share.as_deref()), Path::exists)?;
+        let drop_to = owner.map(|user| {
+            let version = std::process::Command::new(&qemu)
+                .arg("--version")
+                .output()
+                .ok()
+                .and_then(|o| parse_version(&String::from_utf8_lossy(&o.stdout)))
+                .unwrap_or((0, 0));
+            DropTo::for_version(version, user)
+        });
+        Ok((HostProfile { os, arch, accel, firmware, qemu, drop_to }, warning))
+    }
+}
+
+fn find_in_path(name: &Path) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+/// The tap device of `vm` on the lab's bridge (Linux): at most 15 bytes, unique per id.
+pub fn tap_name(lab: &Lab, vm: &Vm) -> String {
+    let id = format!("-{}", vm.id);
+    let keep = 15 - id.len().min(15);
+    let bridge: String = lab.network.bridge.chars().take(keep).collect();
+    format!("{bridge}{id}")
+}
+
+/// The exact QEMU command line of `vm` on a host like `profile`. QEMU daemonizes once the VM
+/// runs and writes its pid to the pidfile; the serial console goes to a socket and a log file;
+/// QMP listens on a socket; there is no display.
+pub fn argv(lab: &Lab, vm: &Vm, profile: &HostProfile) -> Vec<OsString> {
+    let files = VmFiles::new(lab, vm);
+    let mut a: Vec<OsString> = Vec::new();
+    let mut push = |parts: &[&dyn AsRef<std::ffi::OsStr>]| {
+        for p in parts {
+            a.push(p.as_ref().to_owned());
+        }
+    };
+    let path = |p: PathBuf| p.into_os_string();
+    let joined = |prefix: &str, p: PathBuf, suffix: &str| {
+        let mut s = OsString::from(prefix);
+        s.push(p.as_os_str());
+        s.push(suffix);
+        s
+    };
+
+    push(&[&profile.qemu, &"-name", &vm.name]);
+    let machine = match profile.arch {
+        Arch::X86_64 => format!("q35,accel={}", profile.accel),
+        Arch::Aarch64 if profile.os == Os::MacOs => format!("virt,accel={},highmem=on", profile.accel),
+        Arch::Aarch64 => format!("virt,accel={}", profile.accel),
+    };
+    let cpu = if profile.accel == Accel::Tcg { "max" } else { "host" };
+    push(&[&"-machine", &machine, &"-cpu", &cpu]);
+    push(&[&"-smp", &vm.vcpus.to_string(), &"-m", &format!("{}M", vm.memory.mib())]);
+    push(&[&"-nodefaults", &"-display", &"none"]);
+    if let Firmware::Uefi { code, .. } = &profile.firmware {
+        push(&[&"-drive", &joined("if=pflash,format=raw,unit=0,readonly=on,file=", code.clone(), "")]);
+        push(&[&"-drive", &joined("if=pflash,format=raw,unit=1,file=", files.efi_vars(), "")]);
+    }
+    push(&[&"-drive", &joined("if=virtio,format=qcow2,file=", files.disk(), "")]);
+    push(&[&"-drive", &joined("if=virtio,format=raw,readonly=on,file=", files.seed(), "")]);
+    let n = &lab.network;
+    match profile.os {
+        Os::MacOs => {
+            let nic = format!(
+                "vmnet-shared,start-address={},end-address={},subnet-mask={},mac={},model=virtio-net-pci",
+                n.host_address,
+                n.dhcp_range.end,
+                n.subnet.netmask(),
+                vm.mac
+            );
+            push(&[&"-nic", &nic]);
+        }
+        Os::Linux => {
+            let netdev = format!("tap,id=net0,ifname={},script=no,downscript=no", tap_name(lab, vm));
+            push(&[&"-netdev", &netdev, &"-device", &format!("virtio-net-pci,netdev=net0,mac={}", vm.mac)]);
+        }
+    }
+    push(&[&"-device", &"virtio-rng-pci"]);
+    let serial = {
+        let mut s = joined("socket,id=serial0,server=on,wait=off,path=", files.serial_socket(), ",logfile=");
+        s.push(files.console_log().as_os_str());
+        s.push(",logappend=on");
+        s
+    };
+    push(&[&"-chardev", &serial, &"-serial", &"chardev:serial0"]);
+    push(&[&"-qmp", &joined("unix:", files.qmp_socket(), ",server=on,wait=off")]);
+    match &profile.drop_to {
+        Some(DropTo::RunWith(u)) => push(&[&"-run-with", &format!("user={u}")]),
+        Some(DropTo::Runas(u)) => push(&[&"-runas", u]),
+        None => {}
+    }
+    push(&[&"-pidfile", &path(files.pidfile()), &"-daemonize"]);
+    a
+}
+
+/// A command line as one shell-quoted string (`kubenet up --dry-run`).
+pub fn shell_line(argv: &[OsString]) -> String {
+    argv.iter()
+        .map(|a| {
+            let s = a.to_string_lossy();
+            if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,@+".contains(c)) {
+                s.into_owned()
+            } else {
+                format!("'{}'", s.replace('\'', r"'\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+#[path = "qemu_tests.rs"]
+mod tests;

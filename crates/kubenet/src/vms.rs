@@ -1,0 +1,160 @@
+//! The agent's VMs: `kubenet serve` starts and stops QEMU for the user (on macOS vmnet-shared
+//! needs root), with the command line always built from the lab definition, never taken from a
+//! request. State lives in each VM's folder (pidfile, QMP socket, console log), so an agent that
+//! restarts finds its running VMs again instead of killing or duplicating them.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use kubenet_cluster::Lab;
+use kubenet_vm::VmFiles;
+use kubenet_vm::qemu::{DropTo, HostProfile};
+use serde_json::{Value, json};
+
+pub struct Supervisor {
+    lab: Arc<Mutex<Lab>>,
+    /// The host profile, or why there is none (no QEMU, no firmware, ...): VM requests get that
+    /// reason, DHCP and DNS run regardless.
+    profile: Result<HostProfile, String>,
+    owner: (u32, u32),
+}
+
+/// What each VM is doing, from its folder: running (pid, since when) or stopped.
+pub fn states(lab: &Lab) -> Vec<Value> {
+    lab.vms
+        .iter()
+        .map(|vm| {
+            let files = VmFiles::new(lab, vm);
+            match kubenet_vm::process::running(&files) {
+                Some(pid) => {
+                    let since = std::fs::metadata(files.pidfile())
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                        .map(|d| d.as_secs());
+                    json!({"name": vm.name, "state": "running", "pid": pid, "since": since})
+                }
+                None => json!({"name": vm.name, "state": "stopped"}),
+            }
+        })
+        .collect()
+}
+
+impl Supervisor {
+    /// Looks at the host once (accelerator, firmware, QEMU version). QEMU drops root to the
+    /// user who ran sudo when the agent runs as root for someone else.
+    pub fn new(lab: Arc<Mutex<Lab>>, owner: (u32, u32)) -> Self {
+        // SAFETY: geteuid cannot fail.
+        let root = unsafe { libc::geteuid() } == 0;
+        let user = (root && owner.0 != 0)
+            .then(|| nix::unistd::User::from_uid(owner.0.into()).ok().flatten().map(|u| u.name))
+            .flatten();
+        let profile = {
+            let lab = lab.lock().expect("lab lock");
+            HostProfile::detect(&lab, user.as_deref())
+        };
+        let profile = match profile {
+            Ok((p, warning)) => {
+                if let Some(w) = warning {
+                    tracing::warn!("{w}");
+                }
+                let drop_to = match &p.drop_to {
+                    Some(DropTo::RunWith(u) | DropTo::Runas(u)) => u.as_str(),
+                    None => "-",
+                };
+                tracing::debug!(qemu = %p.qemu.display(), accel = %p.accel, firmware = ?p.firmware, drop_to, "VM host profile");
+                Ok(p)
+            }
+            Err(e) => {
+                tracing::warn!("VMs cannot be started by this agent: {e}");
+                Err(e.to_string())
+            }
+        };
+        Supervisor { lab, profile, owner }
+    }
+
+    fn lab(&self) -> Lab {
+        self.lab.lock().expect("lab lock").clone()
+    }
+
+    pub fn states(&self) -> Vec<Value> {
+        states(&self.lab())
+    }
+
+    /// Starts the named VMs (none: all) in parallel; one result per VM.
+    pub async fn start(&self, names: &[String]) -> Result<Vec<Value>, String> {
+        let profile = self.profile.clone()?;
+        let lab = self.lab();
+        let vms = lab.select(names)?;
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, vm) in vms.iter().enumerate() {
+            let (lab, vm, profile, owner) = (lab.clone(), (*vm).clone(), profile.clone(), self.owner);
+            tasks.spawn_blocking(move || {
+                let files = VmFiles::new(&lab, &vm);
+                if let Some(pid) = kubenet_vm::process::running(&files) {
+                    return (i, json!({"name": vm.name, "result": "running", "pid": pid}));
+                }
+                let argv = kubenet_vm::qemu::argv(&lab, &vm, &profile);
+                let r = kubenet_vm::process::start(&vm.name, &argv, &files, &profile);
+                (
+                    i,
+                    match r {
+                        Ok(pid) => {
+                            give_to(&files, owner);
+                            tracing::info!(vm = %vm.name, pid, "VM started");
+                            json!({"name": vm.name, "result": "started", "pid": pid})
+                        }
+                        Err(e) => {
+                            tracing::warn!(vm = %vm.name, "VM did not start: {e}");
+                            json!({"name": vm.name, "error": e.to_string()})
+                        }
+                    },
+                )
+            });
+        }
+        Ok(collect(tasks).await)
+    }
+
+    /// Stops the named VMs (none: all) in parallel: ACPI power-down, then after `grace`
+    /// SIGTERM, then SIGKILL.
+    pub async fn stop(&self, names: &[String], grace: Duration) -> Result<Vec<Value>, String> {
+        let lab = self.lab();
+        let vms = lab.select(names)?;
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, vm) in vms.iter().enumerate() {
+            let (files, name) = (VmFiles::new(&lab, vm), vm.name.clone());
+            tasks.spawn(async move {
+                let how = kubenet_vm::process::stop(&files, grace).await;
+                if how != kubenet_vm::process::Stopped::NotRunning {
+                    tracing::info!(vm = %name, how = ?how, "VM stopped");
+                }
+                (i, json!({"name": name, "result": how}))
+            });
+        }
+        Ok(collect(tasks).await)
+    }
+}
+
+async fn collect(mut tasks: tokio::task::JoinSet<(usize, Value)>) -> Vec<Value> {
+    let mut out = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        match r {
+            Ok(v) => out.push(v),
+            Err(e) => tracing::error!("VM task failed: {e}"),
+        }
+    }
+    out.sort_by_key(|(i, _)| *i);
+    out.into_iter().map(|(_, v)| v).collect()
+}
+
+/// The user gets the VM's runtime files QEMU made as root: the console socket and log
+/// (`kubenet console`, `kubenet up`'s error report), the pidfile and the UEFI variables.
+fn give_to(files: &VmFiles, (uid, gid): (u32, u32)) {
+    for p in [files.serial_socket(), files.console_log(), files.qemu_log(), files.pidfile(), files.efi_vars()] {
+        if p.exists()
+            && let Err(e) = std::os::unix::fs::chown(&p, Some(uid), Some(gid))
+        {
+            tracing::debug!("cannot give {} to uid {uid}: {e}", p.display());
+        }
+    }
+}

@@ -247,12 +247,23 @@ pub fn serve_dns_only(dir: &Path, port: u16) -> Proc {
 /// `kubenet serve --no-bridge` in `ns`, with its state in `dir`, once it says "ready". Uses
 /// `dir/kubenet.toml`, written from [`test_lab`] unless the test wrote its own.
 pub fn serve(ns: &Netns, dir: &Path, extra: &[&str]) -> Proc {
+    let mut args = vec!["--no-bridge"];
+    args.extend(extra);
+    serve_in(ns, dir, &args)
+}
+
+/// `kubenet serve` with its Linux host network (bridge, taps; NAT as the lab says) in `ns`.
+pub fn serve_bridged(ns: &Netns, dir: &Path) -> Proc {
+    serve_in(ns, dir, &[])
+}
+
+fn serve_in(ns: &Netns, dir: &Path, extra: &[&str]) -> Proc {
     if !dir.join("kubenet.toml").exists() {
         std::fs::write(dir.join("kubenet.toml"), test_lab()).unwrap();
     }
     let mut cmd = ns.cmd(kubenet_bin());
     cmd.current_dir(dir)
-        .args(["serve", "--no-bridge", "--dir"])
+        .args(["serve", "--dir"])
         .arg(dir.join("state"))
         .args(extra)
         .env_remove("KUBENET_CONFIG")

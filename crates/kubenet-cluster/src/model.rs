@@ -105,6 +105,9 @@ pub struct Network {
     /// Empty: the host's own resolvers.
     pub upstream: Vec<SocketAddr>,
     pub bridge: String,
+    /// On Linux, masquerade the lab's traffic to other networks (nftables) and turn on IP
+    /// forwarding while `kubenet serve` runs.
+    pub nat: bool,
     /// Extra names in the lab's domain, sorted by name.
     pub hosts: Vec<HostEntry>,
 }

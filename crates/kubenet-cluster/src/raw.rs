@@ -36,6 +36,7 @@ pub struct RawNetwork {
     pub mac_prefix: Option<Spanned<String>>,
     pub upstream: Option<Vec<Spanned<String>>>,
     pub bridge: Option<Spanned<String>>,
+    pub nat: Option<bool>,
     #[serde(default)]
     pub hosts: BTreeMap<String, Spanned<Ipv4Addr>>,
 }

@@ -418,6 +418,7 @@ pub(crate) fn resolve(raw: RawLab, text: &str, source: String, base_dir: &Path) 
             mac_prefix,
             upstream,
             bridge,
+            nat: n.nat.unwrap_or(true),
             hosts,
         },
         dns,

@@ -5,6 +5,7 @@ mod cli;
 mod console;
 mod control;
 mod host_resolver;
+mod hostnet;
 mod lifecycle;
 mod serve;
 mod table;

@@ -44,6 +44,32 @@ fn upstreams(lab: &Lab, listen: SocketAddr) -> Vec<SocketAddr> {
 async fn serve(lab: Lab, args: &ServeArgs, reload: &dyn Fn() -> anyhow::Result<Lab>) -> anyhow::Result<()> {
     std::fs::create_dir_all(&lab.state_dir)
         .with_context(|| format!("cannot create the state directory {}", lab.state_dir.display()))?;
+    // Linux: the bridge and taps vmnet-shared gives macOS. Built first, so that the lab's host
+    // address exists when the servers say "ready"; taken down after them, whatever the reason
+    // they stopped, unless VMs still run on it.
+    #[cfg(target_os = "linux")]
+    let net = if args.no_bridge {
+        None
+    } else {
+        Some(crate::hostnet::HostNet::apply(crate::hostnet::plan(&lab, crate::control::owner().0)).await?)
+    };
+    let result = servers(lab.clone(), args, reload).await;
+    #[cfg(target_os = "linux")]
+    if let Some(net) = net {
+        let running = crate::vms::states(&lab).iter().filter(|s| s["state"] == "running").count();
+        if running == 0 {
+            net.remove().await;
+        } else {
+            tracing::warn!(
+                "kept {} and its taps: {running} VMs still run on them (`kubenet down`, then stop serve again to remove them)",
+                lab.network.bridge
+            );
+        }
+    }
+    result
+}
+
+async fn servers(lab: Lab, args: &ServeArgs, reload: &dyn Fn() -> anyhow::Result<Lab>) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
 
@@ -97,9 +123,6 @@ async fn serve(lab: Lab, args: &ServeArgs, reload: &dyn Fn() -> anyhow::Result<L
         server.reloads(rx);
         dhcp_configs = Some(tx);
         dhcp = Some(server);
-    }
-    if !args.no_bridge {
-        tracing::debug!("host networking (bridge, taps, NAT) is not built yet; serving on the interfaces that exist");
     }
 
     // Undone when this function returns, whatever the reason.

@@ -1,0 +1,228 @@
+//! kubenet's VM side against real tools: the files `kubenet setup` writes, read back by
+//! qemu-img, isoinfo, cloud-init, ssh and ssh-keygen; the host-key fetch against a real sshd on
+//! loopback; and QEMU processes started, found again and stopped by `kubenet serve` inside a
+//! namespace the test creates (TCG, no guest OS: the firmware runs and finds nothing to boot).
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use support::{Netns, kubenet_bin, prerequisites, serve, tools};
+
+const IMAGE: &str = "images/ubuntu-24.04-server-cloudimg.img";
+
+fn text(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
+}
+
+/// A lab definition in `d` and a small qcow2 base image in the state directory `state`.
+fn lab_dir(d: &Path, state: &Path, lab: &str) {
+    std::fs::write(d.join("kubenet.toml"), lab).unwrap();
+    std::fs::create_dir_all(state.join("images")).unwrap();
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", IMAGE, "64M"])
+        .current_dir(state)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+fn kubenet(d: &Path, args: &[&str]) -> Output {
+    kubenet_cmd(Command::new(kubenet_bin()), d, args)
+}
+
+fn kubenet_cmd(mut c: Command, d: &Path, args: &[&str]) -> Output {
+    c.args(args).current_dir(d).env("HOME", d.join("home")).env_remove("KUBENET_CONFIG").output().unwrap()
+}
+
+fn ok(o: Output) -> String {
+    assert!(o.status.success(), "{}", text(&o));
+    text(&o)
+}
+
+#[test]
+fn setup_writes_files_real_tools_accept() {
+    if tools(&["qemu-img", "isoinfo", "cloud-init", "ssh", "ssh-keygen"]).is_some() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    lab_dir(d, d, &support::test_lab());
+    let out = ok(kubenet(d, &["setup", "gateway", "worker0"]));
+    assert!(out.contains("worker0    host key made, disk created, seed written"), "{out}");
+
+    // The overlay: qcow2 on the base image by a relative path, the configured size.
+    let info = ok(Command::new("qemu-img")
+        .args(["info", "--output=json", "worker0/disk.img"])
+        .current_dir(d)
+        .output()
+        .unwrap());
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["backing-filename"], "../images/ubuntu-24.04-server-cloudimg.img");
+    assert_eq!(info["virtual-size"], 20u64 << 30);
+    assert_eq!(info["format"], "qcow2");
+
+    // The seed: volume id cidata, both files under their Rock Ridge and Joliet names, and the
+    // user-data cloud-init itself accepts.
+    let seed = d.join("worker0/seed.iso");
+    let seed = seed.to_str().unwrap();
+    let desc = ok(Command::new("isoinfo").args(["-d", "-i", seed]).output().unwrap());
+    assert!(desc.contains("Volume id: cidata") && desc.contains("Rock Ridge") && desc.contains("Joliet"), "{desc}");
+    assert!(!desc.contains("Warning"), "{desc}");
+    let rr = ok(Command::new("isoinfo").args(["-R", "-f", "-i", seed]).output().unwrap());
+    assert!(rr.lines().any(|l| l == "/meta-data") && rr.lines().any(|l| l == "/user-data"), "{rr}");
+    let user_data = Command::new("isoinfo").args(["-J", "-x", "/user-data", "-i", seed]).output().unwrap().stdout;
+    std::fs::write(d.join("user-data"), &user_data).unwrap();
+    let schema = text(&Command::new("cloud-init").args(["schema", "-c"]).arg(d.join("user-data")).output().unwrap());
+    assert!(schema.contains("Valid cloud-config"), "{schema}");
+    let meta = text(&Command::new("isoinfo").args(["-J", "-x", "/meta-data", "-i", seed]).output().unwrap());
+    assert!(meta.contains("local-hostname: worker0"), "{meta}");
+
+    // known_hosts holds the key the VM was given, under its name; ssh_config points there.
+    let found =
+        ok(Command::new("ssh-keygen").args(["-F", "worker0", "-f"]).arg(d.join("known_hosts")).output().unwrap());
+    let public = std::fs::read_to_string(d.join("worker0/ssh_host_ed25519_key.pub")).unwrap();
+    let key_b64 = public.split_whitespace().nth(1).unwrap();
+    assert!(found.contains(key_b64), "{found}");
+    let g = ok(Command::new("ssh").args(["-G", "-F"]).arg(d.join("ssh_config")).arg("worker0").output().unwrap());
+    for want in ["hostname 192.168.1.14", "user kube", "stricthostkeychecking true", "hostkeyalias worker0"] {
+        assert!(g.lines().any(|l| l == want), "{want} missing:\n{g}");
+    }
+    assert!(g.contains(&format!("userknownhostsfile {}", d.join("known_hosts").display())), "{g}");
+    assert!(
+        g.contains(&format!("identityfile {}", d.join("id_ed25519").display())),
+        "a lab key, as HOME has none:\n{g}"
+    );
+
+    // Again: disk and key kept.
+    let ino = |p: &str| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(d.join(p)).unwrap());
+    let disk_before = ino("worker0/disk.img");
+    let out = ok(kubenet(d, &["setup", "worker0"]));
+    assert!(out.contains("worker0    disk kept, seed written"), "{out}");
+    assert_eq!(ino("worker0/disk.img"), disk_before);
+    assert_eq!(std::fs::read_to_string(d.join("worker0/ssh_host_ed25519_key.pub")).unwrap(), public);
+
+    // reset: a fresh disk next time, the same host key.
+    ok(kubenet(d, &["reset", "worker0"]));
+    assert!(!d.join("worker0/disk.img").exists());
+    assert!(ok(kubenet(d, &["setup", "worker0"])).contains("disk created"));
+    assert_eq!(std::fs::read_to_string(d.join("worker0/ssh_host_ed25519_key.pub")).unwrap(), public);
+
+    // A missing base image names the command that fetches it.
+    std::fs::remove_file(d.join(IMAGE)).unwrap();
+    let err = text(&kubenet(d, &["setup", "control0"]));
+    assert!(err.contains("does not exist: download it with `kubenet image pull"), "{err}");
+
+    // destroy: everything but the images folder and the lab definition.
+    let err = text(&kubenet(d, &["destroy"]));
+    assert!(err.contains("pass --yes"), "{err}");
+    ok(kubenet(d, &["destroy", "--yes"]));
+    for gone in ["worker0", "gateway", "known_hosts", "ssh_config", "id_ed25519"] {
+        assert!(!d.join(gone).exists(), "{gone} left");
+    }
+    assert!(d.join("images").is_dir() && d.join("kubenet.toml").is_file());
+}
+
+#[test]
+fn the_host_key_fetch_sees_what_sshd_presents() {
+    if prerequisites(&["sshd", "ssh-keygen"]).is_some() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("ssh_host_ed25519_key");
+    let made = kubenet_vm::keys::load_or_create(&key, "test").unwrap();
+    // sshd insists on its privilege separation directory.
+    std::fs::create_dir_all("/run/sshd").unwrap();
+    let port = support::free_port();
+    let mut cmd = Command::new(support::which("sshd").unwrap());
+    cmd.args([
+        "-D",
+        "-e",
+        "-f",
+        "/dev/null",
+        "-o",
+        "PidFile=none",
+        "-o",
+        &format!("ListenAddress=127.0.0.1:{port}"),
+        "-h",
+    ])
+    .arg(&key);
+    let mut sshd = support::Proc::spawn(cmd, &dir.path().join("sshd.log"));
+    sshd.wait_for("Server listening", Duration::from_secs(10));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let seen = rt.block_on(kubenet_vm::keys::fetch_host_key(addr, Duration::from_secs(5))).unwrap();
+    assert_eq!(seen.key_data(), made.public_key().key_data());
+    let other = kubenet_vm::keys::generate("other").unwrap();
+    assert_ne!(seen.key_data(), other.public_key().key_data());
+    // Nothing listens: a prompt error, not a hang.
+    drop(sshd);
+    let err = rt.block_on(kubenet_vm::keys::fetch_host_key(addr, Duration::from_secs(5))).unwrap_err();
+    assert!(err.to_string().contains("127.0.0.1"), "{err}");
+}
+
+fn status(ns: &Netns, d: &Path) -> serde_json::Value {
+    let out = ok(kubenet_cmd(ns.cmd(kubenet_bin()), d, &["--dir", "state", "status", "--json"]));
+    serde_json::from_str(&out).unwrap()
+}
+
+/// Alive and not a zombie (a daemonized QEMU's parent is init, which reaps it when it will).
+fn pid_alive(pid: u64) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next());
+    state.is_some_and(|s| s != 'Z')
+}
+
+#[test]
+fn serve_starts_finds_again_and_stops_qemu() {
+    if prerequisites(&["qemu-system-x86_64", "qemu-img"]).is_some() {
+        return;
+    }
+    let ns = Netns::new("vm");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // TCG: this machine's KVM cannot run guests, and TCG runs anywhere.
+    let lab = support::test_lab()
+        .replace("accelerator = \"auto\"", "accelerator = \"tcg\"")
+        .replace("memory = \"2G\"", "memory = \"256M\"");
+    assert!(lab.contains("accelerator = \"tcg\""));
+    // serve() keeps the lab's state in d/state; every command here is told the same.
+    lab_dir(d, &d.join("state"), &lab);
+    let agent = serve(&ns, d, &[]);
+    let cli = |args: &[&str]| kubenet_cmd(ns.cmd(kubenet_bin()), d, &[&["--dir", "state"][..], args].concat());
+    let up = |args: &[&str]| cli(&[&["up", "gateway"][..], args].concat());
+    // `up` prepares, starts, and (no OS in this image) times out waiting for a lease, showing
+    // the console's last lines.
+    let out = up(&["--timeout", "3"]);
+    let t = text(&out);
+    assert!(!out.status.success(), "{t}");
+    assert!(t.contains("gateway    started (pid ") && t.contains("1 of 1 VMs not ready after 3 s: gateway"), "{t}");
+    assert!(t.contains("--- gateway: last console lines ---"), "{t}");
+    let s = status(&ns, d);
+    assert_eq!(s[0]["name"], "gateway");
+    assert_eq!(s[0]["state"], "running");
+    let pid = s[0]["pid"].as_u64().unwrap();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    assert!(String::from_utf8_lossy(&cmdline).contains("qemu-system-x86_64\0-name\0gateway\0-machine\0q35,accel=tcg"));
+    assert_eq!(s[1]["state"], "stopped");
+
+    // The agent stops; the VM does not. A new agent finds it and does not start a second one.
+    agent.stop();
+    assert!(pid_alive(pid), "stopping serve must not stop the VMs");
+    let agent = serve(&ns, d, &[]);
+    assert_eq!(status(&ns, d)[0]["pid"].as_u64(), Some(pid));
+    let t = text(&up(&["--timeout", "1"]));
+    assert!(t.contains(&format!("gateway    running (pid {pid})")), "{t}");
+
+    // down: the firmware ignores the ACPI request, so QEMU is stopped after the grace time.
+    let out = ok(cli(&["down", "--grace", "2"]));
+    assert!(out.contains("gateway    stopped (SIGTERM after the grace time)"), "{out}");
+    assert!(out.contains("worker0    not running"), "{out}");
+    assert!(!pid_alive(pid));
+    assert_eq!(status(&ns, d)[0]["state"], "stopped");
+    let log = agent.stop();
+    assert!(log.contains("VM started") || log.contains("VM stopped"), "{log}");
+}

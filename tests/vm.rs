@@ -111,10 +111,11 @@ fn setup_writes_files_real_tools_accept() {
     assert!(ok(kubenet(d, &["setup", "worker0"])).contains("disk created"));
     assert_eq!(std::fs::read_to_string(d.join("worker0/ssh_host_ed25519_key.pub")).unwrap(), public);
 
-    // A missing base image names the command that fetches it.
+    // A missing base image says where to put which image.
     std::fs::remove_file(d.join(IMAGE)).unwrap();
     let err = text(&kubenet(d, &["setup", "control0"]));
-    assert!(err.contains("does not exist: download it with `kubenet image pull"), "{err}");
+    assert!(err.contains(&format!("{} does not exist: put a cloud image there", d.join(IMAGE).display())), "{err}");
+    assert!(err.contains("noble-server-cloudimg-amd64.img"), "{err}");
 
     // destroy: everything but the images folder and the lab definition.
     let err = text(&kubenet(d, &["destroy"]));

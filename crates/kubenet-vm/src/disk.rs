@@ -12,8 +12,10 @@ use crate::files::{VmFiles, relative_to};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
-    #[error("the base image {path} does not exist: download it with `kubenet image pull`{hint}")]
-    NoBaseImage { path: PathBuf, hint: String },
+    #[error(
+        "the base image {path} does not exist: put a cloud image there, e.g. Ubuntu's https://cloud-images.ubuntu.com/noble/current/noble-server-cloudimg-{arch}.img, or point the group's `image` at one"
+    )]
+    NoBaseImage { path: PathBuf, arch: &'static str },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error("`qemu-img create` failed for {disk}: {stderr}")]
@@ -62,8 +64,8 @@ pub fn create(lab: &Lab, vm: &Vm) -> Result<bool, DiskError> {
             let _ = f.read(&mut header).map_err(io(&base))?;
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let hint = if lab.source.starts_with('<') { String::new() } else { format!(" --config {}", lab.source) };
-            return Err(DiskError::NoBaseImage { path: base, hint });
+            let arch = if cfg!(target_arch = "aarch64") { "arm64" } else { "amd64" };
+            return Err(DiskError::NoBaseImage { path: base, arch });
         }
         Err(e) => return Err(io(&base)(e)),
     }

@@ -14,6 +14,7 @@ mod error;
 mod model;
 mod raw;
 mod resolve;
+pub mod state;
 mod units;
 
 use std::path::{Path, PathBuf};

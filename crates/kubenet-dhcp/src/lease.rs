@@ -8,7 +8,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
-use std::io::Write as _;
 use std::net::Ipv4Addr;
 use std::path::Path;
 
@@ -154,15 +153,7 @@ pub fn save(path: &Path, table: &LeaseTable) -> std::io::Result<()> {
 /// [`save`] for text already rendered, so the caller can render under its lock and write
 /// outside it.
 pub fn save_text(path: &Path, text: &str) -> std::io::Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
+    kubenet_cluster::state::write_atomic(path, text.as_bytes(), 0o644)
 }
 
 /// Reads the lease file; a missing file is an empty table.

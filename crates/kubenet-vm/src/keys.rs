@@ -5,7 +5,9 @@
 //! `~/.ssh/known_hosts` rewritten under a lock. Key formats come from ssh-key (the copy russh
 //! re-exports); rendering is pure, the file helpers do I/O.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
+
+use kubenet_cluster::state::write_atomic;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -40,17 +42,6 @@ pub fn generate(comment: &str) -> Result<PrivateKey, KeyError> {
     let mut key = PrivateKey::from(Ed25519Keypair::from_seed(&seed));
     key.set_comment(comment);
     Ok(key)
-}
-
-/// Writes `contents` to `path` atomically (temporary file, fsync, rename) with `mode`.
-pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("file")));
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
-    f.write_all(contents)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 /// The key at `path` (OpenSSH private key), made (with `path.pub`) if there is none.

@@ -45,10 +45,11 @@ pub fn lab_files(lab: &Lab, login: &LoginKey) -> Result<(), PrepareError> {
     let entries = keys::lab_host_keys(lab)?;
     let io = |path: std::path::PathBuf| move |source| keys::KeyError::Io { path, source };
     std::fs::create_dir_all(&files.dir).map_err(io(files.dir.clone()))?;
-    keys::write_atomic(&files.known_hosts(), keys::known_hosts(&entries)?.as_bytes(), 0o644)
+    kubenet_cluster::state::write_atomic(&files.known_hosts(), keys::known_hosts(&entries)?.as_bytes(), 0o644)
         .map_err(io(files.known_hosts()))?;
     let config = keys::ssh_config(lab, login.identity.as_deref());
-    keys::write_atomic(&files.ssh_config(), config.as_bytes(), 0o644).map_err(io(files.ssh_config()))?;
+    kubenet_cluster::state::write_atomic(&files.ssh_config(), config.as_bytes(), 0o644)
+        .map_err(io(files.ssh_config()))?;
     Ok(())
 }
 

@@ -179,7 +179,8 @@ fn zero_joliet_escape_padding(image: &mut [u8]) {
 /// Writes the seed image to `path` atomically.
 pub fn write(path: &Path, seed: &Seed) -> Result<(), SeedError> {
     let bytes = iso(seed)?;
-    crate::keys::write_atomic(path, &bytes, 0o644).map_err(|source| SeedError::Io { path: path.to_path_buf(), source })
+    kubenet_cluster::state::write_atomic(path, &bytes, 0o644)
+        .map_err(|source| SeedError::Io { path: path.to_path_buf(), source })
 }
 
 #[cfg(test)]

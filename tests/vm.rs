@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use support::{Netns, kubenet_bin, prerequisites, serve, tools};
+use support::{Netns, kubenet_bin, pid_alive, prerequisites, serve, tools};
 
 const IMAGE: &str = "images/ubuntu-24.04-server-cloudimg.img";
 
@@ -114,8 +114,8 @@ fn setup_writes_files_real_tools_accept() {
     // A missing base image says where to put which image.
     std::fs::remove_file(d.join(IMAGE)).unwrap();
     let err = text(&kubenet(d, &["setup", "control0"]));
-    assert!(err.contains(&format!("{} does not exist: put a cloud image there", d.join(IMAGE).display())), "{err}");
-    assert!(err.contains("noble-server-cloudimg-amd64.img"), "{err}");
+    assert!(err.contains(&format!("{} does not exist: run `kubenet image pull`", d.join(IMAGE).display())), "{err}");
+    assert!(err.contains("noble/current/noble-server-cloudimg-amd64.img"), "{err}");
 
     // destroy: everything but the images folder and the lab definition.
     let err = text(&kubenet(d, &["destroy"]));
@@ -171,12 +171,6 @@ fn status(ns: &Netns, d: &Path) -> serde_json::Value {
 }
 
 /// Alive and not a zombie (a daemonized QEMU's parent is init, which reaps it when it will).
-fn pid_alive(pid: u64) -> bool {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let state = stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next());
-    state.is_some_and(|s| s != 'Z')
-}
-
 #[test]
 fn serve_starts_finds_again_and_stops_qemu() {
     if prerequisites(&["qemu-system-x86_64", "qemu-img"]).is_some() {
@@ -226,4 +220,149 @@ fn serve_starts_finds_again_and_stops_qemu() {
     assert_eq!(status(&ns, d)[0]["state"], "stopped");
     let log = agent.stop();
     assert!(log.contains("VM started") || log.contains("VM stopped"), "{log}");
+}
+
+/// A static HTTP server on loopback (Python's http.server) serving `dir`, once it accepts.
+fn http_server(dir: &Path, log: &Path) -> (support::Proc, u16) {
+    let port = support::free_port();
+    let mut cmd = Command::new("python3");
+    cmd.args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1", "--directory"]).arg(dir);
+    let p = support::Proc::spawn(cmd, log);
+    let start = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(start.elapsed() < Duration::from_secs(10), "http.server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (p, port)
+}
+
+#[test]
+fn image_pull_verifies_against_the_publishers_sums() {
+    if tools(&["python3", "sha256sum"]).is_some() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // The "publisher": an image named as Ubuntu names them, and its SHA256SUMS by sha256sum.
+    let site = d.join("site");
+    std::fs::create_dir_all(&site).unwrap();
+    let arch = kubenet_vm::image::host_arch();
+    let file = format!("noble-server-cloudimg-{arch}.img");
+    let image: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    std::fs::write(site.join(&file), &image).unwrap();
+    let sums = ok(Command::new("sha256sum").arg("--binary").arg(&file).current_dir(&site).output().unwrap());
+    std::fs::write(site.join("SHA256SUMS"), &sums).unwrap();
+    let (_server, port) = http_server(&site, &d.join("http.log"));
+
+    let lab = support::test_lab().replace(
+        "image = \"images/ubuntu-24.04-server-cloudimg.img\"",
+        &format!("image = \"images/ubuntu-24.04-server-cloudimg.img\"\nimage_url = \"http://127.0.0.1:{port}/noble-server-cloudimg-{{arch}}.img\""),
+    );
+    std::fs::write(d.join("kubenet.toml"), lab).unwrap();
+    let target = d.join(IMAGE);
+
+    // Missing: setup names the command; pull fetches and verifies.
+    let err = text(&kubenet(d, &["setup", "gateway"]));
+    assert!(err.contains("run `kubenet image pull`") && err.contains(&format!("127.0.0.1:{port}/{file}")), "{err}");
+    let out = ok(kubenet(d, &["image", "pull"]));
+    assert!(out.contains("downloaded 2.9 MiB, SHA-256 verified"), "{out}");
+    assert_eq!(std::fs::read(&target).unwrap(), image);
+    assert!(ok(kubenet(d, &["image", "pull"])).contains("up to date"));
+
+    // A sums file that disagrees: refused, the image in place untouched, no partial file left.
+    std::fs::write(site.join("SHA256SUMS"), format!("{} *{file}\n", "0".repeat(64))).unwrap();
+    let out = kubenet(d, &["image", "pull"]);
+    let err = text(&out);
+    assert!(!out.status.success() && err.contains("does not match the expected 0000"), "{err}");
+    assert!(err.contains("SHA256SUMS") && err.contains("left as it was"), "{err}");
+    assert_eq!(std::fs::read(&target).unwrap(), image, "a failed pull changes nothing");
+    let left: Vec<_> = std::fs::read_dir(d.join("images")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left.len(), 1, "{left:?}");
+
+    // Not listed at all, and a server that is not there: clear errors.
+    std::fs::write(site.join("SHA256SUMS"), format!("{} *other.img\n", "0".repeat(64))).unwrap();
+    let err = text(&kubenet(d, &["image", "pull"]));
+    assert!(err.contains(&format!("lists no SHA-256 for {file}")), "{err}");
+    drop(_server);
+    let err = text(&kubenet(d, &["image", "pull"]));
+    assert!(err.contains(&format!("http://127.0.0.1:{port}/SHA256SUMS")), "{err}");
+}
+
+#[test]
+fn tmux_builds_the_tutorials_layout_headless() {
+    if tools(&["tmux"]).is_some() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    lab_dir(d, d, &support::test_lab());
+    // A tmux server of this test's own (its socket under TMUX_TMPDIR), ended by the guard.
+    let sockets = d.join("tmux");
+    std::fs::create_dir_all(&sockets).unwrap();
+    let tmux = |args: &[&str]| {
+        let o = Command::new("tmux").args(args).env("TMUX_TMPDIR", &sockets).env_remove("TMUX").output().unwrap();
+        ok(o)
+    };
+    struct KillServer<'a>(&'a Path);
+    impl Drop for KillServer<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("tmux").arg("kill-server").env("TMUX_TMPDIR", self.0).env_remove("TMUX").output();
+        }
+    }
+    let _server = KillServer(&sockets);
+    let run = || {
+        let mut c = Command::new(kubenet_bin());
+        c.env("TMUX_TMPDIR", &sockets).env_remove("TMUX");
+        ok(kubenet_cmd(c, d, &["tmux", "lab"]))
+    };
+    let out = run();
+    assert!(out.contains("not on a terminal: attach with `tmux attach -t lab`"), "{out}");
+
+    let windows = tmux(&["list-windows", "-t", "lab", "-F", "#{window_name} #{window_panes} #{synchronize-panes}"]);
+    assert_eq!(windows, "qemu 7 0\nssh-gateway 1 0\nssh-controls 3 1\nssh-workers 3 1\n");
+    let starts = tmux(&["list-panes", "-t", "lab:ssh-workers", "-F", "#{pane_start_command}"]);
+    let prefix = format!("{} --config {} --dir {}", kubenet_bin(), d.join("kubenet.toml").display(), d.display());
+    let want: Vec<String> = ["worker0", "worker1", "worker2"].iter().map(|n| format!("{prefix} ssh {n}")).collect();
+    // tmux shows a start command in quotes.
+    assert_eq!(starts.lines().map(|l| l.trim_matches('"')).collect::<Vec<_>>(), want, "{starts}");
+    let active = tmux(&["display-message", "-p", "-t", "lab:ssh-workers", "#{pane_start_command}"]);
+    assert!(active.trim().trim_matches('"').ends_with("ssh worker0"), "the first pane is active: {active}");
+    let consoles = tmux(&["list-panes", "-t", "lab:qemu", "-F", "#{pane_start_command}"]);
+    assert!(consoles.lines().next().unwrap().trim_matches('"').ends_with(" console gateway"), "{consoles}");
+    // No VM runs, so every pane's command has ended: the panes stay, showing why.
+    assert_eq!(tmux(&["show-options", "-w", "-v", "-t", "lab:qemu", "remain-on-exit"]), "on\n");
+
+    // Again: the session is there; it is not built twice.
+    assert!(run().contains("tmux session lab exists"));
+    assert_eq!(tmux(&["list-windows", "-t", "lab"]).lines().count(), 4);
+}
+
+#[test]
+fn ssh_include_lets_plain_ssh_reach_the_lab() {
+    if tools(&["ssh", "qemu-img"]).is_some() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    lab_dir(d, d, &support::test_lab());
+    let user_config = d.join("home/.ssh/config");
+    std::fs::create_dir_all(user_config.parent().unwrap()).unwrap();
+    std::fs::write(&user_config, "Host github.com\n    User git\n").unwrap();
+
+    let out = ok(kubenet(d, &["setup", "--ssh-include", "worker0"]));
+    assert!(out.contains(&format!("to {}", user_config.display())), "{out}");
+    ok(kubenet(d, &["setup", "--ssh-include", "worker0"]));
+    let text_now = std::fs::read_to_string(&user_config).unwrap();
+    assert_eq!(text_now.matches("Include ").count(), 1, "added once:\n{text_now}");
+    // ssh itself, reading that file: the lab's names resolve, the user's own hosts are as before.
+    let g = |host: &str| ok(Command::new("ssh").args(["-G", "-F"]).arg(&user_config).arg(host).output().unwrap());
+    let w = g("worker0");
+    assert!(
+        w.lines().any(|l| l == "hostname 192.168.1.14") && w.lines().any(|l| l == "stricthostkeychecking true"),
+        "{w}"
+    );
+    assert!(g("github.com").lines().any(|l| l == "user git"));
+
+    ok(kubenet(d, &["destroy", "--yes"]));
+    assert_eq!(std::fs::read_to_string(&user_config).unwrap(), "Host github.com\n    User git\n");
 }

@@ -35,6 +35,19 @@ pub fn tools(tools: &[&str]) -> Option<String> {
     )
 }
 
+/// Skips a test for `reason` (printed), or panics under CI=true.
+pub fn skip(reason: &str) {
+    check(Some(reason.to_owned()));
+}
+
+/// Whether `pid` is a live process (not gone, not a zombie waiting for its parent: a daemonized
+/// QEMU's parent is init, which may reap it late).
+pub fn pid_alive(pid: u64) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next());
+    state.is_some_and(|s| s != 'Z')
+}
+
 fn check(reason: Option<String>) -> Option<String> {
     if let Some(r) = &reason {
         if std::env::var("CI").is_ok_and(|v| v == "true") {

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 pub use error::{ConfigError, Problem, Source};
 pub use model::{Accelerator, DhcpRange, Dns, HostEntry, Lab, Login, Mac, Network, Vm};
-pub use resolve::is_dns_label;
+pub use resolve::{IMAGE_URL, is_dns_label};
 pub use units::{Bytes, LeaseTime, parse_duration};
 
 /// The reference lab, compiled in: `kubenet init` writes it and it is used when no file is found.

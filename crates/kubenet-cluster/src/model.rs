@@ -158,9 +158,21 @@ pub struct Vm {
     pub disk: Bytes,
     /// The base image; relative paths are taken from the state directory.
     pub image: PathBuf,
+    /// Where `kubenet image pull` downloads the base image from; `{arch}` stands for the host's
+    /// architecture as cloud images name it (amd64, arm64). None: the group named its own image
+    /// and gave no URL, so only the user can provide it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_url: Option<String>,
+    /// The image's SHA-256 (lowercase hex); None: taken from the SHA256SUMS file beside the URL.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_sha256: Option<String>,
     /// Extra `#cloud-config` YAML for this VM's user-data.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub user_data: Option<String>,
+    /// A cloud-init network-config (version 1 or 2) for this VM's seed; none: cloud-init's
+    /// fallback, DHCP on the first NIC.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network_config: Option<String>,
 }
 
 impl Lab {

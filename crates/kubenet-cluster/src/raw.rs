@@ -67,7 +67,10 @@ pub struct RawGroup {
     pub memory: Option<Spanned<String>>,
     pub disk: Option<Spanned<String>>,
     pub image: Option<String>,
+    pub image_url: Option<String>,
+    pub image_sha256: Option<Spanned<String>>,
     pub user_data: Option<String>,
+    pub network_config: Option<String>,
     pub address: Option<Spanned<Ipv4Addr>>,
     #[serde(default)]
     pub addresses: BTreeMap<String, Spanned<Ipv4Addr>>,

@@ -29,6 +29,8 @@ const VCPUS: u32 = 2;
 const MEMORY: Bytes = Bytes(2 * Bytes::GIB);
 const DISK: Bytes = Bytes(20 * Bytes::GIB);
 const IMAGE: &str = "images/ubuntu-24.04-server-cloudimg.img";
+/// Where the default image comes from: Ubuntu 24.04's current cloud image for the host.
+pub const IMAGE_URL: &str = "https://cloud-images.ubuntu.com/noble/current/noble-server-cloudimg-{arch}.img";
 /// MACs carry the id in three bytes.
 const MAX_VMS: u32 = 1 << 24;
 const DNS_PORT: u16 = 53;
@@ -331,6 +333,17 @@ pub(crate) fn resolve(raw: RawLab, text: &str, source: String, base_dir: &Path) 
             .unwrap_or_else(|| {
                 gr.name.as_ref().or(gr.prefix.as_ref()).map(|s| s.get_ref().to_ascii_lowercase()).unwrap_or_default()
             });
+            let image_sha256 = match &gr.image_sha256 {
+                Some(v) => cx.parse(v, &format!("{key}.image_sha256"), |s| {
+                    let s = s.to_ascii_lowercase();
+                    if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
+                        Ok(s)
+                    } else {
+                        Err(format!("`{s}` is not a SHA-256: use its 64 hex digits"))
+                    }
+                }),
+                None => None,
+            };
             let id_bytes = id.to_be_bytes();
             vms.push(Vm {
                 id,
@@ -343,7 +356,14 @@ pub(crate) fn resolve(raw: RawLab, text: &str, source: String, base_dir: &Path) 
                 memory,
                 disk,
                 image: PathBuf::from(gr.image.as_deref().unwrap_or(IMAGE)),
+                // The default image comes from Ubuntu unless the group says otherwise.
+                image_url: gr
+                    .image_url
+                    .clone()
+                    .or_else(|| (gr.image.as_deref().unwrap_or(IMAGE) == IMAGE).then(|| IMAGE_URL.to_owned())),
+                image_sha256: image_sha256.clone(),
                 user_data: gr.user_data.clone(),
+                network_config: gr.network_config.clone(),
             });
             overridden.push(addr.map(|a| a.span()));
         }

@@ -12,10 +12,8 @@ use crate::files::{VmFiles, relative_to};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
-    #[error(
-        "the base image {path} does not exist: put a cloud image there, e.g. Ubuntu's https://cloud-images.ubuntu.com/noble/current/noble-server-cloudimg-{arch}.img, or point the group's `image` at one"
-    )]
-    NoBaseImage { path: PathBuf, arch: &'static str },
+    #[error("the base image {path} does not exist: {hint}")]
+    NoBaseImage { path: PathBuf, hint: String },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error("`qemu-img create` failed for {disk}: {stderr}")]
@@ -64,8 +62,14 @@ pub fn create(lab: &Lab, vm: &Vm) -> Result<bool, DiskError> {
             let _ = f.read(&mut header).map_err(io(&base))?;
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let arch = if cfg!(target_arch = "aarch64") { "arm64" } else { "amd64" };
-            return Err(DiskError::NoBaseImage { path: base, arch });
+            let hint = match &vm.image_url {
+                Some(url) => format!(
+                    "run `kubenet image pull` to download it from {} and check its SHA-256",
+                    crate::image::expand(url, crate::image::host_arch())
+                ),
+                None => "put a cloud image there, or point the group's `image` (and `image_url`) elsewhere".into(),
+            };
+            return Err(DiskError::NoBaseImage { path: base, hint });
         }
         Err(e) => return Err(io(&base)(e)),
     }

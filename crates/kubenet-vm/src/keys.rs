@@ -156,15 +156,33 @@ pub fn ssh_config(lab: &Lab, identity: Option<&Path>) -> String {
     out
 }
 
-/// `existing` (a known_hosts file) without lines for any of `names` (plain host fields only;
-/// hashed `|1|` lines are kept), with `new` appended.
+/// Whether a hashed known_hosts host field (`|1|salt|hash`, what `HashKnownHosts yes` and
+/// `ssh-keygen -H` write: base64 of HMAC-SHA1 keyed by the salt over the host name) is one of
+/// `names`.
+pub fn hashed_host_matches(field: &str, names: &[String]) -> bool {
+    use base64ct::{Base64, Encoding};
+    use hmac::{KeyInit, Mac};
+    let Some((salt, hash)) = field.strip_prefix("|1|").and_then(|rest| rest.split_once('|')) else { return false };
+    let (Ok(salt), Ok(hash)) = (Base64::decode_vec(salt), Base64::decode_vec(hash)) else { return false };
+    names.iter().any(|name| {
+        let Ok(mut mac) = hmac::Hmac::<sha1::Sha1>::new_from_slice(&salt) else { return false };
+        mac.update(name.to_ascii_lowercase().as_bytes());
+        mac.verify_slice(&hash).is_ok()
+    })
+}
+
+/// `existing` (a known_hosts file) without lines for any of `names`, plain or hashed, with
+/// `new` appended.
 pub fn rewrite_known_hosts(existing: &str, names: &[String], new: &str) -> String {
     let mentions = |line: &str| {
         let t = line.trim_start();
-        if t.starts_with('#') || t.starts_with('|') {
+        if t.starts_with('#') {
             return false;
         }
         let field = t.split_whitespace().find(|f| !f.starts_with('@')).unwrap_or("");
+        if field.starts_with('|') {
+            return hashed_host_matches(field, names);
+        }
         field.split(',').any(|h| {
             let h = h.strip_prefix('[').and_then(|h| h.split(']').next()).unwrap_or(h);
             names.iter().any(|n| n.eq_ignore_ascii_case(h))
@@ -181,13 +199,61 @@ pub fn rewrite_known_hosts(existing: &str, names: &[String], new: &str) -> Strin
 /// Rewrites the user's known_hosts (`path`) with the lab's entries, holding an exclusive lock
 /// on it meanwhile as the tutorial's `flock` did, and replacing it atomically.
 pub fn update_known_hosts(path: &Path, names: &[String], new: &str) -> Result<(), KeyError> {
+    edit_locked(path, |existing| Some(rewrite_known_hosts(existing, names, new))).map(|_| ())
+}
+
+/// The `Include` line that makes plain `ssh worker0` use the lab's ssh_config.
+pub fn include_line(lab_ssh_config: &Path) -> String {
+    format!("Include {}", quote(lab_ssh_config))
+}
+
+/// `existing` (a ~/.ssh/config) with `line` added at the top, where an `Include` applies to
+/// every host (further down, inside a `Host` or `Match` block, it would apply only there).
+/// None: the line is there already.
+pub fn add_include(existing: &str, line: &str) -> Option<String> {
+    if existing.lines().any(|l| l.trim() == line) {
+        return None;
+    }
+    Some(format!("# Added by `kubenet setup --ssh-include`: the lab's VMs by name.\n{line}\n\n{existing}"))
+}
+
+/// `existing` without `line` and the comment `add_include` put above it. None: not there.
+pub fn remove_include(existing: &str, line: &str) -> Option<String> {
+    let lines: Vec<&str> = existing.lines().collect();
+    let at = lines.iter().position(|l| l.trim() == line)?;
+    let mut keep: Vec<&str> = Vec::with_capacity(lines.len());
+    for (i, l) in lines.iter().enumerate() {
+        let ours = i == at
+            || (i + 1 == at && l.starts_with("# Added by `kubenet setup --ssh-include`"))
+            || (i == at + 1 && l.trim().is_empty());
+        if !ours {
+            keep.push(l);
+        }
+    }
+    Some(keep.iter().flat_map(|l| [*l, "\n"]).collect())
+}
+
+/// Applies `change` to the file at `path` (missing: empty) under an exclusive lock, writing the
+/// result atomically with the file's mode kept (0600 for a new one). Returns whether it changed.
+pub fn edit_locked(path: &Path, change: impl FnOnce(&str) -> Option<String>) -> Result<bool, KeyError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     }
-    let lock = std::fs::OpenOptions::new().read(true).append(true).create(true).open(path).map_err(io_err(path))?;
+    let lock = std::fs::OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err(path))?;
     lock.lock().map_err(io_err(path))?;
+    let mode = lock.metadata().map_err(io_err(path))?.permissions().mode() & 0o7777;
     let existing = std::fs::read_to_string(path).map_err(io_err(path))?;
-    write_atomic(path, rewrite_known_hosts(&existing, names, new).as_bytes(), 0o600).map_err(io_err(path))
+    match change(&existing) {
+        Some(new) => write_atomic(path, new.as_bytes(), mode).map(|()| true).map_err(io_err(path)),
+        None => Ok(false),
+    }
 }
 
 /// The host keys of every VM of `lab` that has one (after `kubenet setup`).

@@ -50,6 +50,8 @@ fn ssh_config_pins_the_lab_known_hosts() {
     assert!(!ssh_config(&lab, None).contains("IdentityFile"));
 }
 
+// The hashed lines are what `ssh-keygen -H` made of plain lines for worker0, 192.168.1.14 and
+// other; the malformed `|1|hash=|salt=` is kept as it is.
 #[test]
 fn rewriting_known_hosts_drops_only_the_labs_stale_lines() {
     let existing = "github.com ssh-ed25519 AAAAgh\n\
@@ -58,6 +60,9 @@ fn rewriting_known_hosts_drops_only_the_labs_stale_lines() {
                     [worker0.kubevms]:22 ssh-ed25519 AAAAold3\n\
                     @cert-authority worker0 ssh-ed25519 AAAAca\n\
                     |1|hash=|salt= ssh-ed25519 AAAAhashed\n\
+                    |1|0VDxr1O2tdpT8UV0Jndpa2g2VVo=|qWnaHoylzkblWsbwREDGfPXgZB0= ssh-ed25519 AAAAworker0\n\
+                    |1|ckMZzheowWS3QzBS9RhH7NX/4RA=|PxIB46dAeno3/a3ZC6P9vbK4Xos= ssh-ed25519 AAAAip\n\
+                    |1|tL9PaiY0xgHO+RNfj9fXPpOhb44=|snt8RB9MJB93cAMEHLDGDL8kZAE= ssh-ed25519 AAAAother\n\
                     # a comment about worker0\n\
                     worker01 ssh-ed25519 AAAAkeep\n";
     let names: Vec<String> = ["worker0", "worker0.kubevms", "192.168.1.14"].map(String::from).to_vec();
@@ -67,6 +72,7 @@ fn rewriting_known_hosts_drops_only_the_labs_stale_lines() {
         out,
         "github.com ssh-ed25519 AAAAgh\n\
          |1|hash=|salt= ssh-ed25519 AAAAhashed\n\
+         |1|tL9PaiY0xgHO+RNfj9fXPpOhb44=|snt8RB9MJB93cAMEHLDGDL8kZAE= ssh-ed25519 AAAAother\n\
          # a comment about worker0\n\
          worker01 ssh-ed25519 AAAAkeep\n\
          worker0,worker0.kubevms,192.168.1.14 ssh-ed25519 AAAAnew\n"
@@ -108,4 +114,32 @@ fn login_key_prefers_the_users_then_makes_a_lab_key() {
     std::fs::write(home.path().join(".ssh/id_ed25519.pub"), "not a key\n").unwrap();
     let err = login_key(&lab, home.path()).unwrap_err().to_string();
     assert!(err.contains("id_ed25519.pub: not an OpenSSH key"), "{err}");
+}
+
+#[test]
+fn the_include_line_goes_on_top_once_and_comes_out_cleanly() {
+    let line = include_line(Path::new("/lab/ssh_config"));
+    assert_eq!(line, "Include \"/lab/ssh_config\"");
+    let user = "Host github.com\n    User git\n";
+    let with = add_include(user, &line).unwrap();
+    assert!(with.starts_with("# Added by"), "{with}");
+    let first_host = with.find("Host github.com").unwrap();
+    assert!(with.find(&line).unwrap() < first_host, "before any Host block:\n{with}");
+    assert_eq!(add_include(&with, &line), None, "only once");
+    assert_eq!(remove_include(&with, &line).as_deref(), Some(user));
+    assert_eq!(remove_include(user, &line), None);
+}
+
+#[test]
+fn a_locked_edit_keeps_the_mode_and_makes_new_files_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(".ssh/config");
+    assert!(edit_locked(&path, |old| add_include(old, "Include x")).unwrap());
+    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert!(!edit_locked(&path, |old| add_include(old, "Include x")).unwrap(), "nothing to do");
+    assert!(edit_locked(&path, |old| remove_include(old, "Include x")).unwrap());
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
+    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o644);
 }

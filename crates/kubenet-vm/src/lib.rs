@@ -4,6 +4,7 @@
 //! - [`files`]: where each VM's disk, seed, host key, sockets and logs live (pure paths).
 //! - [`qemu`]: the host profile (OS, architecture, accelerator, firmware) and the QEMU command
 //!   line built from it as data, so both the macOS and the Linux profile are tested anywhere.
+//! - [`image`]: `kubenet image pull`: base images downloaded and checked against SHA256SUMS.
 //! - [`disk`]: the qcow2 overlay on the base image (`qemu-img create` as data, run by `create`).
 //! - [`seed`]: the cloud-init NoCloud documents, rendered from serde values, and the `cidata`
 //!   ISO 9660 image that carries them.
@@ -16,6 +17,7 @@
 
 pub mod disk;
 pub mod files;
+pub mod image;
 pub mod keys;
 pub mod prepare;
 pub mod process;

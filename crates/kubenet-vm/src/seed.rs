@@ -1,4 +1,5 @@
-//! The cloud-init NoCloud seed of a VM: `meta-data`, `user-data` and an ISO 9660 image with
+//! The cloud-init NoCloud seed of a VM: `meta-data`, `user-data`, `network-config` and an ISO 9660
+//! image with
 //! volume id `cidata` that carries them (Rock Ridge and Joliet, as `genisoimage -J -r` made it
 //! in the tutorial). The documents are built as YAML values and serialized, never templated as
 //! text, so a name or key with odd characters cannot break them. [`documents`] and [`iso`] are
@@ -16,6 +17,8 @@ use serde_yaml_ng::Value;
 pub enum SeedError {
     #[error("user_data of {vm}: not a YAML mapping of cloud-config keys: {message}")]
     UserData { vm: String, message: String },
+    #[error("network_config of {vm}: not a cloud-init network-config mapping: {message}")]
+    NetworkConfig { vm: String, message: String },
     #[error("{0}")]
     Encode(String),
     #[error("{path}: {source}")]
@@ -27,6 +30,8 @@ pub enum SeedError {
 pub struct Seed {
     pub meta_data: String,
     pub user_data: String,
+    /// Written only when the group sets `network_config`.
+    pub network_config: Option<String>,
 }
 
 fn map(pairs: impl IntoIterator<Item = (&'static str, Value)>) -> Value {
@@ -91,6 +96,19 @@ pub fn documents(lab: &Lab, vm: &Vm, login_public_key: &str, host_key: &PrivateK
         ("ssh_pwauth", false.into()),
         ("ssh_deletekeys", true.into()),
         ("ssh_keys", map([("ed25519_private", private.as_str().into()), ("ed25519_public", public.into())])),
+        // The lab's domain as the search domain, so `ssh worker0` works from VM to VM. DHCP
+        // hands it out (option 15), but systemd-networkd, which Ubuntu's and Debian's cloud
+        // images use, ignores it unless told (`UseDomains=no`), and cloud-init's networkd
+        // renderer cannot say so without renaming the NIC. Guests without systemd-resolved
+        // (dhclient, udhcpc) take it from DHCP and never read this file.
+        (
+            "write_files",
+            list([map([
+                ("path", "/etc/systemd/resolved.conf.d/kubenet.conf".into()),
+                ("content", format!("[Resolve]\nDomains={}\n", lab.network.domain).into()),
+            ])]),
+        ),
+        ("runcmd", list([list(["systemctl".into(), "try-restart".into(), "systemd-resolved".into()])])),
     ]);
     if let (Some(pw), Value::Mapping(d)) = (&login.password, &mut doc) {
         d.insert(
@@ -118,7 +136,23 @@ pub fn documents(lab: &Lab, vm: &Vm, login_public_key: &str, host_key: &PrivateK
         }
     }
     let yaml = |v: &Value| serde_yaml_ng::to_string(v).map_err(|e| SeedError::Encode(e.to_string()));
-    Ok(Seed { meta_data: yaml(&meta)?, user_data: format!("#cloud-config\n{}", yaml(&doc)?) })
+    Ok(Seed {
+        meta_data: yaml(&meta)?,
+        user_data: format!("#cloud-config\n{}", yaml(&doc)?),
+        network_config: network_config(vm)?,
+    })
+}
+
+/// The group's network-config, checked to be a YAML mapping so a typo fails at `setup`, not
+/// silently in the guest (cloud-init ignores a network-config it cannot parse).
+fn network_config(vm: &Vm) -> Result<Option<String>, SeedError> {
+    let Some(text) = &vm.network_config else { return Ok(None) };
+    let err = |message: String| SeedError::NetworkConfig { vm: vm.name.clone(), message };
+    match serde_yaml_ng::from_str::<Value>(text).map_err(|e| err(e.to_string()))? {
+        Value::Mapping(m) if m.contains_key("version") => Ok(Some(text.clone())),
+        Value::Mapping(_) => Err(err("no `version` key (1 or 2)".into())),
+        other => Err(err(format!("found {}", kind(&other)))),
+    }
 }
 
 fn kind(v: &Value) -> &'static str {
@@ -141,7 +175,11 @@ pub fn iso(seed: &Seed) -> Result<Vec<u8>, SeedError> {
         |name: &str, text: &str| File::File { name: Arc::new(name.to_owned()), contents: text.as_bytes().to_vec() };
     let files = InputFiles {
         path_separator: PathSeparator::ForwardSlash,
-        files: vec![file("meta-data", &seed.meta_data), file("user-data", &seed.user_data)],
+        files: [("meta-data", Some(&seed.meta_data)), ("user-data", Some(&seed.user_data))]
+            .into_iter()
+            .chain([("network-config", seed.network_config.as_ref())])
+            .filter_map(|(name, text)| Some(file(name, text?)))
+            .collect(),
     };
     let options = FormatOptions {
         volume_name: "cidata".to_owned(),

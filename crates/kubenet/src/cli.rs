@@ -40,6 +40,9 @@ pub enum Command {
     /// Ask the running `kubenet serve` to re-read the lab definition (as SIGHUP does) and say
     /// whether it took.
     Reload,
+    /// The lab's base images.
+    #[command(subcommand)]
+    Image(ImageAction),
     /// Prepare VMs without starting them: SSH host key, disk overlay on the base image, cloud-init
     /// seed; and the lab's known_hosts and ssh_config. What exists is kept (the seed is rewritten).
     Setup(SetupArgs),
@@ -78,6 +81,13 @@ pub enum Command {
         #[arg(long)]
         yes: bool,
     },
+    /// The tutorial's tmux layout: a `qemu` window with every VM's console, then one window per
+    /// role with a synchronized, logged-in pane per VM. Attaches at the end (or says how).
+    Tmux {
+        /// The tmux session's name.
+        #[arg(default_value = "kubenet")]
+        session: String,
+    },
     /// Write the reference lab definition to DIR/kubenet.toml to edit (never overwrites).
     Init {
         /// Where to write kubenet.toml; created if missing.
@@ -105,6 +115,17 @@ pub enum ConfigAction {
     Check {
         /// The file to check. Default: the config the lookup order picks.
         file: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageAction {
+    /// Download the base images of the VMs (all when none are named) from their groups'
+    /// `image_url`, verify each against its SHA-256 (`image_sha256`, else the publisher's
+    /// SHA256SUMS beside it) and put it in place; an image already there and matching is kept.
+    Pull {
+        /// VMs whose images to fetch.
+        names: Vec<String>,
     },
 }
 
@@ -155,6 +176,11 @@ pub struct SetupArgs {
     /// entries for the VMs' names and addresses.
     #[arg(long)]
     pub update_known_hosts: bool,
+
+    /// Also add `Include <state dir>/ssh_config` at the top of ~/.ssh/config (once), so plain
+    /// `ssh worker0` works; `kubenet destroy` takes it out again.
+    #[arg(long)]
+    pub ssh_include: bool,
 }
 
 #[derive(Debug, Args)]

@@ -48,7 +48,40 @@ pub fn setup(lab: &Lab, args: &SetupArgs, out: &mut impl Write) -> anyhow::Resul
         keys::update_known_hosts(&path, &names, &keys::known_hosts(&entries)?)?;
         writeln!(out, "updated {} for {} VMs", path.display(), entries.len())?;
     }
+    if args.ssh_include {
+        let path = home()?.join(".ssh/config");
+        let line = keys::include_line(&std::path::absolute(files.ssh_config())?);
+        if keys::edit_locked(&path, |old| keys::add_include(old, &line))? {
+            writeln!(out, "added `{line}` to {}: `ssh NAME` now reaches the lab", path.display())?;
+        }
+    }
     Ok(login)
+}
+
+/// `kubenet image pull [NAME...]`, with a progress bar on a terminal.
+pub fn image_pull(lab: &Lab, names: &[String], out: &mut impl Write) -> anyhow::Result<()> {
+    use kubenet_vm::image::{self, Pulled};
+    for p in image::plan(lab, names, image::host_arch())? {
+        writeln!(out, "{} <- {}", p.path.display(), p.url)?;
+        out.flush()?;
+        let bar = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+                .expect("a valid template"),
+        );
+        let result = image::pull(&p, |done, total| {
+            if let Some(t) = total {
+                bar.set_length(t);
+            }
+            bar.set_position(done);
+        });
+        bar.finish_and_clear();
+        match result? {
+            Pulled::UpToDate => writeln!(out, "  up to date (SHA-256 matches)")?,
+            Pulled::Downloaded(n) => writeln!(out, "  downloaded {:.1} MiB, SHA-256 verified", n as f64 / 1048576.0)?,
+        }
+    }
+    Ok(())
 }
 
 /// `kubenet up`.
@@ -323,6 +356,13 @@ pub fn destroy(lab: &Lab, yes: bool, out: &mut impl Write) -> anyhow::Result<()>
         remove(p).with_context(|| format!("cannot remove {}", p.display()))?;
     }
     writeln!(out, "removed {} paths; base images and the lab definition are kept", doomed.len())?;
+    let ssh_config = home()?.join(".ssh/config");
+    if ssh_config.exists() {
+        let line = keys::include_line(&std::path::absolute(files.ssh_config())?);
+        if keys::edit_locked(&ssh_config, |old| keys::remove_include(old, &line))? {
+            writeln!(out, "removed `{line}` from {}", ssh_config.display())?;
+        }
+    }
     Ok(())
 }
 

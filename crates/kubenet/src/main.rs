@@ -9,6 +9,7 @@ mod hostnet;
 mod lifecycle;
 mod serve;
 mod table;
+mod tmux;
 mod vms;
 
 use std::io::Write;
@@ -96,6 +97,24 @@ fn load_lab(cli: &Cli, file: Option<&Path>) -> Result<Lab, Failure> {
     Ok(lab)
 }
 
+/// How another process (a tmux pane) runs this kubenet on the same lab: this binary, the config
+/// file that was chosen (made absolute) and the state directory.
+fn pane_command(cli: &Cli, lab: &Lab) -> anyhow::Result<Vec<std::ffi::OsString>> {
+    let cwd = std::env::current_dir().context("cannot read the current directory")?;
+    let env = std::env::var_os(kubenet_cluster::CONFIG_ENV);
+    let choice = kubenet_cluster::choose(
+        cli.config.as_deref(),
+        env.as_deref(),
+        cwd.join(kubenet_cluster::CONFIG_FILE_NAME).is_file(),
+    );
+    let mut argv = vec![std::env::current_exe().context("cannot tell where kubenet is")?.into_os_string()];
+    if let kubenet_cluster::Choice::File(path) = choice {
+        argv.extend(["--config".into(), cwd.join(path).into_os_string()]);
+    }
+    argv.extend(["--dir".into(), cwd.join(&lab.state_dir).into_os_string()]);
+    Ok(argv)
+}
+
 /// A failed write to standard output: a closed pipe is the reader's choice, anything else an
 /// error.
 fn output(e: std::io::Error) -> Failure {
@@ -157,6 +176,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let v = control::request(&lab.state_dir, &serde_json::json!({"cmd": "reload"}))?;
             writeln!(stdout, "reloaded {}", v["reloaded"].as_str().unwrap_or("?")).ok();
         }
+        Command::Image(cli::ImageAction::Pull { names }) => {
+            lifecycle::image_pull(&load_lab(&cli, None)?, names, &mut stdout)?;
+        }
         Command::Setup(args) => {
             lifecycle::setup(&load_lab(&cli, None)?, args, &mut stdout)?;
         }
@@ -167,6 +189,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Console { name } => console::attach(&load_lab(&cli, None)?, name)?,
         Command::Reset { names } => lifecycle::reset(&load_lab(&cli, None)?, names, &mut stdout)?,
         Command::Destroy { yes } => lifecycle::destroy(&load_lab(&cli, None)?, *yes, &mut stdout)?,
+        Command::Tmux { session } => {
+            let lab = load_lab(&cli, None)?;
+            tmux::run(&lab, session, &pane_command(&cli, &lab)?, &mut stdout)?;
+        }
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "kubenet", &mut stdout);
         }

@@ -1,0 +1,255 @@
+//! `kubenet image pull`: the lab's base images, downloaded from the groups' `image_url` and
+//! verified before they are used. The expected SHA-256 is the group's `image_sha256`, else the
+//! publisher's `SHA256SUMS` beside the image (as Ubuntu and Debian publish them). The download
+//! goes to a hidden `.part` file beside the image, hashed as it arrives, and is renamed into
+//! place only when the hash matches, so a failed or tampered download changes nothing.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use kubenet_cluster::Lab;
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error(
+        "no download address for {path} (used by {vms}): the group names its own image, so put the file there, or give the group an `image_url`"
+    )]
+    NoUrl { path: PathBuf, vms: String },
+    #[error("{url}: {message}")]
+    Http { url: String, message: String },
+    #[error("{sums_url} lists no SHA-256 for {file}: set the group's `image_sha256` to check it another way")]
+    NotListed { sums_url: String, file: String },
+    #[error(
+        "{url}: SHA-256 {got} does not match the expected {want} (from {from}); the download was discarded and {path} left as it was"
+    )]
+    Mismatch { url: String, got: String, want: String, from: String, path: PathBuf },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+/// One base image to fetch: where it goes, where it comes from, how it is checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pull {
+    pub path: PathBuf,
+    pub url: String,
+    /// A fixed hash (the group's `image_sha256`), or None: the SHA256SUMS file at `sums_url`.
+    pub sha256: Option<String>,
+    pub sums_url: String,
+    /// The VMs that use it, for messages.
+    pub vms: Vec<String>,
+}
+
+/// The host's architecture as cloud images name it.
+pub fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
+/// `url` with `{arch}` replaced.
+pub fn expand(url: &str, arch: &str) -> String {
+    url.replace("{arch}", arch)
+}
+
+/// The SHA256SUMS file beside `url`.
+pub fn sums_url(url: &str) -> String {
+    match url.rsplit_once('/') {
+        Some((dir, _)) => format!("{dir}/SHA256SUMS"),
+        None => "SHA256SUMS".into(),
+    }
+}
+
+/// The last path segment of `url` (without a query).
+pub fn file_name(url: &str) -> &str {
+    let path = url.split(['?', '#']).next().unwrap_or(url);
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+/// The images of `vms` (every VM of the lab when empty), one per distinct path, in lab order.
+pub fn plan(lab: &Lab, names: &[String], arch: &str) -> Result<Vec<Pull>, ImageError> {
+    let vms = lab.select(names).map_err(|message| ImageError::Http { url: String::new(), message })?;
+    let mut pulls: Vec<Pull> = Vec::new();
+    for vm in vms {
+        let path = crate::disk::base_image(lab, vm);
+        if let Some(p) = pulls.iter_mut().find(|p| p.path == path) {
+            p.vms.push(vm.name.clone());
+            continue;
+        }
+        let users = || lab.vms.iter().filter(|v| v.image == vm.image).map(|v| v.name.as_str()).collect::<Vec<_>>();
+        let Some(url) = &vm.image_url else {
+            return Err(ImageError::NoUrl { path, vms: users().join(", ") });
+        };
+        let url = expand(url, arch);
+        pulls.push(Pull {
+            path,
+            sums_url: sums_url(&url),
+            url,
+            sha256: vm.image_sha256.clone(),
+            vms: vec![vm.name.clone()],
+        });
+    }
+    Ok(pulls)
+}
+
+/// The hash `sums` (a SHA256SUMS file: "HEX *NAME" or "HEX  NAME" per line) gives for `file`.
+pub fn find_sum(sums: &str, file: &str) -> Option<String> {
+    sums.lines().find_map(|line| {
+        let (hash, name) = line.trim().split_once(char::is_whitespace)?;
+        let name = name.trim_start();
+        let name = name.strip_prefix('*').unwrap_or(name);
+        (name == file && hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| hash.to_ascii_lowercase())
+    })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The SHA-256 of the file at `path`.
+pub fn file_sha256(path: &Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match f.read(&mut buf)? {
+            0 => return Ok(hex(&h.finalize())),
+            n => h.update(&buf[..n]),
+        }
+    }
+}
+
+fn get(url: &str) -> Result<ureq::http::Response<ureq::Body>, ImageError> {
+    ureq::get(url).call().map_err(|e| ImageError::Http { url: url.into(), message: e.to_string() })
+}
+
+/// What [`pull`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Pulled {
+    /// The file was there with the expected hash.
+    UpToDate,
+    /// Downloaded and verified; bytes.
+    Downloaded(u64),
+}
+
+/// The expected hash of `p`'s image, and where it came from.
+pub fn expected(p: &Pull) -> Result<(String, String), ImageError> {
+    if let Some(h) = &p.sha256 {
+        return Ok((h.clone(), "the group's image_sha256".into()));
+    }
+    let sums = get(&p.sums_url)?
+        .body_mut()
+        .read_to_string()
+        .map_err(|e| ImageError::Http { url: p.sums_url.clone(), message: e.to_string() })?;
+    let file = file_name(&p.url);
+    find_sum(&sums, file)
+        .map(|h| (h, p.sums_url.clone()))
+        .ok_or_else(|| ImageError::NotListed { sums_url: p.sums_url.clone(), file: file.into() })
+}
+
+/// Makes sure `p.path` holds the image with the expected hash: kept if it does, else
+/// downloaded (reporting `(bytes so far, total if known)` to `progress`), verified, and renamed
+/// into place.
+pub fn pull(p: &Pull, mut progress: impl FnMut(u64, Option<u64>)) -> Result<Pulled, ImageError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ImageError::Io { path, source }
+    };
+    let (want, from) = expected(p)?;
+    if p.path.is_file() && file_sha256(&p.path).map_err(io(&p.path))? == want {
+        return Ok(Pulled::UpToDate);
+    }
+    let dir = p.path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let name = p.path.file_name().map_or("image".into(), |n| n.to_string_lossy().into_owned());
+    let part = dir.join(format!(".{name}.part"));
+    let result = (|| {
+        let mut response = get(&p.url)?;
+        let total = response.body().content_length();
+        let mut body = response.body_mut().with_config().limit(u64::MAX).reader();
+        let mut out = std::fs::File::create(&part).map_err(io(&part))?;
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut done = 0u64;
+        loop {
+            let n = body.read(&mut buf).map_err(|e| ImageError::Http { url: p.url.clone(), message: e.to_string() })?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+            out.write_all(&buf[..n]).map_err(io(&part))?;
+            done += n as u64;
+            progress(done, total);
+        }
+        out.sync_all().map_err(io(&part))?;
+        let got = hex(&h.finalize());
+        if got != want {
+            return Err(ImageError::Mismatch {
+                url: p.url.clone(),
+                got,
+                want: want.clone(),
+                from: from.clone(),
+                path: p.path.clone(),
+            });
+        }
+        std::fs::rename(&part, &p.path).map_err(io(&p.path))?;
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(Pulled::Downloaded(done))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&part);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_expand_and_name_their_sums() {
+        let url = expand(kubenet_cluster::IMAGE_URL, "arm64");
+        assert_eq!(url, "https://cloud-images.ubuntu.com/noble/current/noble-server-cloudimg-arm64.img");
+        assert_eq!(sums_url(&url), "https://cloud-images.ubuntu.com/noble/current/SHA256SUMS");
+        assert_eq!(file_name(&url), "noble-server-cloudimg-arm64.img");
+        assert_eq!(file_name("http://h/a/b.img?x=1"), "b.img");
+    }
+
+    #[test]
+    fn sums_files_in_both_layouts() {
+        let a = "a".repeat(64);
+        let b = "B".repeat(64);
+        let sums = format!("{a} *noble-server-cloudimg-amd64.img\n{b}  noble-server-cloudimg-arm64.img\nbad line\n");
+        assert_eq!(find_sum(&sums, "noble-server-cloudimg-amd64.img"), Some(a));
+        assert_eq!(find_sum(&sums, "noble-server-cloudimg-arm64.img"), Some("b".repeat(64)));
+        assert_eq!(find_sum(&sums, "noble-server-cloudimg-amd64"), None);
+        assert_eq!(find_sum("xyz *f\n", "f"), None, "not a hash");
+    }
+
+    #[test]
+    fn the_plan_groups_vms_by_image_and_needs_a_url_for_custom_images() {
+        let mut lab = kubenet_cluster::parse(
+            kubenet_cluster::REFERENCE_CONFIG,
+            kubenet_cluster::Source::Embedded,
+            Path::new("/lab"),
+        )
+        .unwrap();
+        let plan = plan(&lab, &[], "amd64").unwrap();
+        assert_eq!(plan.len(), 1, "all seven share the default image");
+        assert_eq!(plan[0].path, Path::new("/lab/images/ubuntu-24.04-server-cloudimg.img"));
+        assert_eq!(plan[0].url, "https://cloud-images.ubuntu.com/noble/current/noble-server-cloudimg-amd64.img");
+        assert_eq!(plan[0].vms.len(), 7);
+        assert_eq!(plan[0].sha256, None);
+
+        lab.vms[0].image = "mine.img".into();
+        lab.vms[0].image_url = None;
+        let err = super::plan(&lab, &[], "amd64").unwrap_err().to_string();
+        assert!(err.contains("/lab/mine.img (used by gateway)") && err.contains("image_url"), "{err}");
+        assert_eq!(super::plan(&lab, &["worker0".into()], "amd64").unwrap().len(), 1, "only what was asked");
+    }
+}

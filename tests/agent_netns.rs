@@ -1,7 +1,8 @@
 //! `kubenet serve` with its Linux host network, inside a namespace the test creates: the bridge
 //! with the host address and a tap per VM appear, real DHCP clients on veth ports of that bridge
 //! get their fixed addresses, `dig` from their namespace resolves the lab, SIGHUP adds a host
-//! entry without losing a lease, and SIGTERM takes the bridge and taps away again.
+//! entry without losing a lease, a VM added by a reload gets its tap when it starts, and SIGTERM
+//! takes the bridge and every tap away again.
 
 #[path = "support/mod.rs"]
 mod support;
@@ -26,7 +27,7 @@ fn client(server: &Netns, n: u32, mac: &str) -> Netns {
 
 #[test]
 fn serve_builds_the_bridge_serves_its_ports_and_removes_it_on_sigterm() {
-    if prerequisites(&["udhcpc", "dig"]).is_some() {
+    if prerequisites(&["udhcpc", "dig", "qemu-system-x86_64", "qemu-img"]).is_some() {
         return;
     }
     let server = Netns::new("br");
@@ -34,8 +35,11 @@ fn serve_builds_the_bridge_serves_its_ports_and_removes_it_on_sigterm() {
     let d = dir.path();
     // NAT off: this namespace has nowhere to route to, and the test must not touch the host's
     // nftables.
-    let lab = support::test_lab().replace("nat = true", "nat = false");
-    assert!(lab.contains("nat = false"));
+    // TCG: the VM started below has no OS to boot, and this machine's KVM cannot run guests.
+    let lab = support::test_lab()
+        .replace("nat = true", "nat = false")
+        .replace("accelerator = \"auto\"", "accelerator = \"tcg\"");
+    assert!(lab.contains("nat = false") && lab.contains("\"tcg\""));
     std::fs::write(d.join("kubenet.toml"), &lab).unwrap();
     let mut agent = serve_bridged(&server, d);
 
@@ -83,6 +87,29 @@ fn serve_builds_the_bridge_serves_its_ports_and_removes_it_on_sigterm() {
     assert_eq!(dig("registry.kubevms"), "192.168.1.5");
     let leases = std::fs::read_to_string(d.join("state/leases")).unwrap();
     assert!(leases.contains("192.168.1.14") && leases.contains("192.168.1.11"), "{leases}");
+
+    // A VM the lab gains by a reload has no tap yet; starting it makes one on the bridge.
+    let image = d.join("state/images/ubuntu-24.04-server-cloudimg.img");
+    std::fs::create_dir_all(image.parent().unwrap()).unwrap();
+    support::run(std::process::Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&image).arg("64M"));
+    let extra = "\n[[group]]\nname = \"extra\"\nmemory = \"256M\"\n";
+    let lab = lab.replace("[network.hosts]\n", "[network.hosts]\nregistry = \"192.168.1.5\"\n") + extra;
+    std::fs::write(d.join("kubenet.toml"), &lab).unwrap();
+    let cli = |args: &[&str]| {
+        let mut c = server.cmd(support::kubenet_bin());
+        c.current_dir(d).args(["--dir", "state"]).args(args).env("HOME", d).env_remove("KUBENET_CONFIG");
+        let o = c.output().unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
+    };
+    assert!(cli(&["reload"]).contains("reloaded"));
+    assert!(!links(&server).contains(": kubenet0-7:"));
+    let out = cli(&["up", "extra", "--timeout", "1"]);
+    assert!(out.contains("extra      started (pid "), "{out}");
+    let l = links(&server);
+    let tap = l.lines().find(|l| l.contains(": kubenet0-7:")).unwrap_or_else(|| panic!("no tap for extra:\n{l}"));
+    assert!(tap.contains("master kubenet0"), "{tap}");
+    assert!(agent.log_text().contains("tap created for a VM added since serve started"));
+    assert!(cli(&["down", "extra", "--grace", "1"]).contains("extra"));
 
     let log = agent.stop();
     assert!(log.contains("host network removed"), "{log}");

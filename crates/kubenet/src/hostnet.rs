@@ -49,8 +49,19 @@ pub fn nat_ruleset(plan: &Plan) -> String {
     )
 }
 
+/// Whether `name` is a VM tap of `bridge` as [`kubenet_vm::qemu::tap_name`] makes them: the
+/// bridge's name cut to fit, "-", the VM's id.
+pub fn is_tap_of(name: &str, bridge: &str) -> bool {
+    match name.rsplit_once('-') {
+        Some((head, id)) if !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) => {
+            head == bridge.chars().take(15 - 1 - id.len()).collect::<String>()
+        }
+        _ => false,
+    }
+}
+
 #[cfg(target_os = "linux")]
-pub use linux::HostNet;
+pub use linux::{HostNet, attach_tap};
 
 #[cfg(target_os = "linux")]
 mod linux {
@@ -60,7 +71,7 @@ mod linux {
     use futures_util::TryStreamExt;
     use rtnetlink::{Handle, LinkBridge, LinkUnspec};
 
-    use super::{Plan, nat_ruleset, nat_table};
+    use super::{Plan, is_tap_of, nat_ruleset, nat_table};
 
     const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 
@@ -112,15 +123,7 @@ mod linux {
             }
             h.link().set(LinkUnspec::new_with_index(bridge).up().build()).execute().await?;
             for tap in &p.taps {
-                if index(h, tap).await?.is_none() {
-                    create_tap(tap, p.owner).with_context(|| format!("cannot create the tap {tap}"))?;
-                }
-                let i = index(h, tap).await?.with_context(|| format!("the tap {tap} has no index"))?;
-                h.link()
-                    .set(LinkUnspec::new_with_index(i).controller(bridge).up().build())
-                    .execute()
-                    .await
-                    .with_context(|| format!("cannot attach {tap} to {}", p.bridge))?;
+                ensure_tap(h, &p.bridge, bridge, tap, p.owner).await?;
             }
             if p.nat {
                 self.forward_was = Some(std::fs::read_to_string(IP_FORWARD).unwrap_or_default());
@@ -144,7 +147,20 @@ mod linux {
                     tracing::warn!("cannot restore {IP_FORWARD}: {e}");
                 }
             }
-            for name in p.taps.iter().chain([&p.bridge]) {
+            // The plan's taps, and those `attach_tap` added for VMs a reload brought.
+            let mut names = p.taps.clone();
+            let mut links = self.handle.link().get().execute();
+            while let Ok(Some(l)) = links.try_next().await {
+                for attr in l.attributes {
+                    if let rtnetlink::packet_route::link::LinkAttribute::IfName(n) = attr
+                        && is_tap_of(&n, &p.bridge)
+                        && !names.contains(&n)
+                    {
+                        names.push(n);
+                    }
+                }
+            }
+            for name in names.iter().chain([&p.bridge]) {
                 match index(&self.handle, name).await {
                     Ok(Some(i)) => {
                         if let Err(e) = self.handle.link().del(i).execute().await {
@@ -157,6 +173,38 @@ mod linux {
             }
             tracing::info!(bridge = %p.bridge, "host network removed");
         }
+    }
+
+    /// Makes sure the tap `tap` exists (owned by `owner`), is a port of the bridge and is up.
+    /// Returns whether it had to be created.
+    async fn ensure_tap(h: &Handle, bridge: &str, bridge_index: u32, tap: &str, owner: u32) -> anyhow::Result<bool> {
+        let created = index(h, tap).await?.is_none();
+        if created {
+            create_tap(tap, owner).with_context(|| format!("cannot create the tap {tap}"))?;
+        }
+        let i = index(h, tap).await?.with_context(|| format!("the tap {tap} has no index"))?;
+        h.link()
+            .set(LinkUnspec::new_with_index(i).controller(bridge_index).up().build())
+            .execute()
+            .await
+            .with_context(|| format!("cannot attach {tap} to {bridge}"))?;
+        Ok(created)
+    }
+
+    /// The tap of a VM the running agent did not plan for (added by a reload), made and put
+    /// on the bridge before QEMU opens it. Returns whether it was created.
+    pub async fn attach_tap(bridge: &str, tap: &str, owner: u32) -> anyhow::Result<bool> {
+        let (conn, handle, _) = rtnetlink::new_connection().context("opening a netlink socket")?;
+        let conn = tokio::spawn(conn);
+        let result = async {
+            let b = index(&handle, bridge).await?.with_context(|| {
+                format!("the bridge {bridge} does not exist (the lab's bridge changed? restart kubenet serve)")
+            })?;
+            ensure_tap(&handle, bridge, b, tap, owner).await
+        }
+        .await;
+        conn.abort();
+        result
     }
 
     async fn index(h: &Handle, name: &str) -> anyhow::Result<Option<u32>> {
@@ -235,5 +283,10 @@ mod tests {
             "table ip kubenet_kubenet0 {\n  chain postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n    ip saddr 192.168.1.0/24 ip daddr != 192.168.1.0/24 masquerade\n  }\n}\n"
         );
         assert_eq!(nat_table("br-lab.1"), "kubenet_br_lab_1");
+        assert!(p.taps.iter().all(|t| is_tap_of(t, "kubenet0")));
+        assert!(is_tap_of("a-very-long-b-12", "a-very-long-bridge"), "cut to 15 bytes");
+        for other in ["kubenet0", "kubenet0-", "kubenet0-x", "kubenet1-0", "kp0"] {
+            assert!(!is_tap_of(other, "kubenet0"), "{other}");
+        }
     }
 }

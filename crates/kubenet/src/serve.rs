@@ -173,7 +173,7 @@ async fn servers(lab: Lab, args: &ServeArgs, reload: &dyn Fn() -> anyhow::Result
         status: Box::new(status),
         leases: lease_queries,
         reloads: reload_tx,
-        vms: crate::vms::Supervisor::new(current.clone(), (owner_uid, owner_gid)),
+        vms: crate::vms::Supervisor::new(current.clone(), (owner_uid, owner_gid), !args.no_bridge),
     });
     tasks.spawn(crate::control::serve(listener, shared, shutdown.clone()));
 

@@ -17,6 +17,9 @@ pub struct Supervisor {
     /// reason, DHCP and DNS run regardless.
     profile: Result<HostProfile, String>,
     owner: (u32, u32),
+    /// Linux with `serve`'s bridge: each VM's tap is made sure of before QEMU opens it, so VMs a
+    /// reload added get one too.
+    bridged: bool,
 }
 
 /// What each VM is doing, from its folder: running (pid, since when) or stopped.
@@ -43,7 +46,7 @@ pub fn states(lab: &Lab) -> Vec<Value> {
 impl Supervisor {
     /// Looks at the host once (accelerator, firmware, QEMU version). QEMU drops root to the
     /// user who ran sudo when the agent runs as root for someone else.
-    pub fn new(lab: Arc<Mutex<Lab>>, owner: (u32, u32)) -> Self {
+    pub fn new(lab: Arc<Mutex<Lab>>, owner: (u32, u32), bridged: bool) -> Self {
         // SAFETY: geteuid cannot fail.
         let root = unsafe { libc::geteuid() } == 0;
         let user = (root && owner.0 != 0)
@@ -70,7 +73,7 @@ impl Supervisor {
                 Err(e.to_string())
             }
         };
-        Supervisor { lab, profile, owner }
+        Supervisor { lab, profile, owner, bridged: bridged && cfg!(target_os = "linux") }
     }
 
     fn lab(&self) -> Lab {
@@ -86,8 +89,17 @@ impl Supervisor {
         let profile = self.profile.clone()?;
         let lab = self.lab();
         let vms = lab.select(names)?;
+        let mut taps = Vec::new();
+        for vm in &vms {
+            taps.push(self.tap(&lab, vm).await);
+        }
         let mut tasks = tokio::task::JoinSet::new();
-        for (i, vm) in vms.iter().enumerate() {
+        for ((i, vm), tap) in vms.iter().enumerate().zip(taps) {
+            if let Err(e) = tap {
+                tracing::warn!(vm = %vm.name, "VM not started: {e:#}");
+                tasks.spawn(std::future::ready((i, json!({"name": vm.name, "error": format!("{e:#}")}))));
+                continue;
+            }
             let (lab, vm, profile, owner) = (lab.clone(), (*vm).clone(), profile.clone(), self.owner);
             tasks.spawn_blocking(move || {
                 let files = VmFiles::new(&lab, &vm);
@@ -113,6 +125,20 @@ impl Supervisor {
             });
         }
         Ok(collect(tasks).await)
+    }
+
+    /// The VM's tap on the lab bridge, created if a reload brought the VM after the bridge was
+    /// built (Linux with the bridge only).
+    async fn tap(&self, lab: &Lab, vm: &kubenet_cluster::Vm) -> anyhow::Result<()> {
+        #[cfg(target_os = "linux")]
+        if self.bridged {
+            let tap = kubenet_vm::qemu::tap_name(lab, vm);
+            if crate::hostnet::attach_tap(&lab.network.bridge, &tap, self.owner.0).await? {
+                tracing::info!(vm = %vm.name, tap, "tap created for a VM added since serve started");
+            }
+        }
+        let _ = (lab, vm, self.bridged);
+        Ok(())
     }
 
     /// Stops the named VMs (none: all) in parallel: ACPI power-down, then after `grace`

@@ -99,13 +99,15 @@ pub fn documents(lab: &Lab, vm: &Vm, login_public_key: &str, host_key: &PrivateK
         // The lab's domain as the search domain, so `ssh worker0` works from VM to VM. DHCP
         // hands it out (option 15), but systemd-networkd, which Ubuntu's and Debian's cloud
         // images use, ignores it unless told (`UseDomains=no`), and cloud-init's networkd
-        // renderer cannot say so without renaming the NIC. Guests without systemd-resolved
-        // (dhclient, udhcpc) take it from DHCP and never read this file.
+        // renderer cannot say so without renaming the NIC. LLMNR off: otherwise resolved also
+        // asks the link for single-label names and a VM answers with its IPv6 link-local
+        // address, ahead of the lab's DNS. Guests without systemd-resolved (dhclient, udhcpc)
+        // take the domain from DHCP and never read this file.
         (
             "write_files",
             list([map([
                 ("path", "/etc/systemd/resolved.conf.d/kubenet.conf".into()),
-                ("content", format!("[Resolve]\nDomains={}\n", lab.network.domain).into()),
+                ("content", format!("[Resolve]\nDomains={}\nLLMNR=no\n", lab.network.domain).into()),
             ])]),
         ),
         ("runcmd", list([list(["systemctl".into(), "try-restart".into(), "systemd-resolved".into()])])),

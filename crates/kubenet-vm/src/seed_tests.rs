@@ -36,7 +36,7 @@ fn documents_parse_back_to_what_the_vm_needs() {
     assert_eq!(u["ssh_deletekeys"], Value::from(true));
     // The search domain for systemd-resolved guests.
     assert_eq!(u["write_files"][0]["path"], Value::from("/etc/systemd/resolved.conf.d/kubenet.conf"));
-    assert_eq!(u["write_files"][0]["content"], Value::from("[Resolve]\nDomains=kubevms\n"));
+    assert_eq!(u["write_files"][0]["content"], Value::from("[Resolve]\nDomains=kubevms\nLLMNR=no\n"));
     assert_eq!(seed.network_config, None, "no network-config unless the group gives one");
 }
 

@@ -1,0 +1,166 @@
+#!/usr/bin/env bash
+# Builds the small Debian cloud image kubenet's end-to-end test boots, and prints its path.
+#
+# What it is: Debian 12 (bookworm) from debootstrap with the cloud kernel (linux-image-cloud-amd64),
+# systemd, cloud-init (NoCloud only), openssh-server, and the network stack a cloud image ships
+# (systemd-networkd, systemd-resolved). Like Ubuntu's amd64 cloud images it boots both ways:
+#   UEFI  (OVMF; the path kubenet uses on macOS and by default on Linux): a standalone GRUB as
+#         EFI/BOOT/BOOTX64.EFI on the EFI system partition;
+#   BIOS  (SeaBIOS): GRUB's boot.img in the MBR, core.img in a BIOS boot partition.
+# Both GRUBs carry the same small config: find the root by its label, boot the kernel on ttyS0.
+# Nothing is mounted: the root file system is made from a folder with `mkfs.ext4 -d`, the ESP
+# with mtools, and the pieces are written into a GPT disk at their partitions' offsets.
+#
+# The result is cached outside the repository, keyed by this script's hash, so a rerun with an
+# unchanged script prints the cached path at once:
+#   ${KUBENET_IMAGE_CACHE:-/var/cache/kubenet}/debian-12-kubenet-<hash>.qcow2
+# Needs root (debootstrap, chroot) and Debian's mirror (KUBENET_DEBIAN_MIRROR, default
+# http://deb.debian.org/debian). Installs its own tools (debootstrap, GRUB images, mtools...).
+set -euo pipefail
+
+script="$(readlink -f "$0")"
+hash="$(sha256sum "$script" | cut -c1-12)"
+cache="${KUBENET_IMAGE_CACHE:-/var/cache/kubenet}"
+out="$cache/debian-12-kubenet-$hash.qcow2"
+if [ -f "$out" ]; then
+    echo "$out"
+    exit 0
+fi
+[ "$(id -u)" -eq 0 ] || { echo "build-test-image: needs root (debootstrap and chroot)" >&2; exit 1; }
+
+log() { echo "build-test-image: $*" >&2; }
+start=$SECONDS
+
+tools=(debootstrap grub-efi-amd64-bin grub-pc-bin dosfstools mtools gdisk e2fsprogs qemu-utils)
+missing=()
+for p in "${tools[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    log "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+mkdir -p "$cache"
+work="$(mktemp -d "$cache/build-$hash.XXXXXX")"
+trap 'rm -rf "$work"' EXIT
+root="$work/rootfs"
+
+# The packages of a cloud image. debootstrap does not resolve virtual packages, so what provides
+# one (python3-cffi-backend, for python3-cryptography) is named here.
+packages=(
+    systemd systemd-sysv systemd-resolved udev dbus
+    linux-image-cloud-amd64 initramfs-tools
+    cloud-init python3-cffi-backend openssh-server sudo
+    iproute2 iputils-ping netbase ca-certificates locales
+)
+mirror="${KUBENET_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+log "debootstrap bookworm from $mirror"
+debootstrap --variant=minbase --include="$(IFS=,; echo "${packages[*]}")" \
+    bookworm "$root" "$mirror" >"$work/debootstrap.log" 2>&1 || {
+    tail -30 "$work/debootstrap.log" >&2
+    [ ! -f "$root/debootstrap/debootstrap.log" ] || tail -40 "$root/debootstrap/debootstrap.log" >&2
+    exit 1
+}
+
+label=kubenet-root
+kernel="$(cd "$root/boot" && ls vmlinuz-* | sort -V | tail -1)"
+initrd="initrd.img-${kernel#vmlinuz-}"
+[ -f "$root/boot/$initrd" ] || { log "no $initrd in the image"; exit 1; }
+
+cat >"$root/etc/fstab" <<EOF
+LABEL=$label / ext4 rw,discard,errors=remount-ro 0 1
+EOF
+# A fresh identity on first boot: systemd makes the machine id, cloud-init the name and host keys.
+: >"$root/etc/machine-id"
+rm -f "$root/var/lib/dbus/machine-id" "$root"/etc/ssh/ssh_host_*
+echo localhost >"$root/etc/hostname"
+# Networking as a cloud image has it: networkd configured by cloud-init, resolved as the stub.
+chroot "$root" systemctl enable systemd-networkd systemd-resolved ssh >/dev/null 2>&1
+ln -sf ../run/systemd/resolve/stub-resolv.conf "$root/etc/resolv.conf"
+# cloud-init sets LANG=en_US.UTF-8, which update-locale accepts only once it is generated
+# (Debian's locale-gen builds what /etc/locale.gen lists and ignores its arguments).
+sed -i 's/^# *\(en_US.UTF-8 UTF-8\)/\1/' "$root/etc/locale.gen"
+chroot "$root" locale-gen >/dev/null
+cat >"$root/etc/cloud/cloud.cfg.d/90-kubenet.cfg" <<'EOF'
+# kubenet's test image: the seed ISO is the only data source; no waiting for cloud metadata.
+datasource_list: [ NoCloud, None ]
+EOF
+# apt's lists are not needed to boot; they are most of the size after the kernel.
+rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin "$root"/var/cache/apt/archives/*.deb
+
+cat >"$work/grub.cfg" <<EOF
+search --no-floppy --label $label --set=root
+set timeout=0
+linux (\$root)/boot/$kernel root=LABEL=$label ro console=tty0 console=ttyS0,115200
+initrd (\$root)/boot/$initrd
+boot
+EOF
+mkdir -p "$root/boot/grub"
+cp "$work/grub.cfg" "$root/boot/grub/grub.cfg"
+
+# Partitions (512-byte sectors): 1 BIOS boot (core.img), 2 ESP, 3 root.
+root_mib=1536
+esp_mib=32
+bios_start=2048
+esp_start=$((bios_start + 2048))
+root_start=$((esp_start + esp_mib * 2048))
+disk_mib=$(((root_start / 2048) + root_mib + 1))
+
+log "root file system ($root_mib MiB ext4, from the folder)"
+mkfs.ext4 -q -L "$label" -d "$root" "$work/root.img" "${root_mib}M" >&2
+
+log "GRUB for UEFI and BIOS"
+grub-mkstandalone -O x86_64-efi -o "$work/BOOTX64.EFI" \
+    --modules="part_gpt ext2 search search_label linux normal configfile" \
+    "boot/grub/grub.cfg=$work/grub.cfg"
+mkfs.vfat -n ESP -C "$work/esp.img" $((esp_mib * 1024)) >/dev/null
+mmd -i "$work/esp.img" ::/EFI ::/EFI/BOOT
+mcopy -i "$work/esp.img" "$work/BOOTX64.EFI" ::/EFI/BOOT/BOOTX64.EFI
+grub-mkimage -O i386-pc -o "$work/core.img" -p /boot/grub -c "$work/grub.cfg" \
+    biosdisk part_gpt ext2 search search_label linux normal configfile echo test
+
+log "disk ($disk_mib MiB, GPT)"
+disk="$work/disk.raw"
+truncate -s "${disk_mib}M" "$disk"
+# (sgdisk's -q would also skip writing the table: its output goes to the log instead.)
+sgdisk \
+    -n 1:$bios_start:$((esp_start - 1)) -t 1:EF02 -c 1:bios \
+    -n 2:$esp_start:$((root_start - 1)) -t 2:EF00 -c 2:esp \
+    -n 3:$root_start:0 -t 3:8300 -c 3:root \
+    "$disk" >"$work/sgdisk.log" 2>&1 || { cat "$work/sgdisk.log" >&2; exit 1; }
+sgdisk -v "$disk" | grep -q "No problems found" || { log "the partition table did not verify"; exit 1; }
+dd if="$work/esp.img" of="$disk" bs=512 seek=$esp_start conv=notrunc,sparse status=none
+dd if="$work/root.img" of="$disk" bs=512 seek=$root_start conv=notrunc,sparse status=none
+
+# BIOS: what grub-bios-setup does to a device, done to the file. The MBR gets boot.img's code
+# (the protective MBR's partition table after byte 440 stays), pointed at core.img's first
+# sector; core.img's first sector (diskboot) gets the block list of the rest of core.img.
+core_sectors=$(( ($(stat -c %s "$work/core.img") + 511) / 512 ))
+[ "$core_sectors" -le 2048 ] || { log "core.img does not fit the BIOS boot partition"; exit 1; }
+dd if=/usr/lib/grub/i386-pc/boot.img of="$disk" bs=440 count=1 conv=notrunc status=none
+python3 - "$disk" "$work/core.img" "$bios_start" "$core_sectors" <<'PYEOF'
+import struct, sys
+disk, core, start, sectors = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+img = bytearray(open(core, "rb").read())
+img += bytes(sectors * 512 - len(img))
+# diskboot's block list, the last 12 bytes of its sector: start LBA, sector count, load segment.
+struct.pack_into("<QHH", img, 512 - 12, start + 1, sectors - 1, 0x820)
+with open(disk, "r+b") as f:
+    f.seek(0x5C)                       # boot.img: LBA of core.img
+    f.write(struct.pack("<Q", start))
+    f.seek(0x66)                       # boot.img: trust the BIOS's boot drive (a hard disk)
+    f.write(b"\x90\x90")
+    f.seek(start * 512)
+    f.write(img)
+PYEOF
+
+log "qcow2"
+qemu-img convert -q -O qcow2 "$disk" "$work/image.qcow2"
+mv "$work/image.qcow2" "$out"
+# Older builds (of other versions of this script) are of no more use.
+find "$cache" -maxdepth 1 -name 'debian-12-kubenet-*.qcow2' ! -name "$(basename "$out")" -delete
+log "built $out in $((SECONDS - start)) s ($kernel)"
+echo "$out"

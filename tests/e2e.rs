@@ -1,0 +1,349 @@
+//! End to end: a real lab of three VMs boots from a real cloud image, inside a network namespace
+//! this test creates. `kubenet serve` makes the bridge and taps and serves DHCP and DNS there
+//! (NAT off, upstream = a dnsmasq this test runs in the namespace); `kubenet up` prepares and
+//! starts the VMs and waits for SSH; every check then goes through `kubenet ssh` with strict
+//! host-key checking. The image is Debian 12 built by scripts/build-test-image.sh (cached by
+//! its hash); guests run under TCG, since this machine's KVM cannot run them, so the timeouts are
+//! generous. It prints the time from `kubenet up` to each VM answering SSH and each VM's own
+//! boot time from its console, so the launcher's share is visible.
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Instant;
+
+use serde_json::Value;
+use support::{Netns, Proc, kubenet_bin, prerequisites};
+
+const VMS: [(&str, &str); 3] = [("gateway", "192.168.1.10"), ("control0", "192.168.1.11"), ("worker0", "192.168.1.14")];
+
+fn text(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
+}
+
+/// The test image, built (or found in the cache) by the project's script.
+fn image() -> Result<PathBuf, String> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/build-test-image.sh");
+    let out = Command::new(script).output().map_err(|e| format!("{script}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("{script} failed:\n{}", text(&out)));
+    }
+    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    if path.is_file() { Ok(path) } else { Err(format!("{script} printed no image path:\n{}", text(&out))) }
+}
+
+/// Three VMs of the reference lab's groups, 1 vCPU and 1 GiB each, TCG, no NAT, DNS upstream =
+/// the fake in the namespace. worker0 keeps its reference address (.14) by an override.
+fn lab(image: &Path, upstream: &str) -> String {
+    let reference = support::test_lab();
+    let head = &reference[..reference.find("[[group]]").unwrap()];
+    let head = head
+        .replace("accelerator = \"auto\"", "accelerator = \"tcg\"")
+        .replace("nat = true", "nat = false")
+        .replace("upstream = [\"127.0.0.1:9\"]", &format!("upstream = [\"{upstream}\"]"));
+    assert!(head.contains("\"tcg\"") && head.contains("nat = false") && head.contains(upstream));
+    let group = |key: &str| {
+        format!("\n[[group]]\n{key}\nvcpus = 1\nmemory = \"1G\"\ndisk = \"4G\"\nimage = \"{}\"\n", image.display())
+    };
+    format!(
+        "{head}{}{}{}",
+        group("name = \"gateway\"\nrole = \"gateway\""),
+        group("prefix = \"control\"\ncount = 1\nrole = \"control\""),
+        group("prefix = \"worker\"\ncount = 1\nrole = \"worker\"\naddresses = { worker0 = \"192.168.1.14\" }"),
+    )
+}
+
+/// Kills, on drop, every QEMU this test's lab still runs (by the pid in each VM's pidfile, only
+/// if that process is QEMU for this state directory): a failed assertion leaves no VM behind.
+struct VmGuard(PathBuf);
+
+impl Drop for VmGuard {
+    fn drop(&mut self) {
+        for (name, _) in VMS {
+            let Ok(pid) = std::fs::read_to_string(self.0.join(name).join("qemu.pid")) else { continue };
+            let pid = pid.trim();
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&*self.0.to_string_lossy()) {
+                let _ = Command::new("kill").args(["-KILL", pid]).status();
+            }
+        }
+    }
+}
+
+struct Lab<'a> {
+    ns: &'a Netns,
+    dir: &'a Path,
+}
+
+impl Lab<'_> {
+    fn kubenet(&self, args: &[&str]) -> Output {
+        let mut c = self.ns.cmd(kubenet_bin());
+        c.args(["--dir", "state"])
+            .args(args)
+            .current_dir(self.dir)
+            .env("HOME", self.dir.join("home"))
+            .env_remove("KUBENET_CONFIG");
+        c.output().unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.kubenet(args);
+        let t = text(&out);
+        assert!(out.status.success(), "kubenet {}:\n{t}", args.join(" "));
+        t
+    }
+
+    /// `kubenet ssh NAME -- sh -c SCRIPT`, stdout only.
+    fn ssh(&self, name: &str, script: &str) -> String {
+        let out = self.kubenet(&["ssh", name, "--", "sh", "-c", &format!("'{script}'")]);
+        assert!(out.status.success(), "ssh {name} {script}:\n{}", text(&out));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    fn status(&self) -> Vec<Value> {
+        serde_json::from_str(&self.ok(&["status", "--json"])).unwrap()
+    }
+
+    /// Asserts `kubenet status --json` shows these states, and for running VMs a pid that is
+    /// QEMU for that VM, the VM's address and (`ssh`) whether port 22 answers.
+    fn assert_status(&self, want: &[(&str, &str)]) {
+        let rows = self.status();
+        for (name, state) in want {
+            let row = rows.iter().find(|r| r["name"] == *name).unwrap_or_else(|| panic!("{name} missing: {rows:?}"));
+            assert_eq!(row["state"], *state, "{name}: {row}");
+            if *state == "running" {
+                let pid = row["pid"].as_u64().unwrap();
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                assert!(String::from_utf8_lossy(&cmdline).contains(&format!("-name\0{name}\0")), "{name}: pid {pid}");
+                assert_eq!(row["ssh"], true, "{name}: {row}");
+                assert_eq!(row["lease"]["ip"], row["ip"], "{name}: {row}");
+            } else {
+                assert!(row["pid"].is_null(), "{name}: {row}");
+            }
+        }
+    }
+
+    /// `kubenet up`, printing its timings; returns its output.
+    fn up(&self, names: &[&str], label: &str) -> String {
+        let start = Instant::now();
+        let out = self.ok(&[&["up", "--timeout", "900"][..], names].concat());
+        eprintln!("--- {label}: `kubenet up` took {:.1} s ---\n{out}", start.elapsed().as_secs_f64());
+        out
+    }
+
+    /// Waits for cloud-init to finish on every VM, asserting it finished without errors, and
+    /// prints each guest's own boot time from its console.
+    fn cloud_init_done(&self) {
+        for (name, _) in VMS {
+            let ci = self.ssh(name, "cloud-init status --wait --long");
+            assert!(ci.contains("status: done"), "{name}: {ci}");
+            let console =
+                std::fs::read_to_string(self.dir.join("state").join(name).join("console.log")).unwrap_or_default();
+            eprintln!("{name:<10} guest uptime when cloud-init finished: {}", guest_boot_time(&console));
+        }
+    }
+}
+
+/// The guest's own uptime when cloud-init finished, from the last "Cloud-init ... finished at
+/// ... Up N seconds" line of its console.
+fn guest_boot_time(console: &str) -> String {
+    console
+        .lines()
+        .rev()
+        .find(|l| l.contains("finished at") && l.contains("Up "))
+        .and_then(|l| l.split("Up ").nth(1))
+        .map_or("not seen on the console".into(), |s| s.trim().to_owned())
+}
+
+#[test]
+fn e2e_a_real_lab_boots_resolves_and_answers_ssh() {
+    if std::env::var_os("KUBENET_SKIP_E2E").is_some() {
+        support::skip("KUBENET_SKIP_E2E is set");
+        return;
+    }
+    if prerequisites(&["qemu-system-x86_64", "qemu-img", "ssh", "dnsmasq"]).is_some() {
+        return;
+    }
+    if !Path::new("/usr/share/OVMF/OVMF_CODE_4M.fd").exists() && !Path::new("/usr/share/OVMF/OVMF_CODE.fd").exists() {
+        support::skip("no OVMF firmware: run scripts/install-test-deps.sh");
+        return;
+    }
+    let image = match image() {
+        Ok(p) => p,
+        Err(e) => {
+            support::skip(&format!("cannot build the test image: {e}"));
+            return;
+        }
+    };
+    let total = Instant::now();
+    let ns = Netns::new("e2e");
+    let dir = tempfile::Builder::new().prefix("kubenet-e2e").tempdir().unwrap();
+    // KUBENET_E2E_KEEP=1 keeps the lab's folder (console logs, serve's log) for a look after.
+    let d = &if std::env::var_os("KUBENET_E2E_KEEP").is_some() { dir.keep() } else { dir.path().to_path_buf() };
+    eprintln!("e2e lab in {}", d.display());
+    std::fs::create_dir_all(d.join("home")).unwrap();
+
+    // The fake upstream: dnsmasq on the namespace's loopback, knowing one name.
+    let upstream_port = 5300;
+    let mut upstream = ns.cmd("dnsmasq");
+    upstream.args([
+        "--keep-in-foreground",
+        "--conf-file=/dev/null",
+        "--no-resolv",
+        "--no-hosts",
+        "--listen-address=127.0.0.1",
+        "--bind-interfaces",
+        &format!("--port={upstream_port}"),
+        "--address=/upstream.test/203.0.113.7",
+        "--log-queries",
+        "--log-facility=-",
+        "--pid-file=",
+    ]);
+    let _upstream = Proc::spawn(upstream, &d.join("upstream.log"));
+
+    std::fs::write(d.join("kubenet.toml"), lab(&image, &format!("127.0.0.1:{upstream_port}"))).unwrap();
+    let _guard = VmGuard(d.join("state"));
+    let agent = support::serve_bridged(&ns, d);
+    let lab = Lab { ns: &ns, dir: d };
+    let all = ["gateway", "control0", "worker0"];
+
+    // Up: every VM leased and answering SSH with the host key kubenet gave it.
+    let out = lab.up(&all, "first boot");
+    assert!(out.contains("all 3 VMs ready"), "{out}");
+    lab.assert_status(&[("gateway", "running"), ("control0", "running"), ("worker0", "running")]);
+    // (The search-domain restart is in cloud-init's last stage.)
+    lab.cloud_init_done();
+
+    for (name, ip) in VMS {
+        assert_eq!(lab.ssh(name, "hostname"), name);
+        let addrs = lab.ssh(name, "ip -4 -o addr show scope global");
+        assert!(addrs.contains(&format!("inet {ip}/24")), "{name}: {addrs}");
+        // The lease the guest's DHCP client holds carries the lab's domain (option 15).
+        let lease = lab.ssh(name, "sudo cat /run/systemd/netif/leases/*");
+        assert!(lease.contains(&format!("ADDRESS={ip}")) && lease.contains("DOMAINNAME=kubevms"), "{name}: {lease}");
+        lab.ssh(name, &format!("echo kept > /home/kube/marker-{name}"));
+    }
+    // Names through kubenet's DNS, from a VM: short and qualified, reverse, and forwarded.
+    let getent = |q: &str| lab.ssh("control0", &format!("getent hosts {q}"));
+    assert!(getent("worker0").starts_with("192.168.1.14 "), "{}", getent("worker0"));
+    assert!(getent("worker0.kubevms").starts_with("192.168.1.14 "));
+    assert!(getent("192.168.1.10").contains("gateway.kubevms"), "{}", getent("192.168.1.10"));
+    assert!(getent("vmhost").starts_with("192.168.1.1 "));
+    assert!(getent("upstream.test").starts_with("203.0.113.7 "), "forwarded to the fake upstream");
+    // SSH between VMs by name needs the name, not just the address: it resolves on the gateway too.
+    assert!(lab.ssh("gateway", "getent hosts control0").starts_with("192.168.1.11 "));
+
+    // Down: every QEMU gone, status agrees.
+    let pids: Vec<u64> = lab.status().iter().map(|r| r["pid"].as_u64().unwrap()).collect();
+    let start = Instant::now();
+    let out = lab.ok(&["down"]);
+    eprintln!("--- `kubenet down` took {:.1} s ---\n{out}", start.elapsed().as_secs_f64());
+    assert_eq!(out.matches("powered off").count(), 3, "each guest shuts down on the ACPI request:\n{out}");
+    for pid in pids {
+        assert!(!support::pid_alive(pid), "QEMU {pid} left");
+    }
+    lab.assert_status(&[("gateway", "stopped"), ("control0", "stopped"), ("worker0", "stopped")]);
+
+    // Reset worker0 only, then up again: the others keep their disks, worker0 runs cloud-init
+    // on a fresh one (same name, address and host key).
+    lab.ok(&["reset", "worker0"]);
+    let out = lab.up(&all, "second boot (worker0 reset)");
+    assert!(out.contains("all 3 VMs ready"), "{out}");
+    lab.assert_status(&[("gateway", "running"), ("control0", "running"), ("worker0", "running")]);
+    lab.cloud_init_done();
+    for name in ["gateway", "control0"] {
+        assert_eq!(lab.ssh(name, &format!("cat /home/kube/marker-{name}")), "kept", "{name}'s disk was kept");
+    }
+    assert_eq!(lab.ssh("worker0", "ls /home/kube/marker-worker0 2>/dev/null || echo fresh"), "fresh");
+    assert_eq!(lab.ssh("worker0", "hostname -f"), "worker0.kubevms");
+    assert!(lab.ssh("control0", "getent hosts worker0").starts_with("192.168.1.14 "));
+    // cloud-init's log counts its runs: one on worker0's fresh disk, two (two boots) elsewhere.
+    let runs = |name| lab.ssh(name, "sudo grep -c \"running .init. at\" /var/log/cloud-init-output.log");
+    assert_eq!(runs("worker0"), "1", "cloud-init ran once on the fresh disk");
+    assert_eq!(runs("gateway"), "2");
+
+    let out = lab.ok(&["down"]);
+    assert_eq!(out.matches("powered off").count(), 3, "{out}");
+    lab.assert_status(&[("gateway", "stopped"), ("control0", "stopped"), ("worker0", "stopped")]);
+    agent.stop();
+    eprintln!("e2e total {:.1} s", total.elapsed().as_secs_f64());
+}
+
+/// `s` without terminal escape sequences (ESC [ ... letter), as a console shows it.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            if chars.next() == Some('[') {
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The test image boots both ways Ubuntu's amd64 cloud images do: BIOS (SeaBIOS, GRUB from the
+/// MBR and the BIOS boot partition) and UEFI (OVMF, GRUB from the ESP), each as far as systemd
+/// starting on the root file system GRUB found by its label. No NIC; a throw-away snapshot.
+#[test]
+fn e2e_the_test_image_boots_by_bios_and_by_uefi() {
+    if std::env::var_os("KUBENET_SKIP_E2E").is_some() {
+        support::skip("KUBENET_SKIP_E2E is set");
+        return;
+    }
+    if prerequisites(&["qemu-system-x86_64"]).is_some() {
+        return;
+    }
+    let code = Path::new("/usr/share/OVMF/OVMF_CODE_4M.fd");
+    let vars = Path::new("/usr/share/OVMF/OVMF_VARS_4M.fd");
+    if !code.exists() || !vars.exists() {
+        support::skip("no OVMF 4M firmware: run scripts/install-test-deps.sh");
+        return;
+    }
+    let image = match image() {
+        Ok(p) => p,
+        Err(e) => {
+            support::skip(&format!("cannot build the test image: {e}"));
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(vars, dir.path().join("vars.fd")).unwrap();
+    let uefi = [
+        "-drive".to_owned(),
+        format!("if=pflash,format=raw,unit=0,readonly=on,file={}", code.display()),
+        "-drive".to_owned(),
+        format!("if=pflash,format=raw,unit=1,file={}", dir.path().join("vars.fd").display()),
+    ];
+    for (how, firmware) in [("bios", &[][..]), ("uefi", &uefi[..])] {
+        let log = dir.path().join(format!("{how}.log"));
+        let mut qemu = Command::new("qemu-system-x86_64");
+        qemu.args(["-machine", "q35,accel=tcg", "-cpu", "max", "-m", "512M", "-nodefaults", "-display", "none"])
+            .args(["-nic", "none", "-snapshot", "-no-reboot"])
+            .args(firmware)
+            .arg("-drive")
+            .arg(format!("if=virtio,format=qcow2,file={}", image.display()))
+            .arg("-serial")
+            .arg(format!("file:{}", log.display()));
+        let start = Instant::now();
+        let mut vm = Proc::spawn(qemu, &dir.path().join(format!("{how}.qemu.log")));
+        let console = || strip_ansi(&String::from_utf8_lossy(&std::fs::read(&log).unwrap_or_default()));
+        // systemd's banner (GRUB on EFI says "Welcome to GRUB!" first).
+        while !console().contains("Welcome to Debian") {
+            assert!(vm.alive(), "{how}: QEMU ended:\n{}\n{}", vm.log_text(), console());
+            assert!(start.elapsed().as_secs() < 300, "{how}: no systemd after 300 s:\n{}", console());
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        assert!(console().contains("root=LABEL=kubenet-root"), "{how}: GRUB's command line");
+        eprintln!("{how}: systemd started {:.1} s after QEMU did", start.elapsed().as_secs_f64());
+    }
+}

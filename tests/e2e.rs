@@ -157,26 +157,30 @@ fn guest_boot_time(console: &str) -> String {
         .map_or("not seen on the console".into(), |s| s.trim().to_owned())
 }
 
-#[test]
-fn e2e_a_real_lab_boots_resolves_and_answers_ssh() {
+/// Debian's OVMF, the UEFI firmware kubenet picks first on x86 Linux.
+const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+
+/// The test image when these tests can run (root, `tools`, OVMF, the image built); None, with
+/// the reason printed, when not (under CI=true that panics instead).
+fn ready(tools: &[&str]) -> Option<PathBuf> {
     if std::env::var_os("KUBENET_SKIP_E2E").is_some() {
         support::skip("KUBENET_SKIP_E2E is set");
-        return;
+        return None;
     }
-    if prerequisites(&["qemu-system-x86_64", "qemu-img", "ssh", "dnsmasq"]).is_some() {
-        return;
+    if prerequisites(tools).is_some() {
+        return None;
     }
-    if !Path::new("/usr/share/OVMF/OVMF_CODE_4M.fd").exists() && !Path::new("/usr/share/OVMF/OVMF_CODE.fd").exists() {
+    if !Path::new(OVMF_CODE).exists() || !Path::new(OVMF_VARS).exists() {
         support::skip("no OVMF firmware: run scripts/install-test-deps.sh");
-        return;
+        return None;
     }
-    let image = match image() {
-        Ok(p) => p,
-        Err(e) => {
-            support::skip(&format!("cannot build the test image: {e}"));
-            return;
-        }
-    };
+    image().map_err(|e| support::skip(&format!("cannot build the test image: {e}"))).ok()
+}
+
+#[test]
+fn e2e_a_real_lab_boots_resolves_and_answers_ssh() {
+    let Some(image) = ready(&["qemu-system-x86_64", "qemu-img", "ssh", "dnsmasq"]) else { return };
     let total = Instant::now();
     let ns = Netns::new("e2e");
     let dir = tempfile::Builder::new().prefix("kubenet-e2e").tempdir().unwrap();
@@ -296,26 +300,8 @@ fn strip_ansi(s: &str) -> String {
 /// starting on the root file system GRUB found by its label. No NIC; a throw-away snapshot.
 #[test]
 fn e2e_the_test_image_boots_by_bios_and_by_uefi() {
-    if std::env::var_os("KUBENET_SKIP_E2E").is_some() {
-        support::skip("KUBENET_SKIP_E2E is set");
-        return;
-    }
-    if prerequisites(&["qemu-system-x86_64"]).is_some() {
-        return;
-    }
-    let code = Path::new("/usr/share/OVMF/OVMF_CODE_4M.fd");
-    let vars = Path::new("/usr/share/OVMF/OVMF_VARS_4M.fd");
-    if !code.exists() || !vars.exists() {
-        support::skip("no OVMF 4M firmware: run scripts/install-test-deps.sh");
-        return;
-    }
-    let image = match image() {
-        Ok(p) => p,
-        Err(e) => {
-            support::skip(&format!("cannot build the test image: {e}"));
-            return;
-        }
-    };
+    let Some(image) = ready(&["qemu-system-x86_64"]) else { return };
+    let (code, vars) = (Path::new(OVMF_CODE), Path::new(OVMF_VARS));
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(vars, dir.path().join("vars.fd")).unwrap();
     let uefi = [

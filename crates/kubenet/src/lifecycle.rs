@@ -236,7 +236,7 @@ pub fn status_rows(lab: &Lab) -> Vec<Value> {
 pub fn status(lab: &Lab, json_out: bool, out: &mut impl Write) -> anyhow::Result<()> {
     let rows = status_rows(lab);
     if json_out {
-        serde_json::to_writer_pretty(&mut *out, &rows)?;
+        serde_json::to_writer_pretty(&mut *out, &rows).map_err(std::io::Error::from)?;
         writeln!(out)?;
         return Ok(());
     }

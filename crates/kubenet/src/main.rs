@@ -34,8 +34,43 @@ enum Failure {
 
 impl From<anyhow::Error> for Failure {
     fn from(e: anyhow::Error) -> Self {
-        Failure::Other(e)
+        // A write to standard output that found it closed, however deep in a command: see Out.
+        let closed = e.chain().any(|c| {
+            c.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .is_some_and(|inner| inner.is::<StdoutClosed>())
+        });
+        if closed { Failure::StdoutClosed } else { Failure::Other(e) }
     }
+}
+
+/// The marker inside the io::Error that [`Out`] returns when standard output's reader went away.
+#[derive(Debug)]
+struct StdoutClosed;
+
+impl std::fmt::Display for StdoutClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("standard output closed")
+    }
+}
+
+impl std::error::Error for StdoutClosed {}
+
+/// Standard output for the commands: a broken pipe comes back marked, so `kubenet status | head`
+/// ends quietly, while a broken pipe elsewhere (a socket, a child's stdin) stays an error.
+struct Out<W>(W);
+
+impl<W: Write> Write for Out<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf).map_err(mark_closed)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush().map_err(mark_closed)
+    }
+}
+
+fn mark_closed(e: std::io::Error) -> std::io::Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe { std::io::Error::other(StdoutClosed) } else { e }
 }
 
 impl From<ConfigError> for Failure {
@@ -115,18 +150,14 @@ fn pane_command(cli: &Cli, lab: &Lab) -> anyhow::Result<Vec<std::ffi::OsString>>
     Ok(argv)
 }
 
-/// A failed write to standard output: a closed pipe is the reader's choice, anything else an
-/// error.
+/// A failed write to standard output: a closed pipe (marked by [`Out`]) is the reader's choice,
+/// anything else an error.
 fn output(e: std::io::Error) -> Failure {
-    if e.kind() == std::io::ErrorKind::BrokenPipe {
-        Failure::StdoutClosed
-    } else {
-        Failure::Other(anyhow::Error::new(e).context("writing to standard output"))
-    }
+    anyhow::Error::new(e).context("writing to standard output").into()
 }
 
 fn run(cli: Cli) -> Result<(), Failure> {
-    let mut stdout = std::io::stdout().lock();
+    let mut stdout = Out(std::io::stdout().lock());
     match &cli.command {
         Command::Config(args) => match &args.action {
             None => {

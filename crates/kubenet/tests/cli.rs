@@ -129,3 +129,25 @@ fn completions_and_version() {
     let o = kubenet(dir.path(), &["--version"]);
     assert_eq!(stdout(&o).trim(), format!("kubenet {}", env!("CARGO_PKG_VERSION")));
 }
+
+/// `kubenet CMD | head` with head gone before kubenet writes: quiet success, as ripgrep does,
+/// for the table commands and for the lifecycle ones (status) alike.
+#[test]
+fn a_closed_stdout_ends_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [&["config"][..], &["config", "--json"], &["status"], &["status", "--json"]] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kubenet"))
+            .args(args)
+            .current_dir(dir.path())
+            .env_remove("KUBENET_CONFIG")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The reader goes away before kubenet has started, so its first write finds no reader.
+        drop(child.stdout.take());
+        let o = child.wait_with_output().unwrap();
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+        assert_eq!(stderr(&o), "", "{args:?}");
+    }
+}

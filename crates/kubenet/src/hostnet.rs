@@ -284,7 +284,8 @@ mod tests {
         );
         assert_eq!(nat_table("br-lab.1"), "kubenet_br_lab_1");
         assert!(p.taps.iter().all(|t| is_tap_of(t, "kubenet0")));
-        assert!(is_tap_of("a-very-long-b-12", "a-very-long-bridge"), "cut to 15 bytes");
+        assert!(is_tap_of("a-very-long--12", "a-very-long-bridge"), "cut to 15 bytes");
+        assert!(!is_tap_of("a-very-long-b-12", "a-very-long-bridge"), "16 bytes: not a tap name");
         for other in ["kubenet0", "kubenet0-", "kubenet0-x", "kubenet1-0", "kp0"] {
             assert!(!is_tap_of(other, "kubenet0"), "{other}");
         }

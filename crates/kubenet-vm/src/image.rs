@@ -16,6 +16,8 @@ pub enum ImageError {
         "no download address for {path} (used by {vms}): the group names its own image, so put the file there, or give the group an `image_url`"
     )]
     NoUrl { path: PathBuf, vms: String },
+    #[error("{0}")]
+    Select(String),
     #[error("{url}: {message}")]
     Http { url: String, message: String },
     #[error("{sums_url} lists no SHA-256 for {file}: set the group's `image_sha256` to check it another way")]
@@ -70,7 +72,7 @@ pub fn file_name(url: &str) -> &str {
 
 /// The images of `vms` (every VM of the lab when empty), one per distinct path, in lab order.
 pub fn plan(lab: &Lab, names: &[String], arch: &str) -> Result<Vec<Pull>, ImageError> {
-    let vms = lab.select(names).map_err(|message| ImageError::Http { url: String::new(), message })?;
+    let vms = lab.select(names).map_err(ImageError::Select)?;
     let mut pulls: Vec<Pull> = Vec::new();
     for vm in vms {
         let path = crate::disk::base_image(lab, vm);

@@ -50,12 +50,17 @@ pub fn setup(lab: &Lab, args: &SetupArgs, out: &mut impl Write) -> anyhow::Resul
     }
     if args.ssh_include {
         let path = home()?.join(".ssh/config");
-        let line = keys::include_line(&std::path::absolute(files.ssh_config())?);
+        let line = ssh_include_line(&files)?;
         if keys::edit_locked(&path, |old| keys::add_include(old, &line))? {
             writeln!(out, "added `{line}` to {}: `ssh NAME` now reaches the lab", path.display())?;
         }
     }
     Ok(login)
+}
+
+/// The line `setup --ssh-include` adds to ~/.ssh/config and `destroy` takes out.
+fn ssh_include_line(files: &LabFiles) -> anyhow::Result<String> {
+    Ok(keys::include_line(&std::path::absolute(files.ssh_config())?))
 }
 
 /// `kubenet image pull [NAME...]`, with a progress bar on a terminal.
@@ -358,7 +363,7 @@ pub fn destroy(lab: &Lab, yes: bool, out: &mut impl Write) -> anyhow::Result<()>
     writeln!(out, "removed {} paths; base images and the lab definition are kept", doomed.len())?;
     let ssh_config = home()?.join(".ssh/config");
     if ssh_config.exists() {
-        let line = keys::include_line(&std::path::absolute(files.ssh_config())?);
+        let line = ssh_include_line(&files)?;
         if keys::edit_locked(&ssh_config, |old| keys::remove_include(old, &line))? {
             writeln!(out, "removed `{line}` from {}", ssh_config.display())?;
         }

@@ -193,6 +193,7 @@ const BROKEN: &[(&str, &str, usize, &str)] = &[
     ("[[group]]\nname = \"a\"\ndisk = \"lots\"\n", "group[0].disk", 3, "not a size"),
     ("[[group]]\nname = \"a\"\nvcpus = \"two\"\n", "group[0].vcpus", 3, "invalid type"),
     ("[[group]]\nname = \"a\"\nvcpus = 0\n", "group[0].vcpus", 3, "use 1 to 255"),
+    ("[[group]]\nname = \"a\"\nimage_sha256 = \"abc\"\n", "group[0].image_sha256", 3, "not a SHA-256"),
     ("[[group]]\nprefix = \"w\"\n", "group[0].count", 2, "needs `count`"),
     ("[[group]]\nname = \"a\"\nprefix = \"w\"\ncount = 2\n", "group[0].name", 2, "not both"),
     ("[[group]]\nname = \"a\"\naddress = \"192.168.1.1\"\n", "VM a", 3, "already taken by network.host_address"),

@@ -14,8 +14,9 @@
 # The result is cached outside the repository, keyed by this script's hash, so a rerun with an
 # unchanged script prints the cached path at once:
 #   ${KUBENET_IMAGE_CACHE:-/var/cache/kubenet}/debian-12-kubenet-<hash>.qcow2
-# Needs root (debootstrap, chroot) and Debian's mirror (KUBENET_DEBIAN_MIRROR, default
-# http://deb.debian.org/debian). Installs its own tools (debootstrap, GRUB images, mtools...).
+# Needs root (debootstrap, chroot), Debian's mirror (KUBENET_DEBIAN_MIRROR, default
+# http://deb.debian.org/debian) and the tools scripts/install-test-deps.sh installs (debootstrap,
+# GRUB's EFI and BIOS images, mtools, dosfstools, gdisk, qemu-img).
 set -euo pipefail
 
 script="$(readlink -f "$0")"
@@ -31,17 +32,18 @@ fi
 log() { echo "build-test-image: $*" >&2; }
 start=$SECONDS
 
-tools=(debootstrap grub-efi-amd64-bin grub-pc-bin dosfstools mtools gdisk e2fsprogs qemu-utils)
-missing=()
-for p in "${tools[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+# The system tools live in sbin, which a user's PATH may lack.
+export PATH="$PATH:/usr/sbin:/sbin"
+for t in debootstrap grub-mkstandalone grub-mkimage mkfs.vfat mcopy sgdisk mkfs.ext4 qemu-img; do
+    command -v "$t" >/dev/null || {
+        log "$t is missing: run scripts/install-test-deps.sh"
+        exit 1
+    }
 done
-if [ ${#missing[@]} -gt 0 ]; then
-    log "installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+[ -f /usr/lib/grub/i386-pc/boot.img ] && [ -d /usr/lib/grub/x86_64-efi ] || {
+    log "GRUB's BIOS or EFI images are missing: run scripts/install-test-deps.sh"
+    exit 1
+}
 
 mkdir -p "$cache"
 work="$(mktemp -d "$cache/build-$hash.XXXXXX")"

@@ -244,9 +244,14 @@ fn find_in_path(name: &Path) -> Option<PathBuf> {
 
 /// The tap device of `vm` on the lab's bridge (Linux): at most 15 bytes, unique per id.
 pub fn tap_name(lab: &Lab, vm: &Vm) -> String {
-    let id = format!("-{}", vm.id);
+    tap_of(&lab.network.bridge, vm.id)
+}
+
+/// The tap of VM `id` on `bridge`: the bridge's name cut so that "-ID" fits Linux's 15 bytes.
+pub fn tap_of(bridge: &str, id: u32) -> String {
+    let id = format!("-{id}");
     let keep = 15 - id.len().min(15);
-    let bridge: String = lab.network.bridge.chars().take(keep).collect();
+    let bridge: String = bridge.chars().take(keep).collect();
     format!("{bridge}{id}")
 }
 

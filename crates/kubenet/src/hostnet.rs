@@ -49,15 +49,11 @@ pub fn nat_ruleset(plan: &Plan) -> String {
     )
 }
 
-/// Whether `name` is a VM tap of `bridge` as [`kubenet_vm::qemu::tap_name`] makes them: the
-/// bridge's name cut to fit, "-", the VM's id.
+/// Whether `name` is a VM tap of `bridge`, as [`kubenet_vm::qemu::tap_of`] names them.
 pub fn is_tap_of(name: &str, bridge: &str) -> bool {
-    match name.rsplit_once('-') {
-        Some((head, id)) if !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) => {
-            head == bridge.chars().take(15 - 1 - id.len()).collect::<String>()
-        }
-        _ => false,
-    }
+    name.rsplit_once('-')
+        .and_then(|(_, id)| id.parse::<u32>().ok())
+        .is_some_and(|id| name == kubenet_vm::qemu::tap_of(bridge, id))
 }
 
 #[cfg(target_os = "linux")]

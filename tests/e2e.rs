@@ -219,6 +219,9 @@ fn e2e_a_real_lab_boots_resolves_and_answers_ssh() {
     // Up: every VM leased and answering SSH with the host key kubenet gave it.
     let out = lab.up(&all, "first boot");
     assert!(out.contains("all 3 VMs ready"), "{out}");
+    for (name, _) in VMS {
+        assert!(out.contains(&format!("{name:<10} cloud-init done (")), "{out}");
+    }
     lab.assert_status(&[("gateway", "running"), ("control0", "running"), ("worker0", "running")]);
     // (The search-domain restart is in cloud-init's last stage.)
     lab.cloud_init_done();
@@ -258,6 +261,9 @@ fn e2e_a_real_lab_boots_resolves_and_answers_ssh() {
     lab.ok(&["reset", "worker0"]);
     let out = lab.up(&all, "second boot (worker0 reset)");
     assert!(out.contains("all 3 VMs ready"), "{out}");
+    for (name, _) in VMS {
+        assert!(out.contains(&format!("{name:<10} cloud-init done (")), "{out}");
+    }
     lab.assert_status(&[("gateway", "running"), ("control0", "running"), ("worker0", "running")]);
     lab.cloud_init_done();
     for name in ["gateway", "control0"] {

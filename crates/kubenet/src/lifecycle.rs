@@ -119,35 +119,68 @@ pub fn up(lab: &Lab, args: &UpArgs, out: &mut impl Write) -> anyhow::Result<()> 
     }
     let waiting: Vec<&Vm> = vms.iter().copied().filter(|v| !failed.contains(&v.name)).collect();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let late = rt.block_on(wait_ready(lab, &waiting, started, Duration::from_secs(args.timeout), out))?;
-    if failed.is_empty() && late.is_empty() {
+    let deadline = started + Duration::from_secs(args.timeout);
+    let results = rt.block_on(wait_all(lab, &waiting, started, deadline, out))?;
+    let mut late = Vec::new();
+    let mut broken = Vec::new();
+    for (vm, r) in waiting.iter().zip(results) {
+        match r {
+            Readiness::Ready => {}
+            Readiness::Late => late.push(vm.name.clone()),
+            Readiness::CloudInitFailed(detail) => broken.push((vm.name.clone(), detail)),
+        }
+    }
+    if failed.is_empty() && late.is_empty() && broken.is_empty() {
         writeln!(out, "all {} VMs ready in {:.1} s: `kubenet ssh NAME`", vms.len(), started.elapsed().as_secs_f64())?;
         return Ok(());
     }
     let mut report = String::new();
+    for (name, detail) in &broken {
+        report.push_str(&format!("\n--- {name}: cloud-init status --long ---\n{}\n", detail.trim_end()));
+    }
     for name in late.iter().chain(&failed) {
         let vm = lab.vm_by_name(name).expect("a VM of the lab");
         let tail = kubenet_vm::process::console_tail(&VmFiles::new(lab, vm), 15);
         report.push_str(&format!("\n--- {name}: last console lines ---\n{tail}\n"));
     }
-    bail!(
-        "{} of {} VMs not ready after {} s: {}{report}",
-        late.len() + failed.len(),
-        vms.len(),
-        args.timeout,
-        late.iter().chain(&failed).cloned().collect::<Vec<_>>().join(", ")
-    )
+    let mut why = Vec::new();
+    if !late.is_empty() || !failed.is_empty() {
+        why.push(format!(
+            "not ready after {} s: {}",
+            args.timeout,
+            late.iter().chain(&failed).cloned().collect::<Vec<_>>().join(", ")
+        ));
+    }
+    if !broken.is_empty() {
+        why.push(format!(
+            "cloud-init reported errors: {}",
+            broken.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
+        ));
+    }
+    bail!("{} of {} VMs {}{report}", late.len() + failed.len() + broken.len(), vms.len(), why.join("; "))
 }
 
-/// Waits until each VM has its lease and presents the host key kubenet gave it. Returns the
-/// names that were not ready in time; a wrong host key is an error at once.
-async fn wait_ready(
+/// How one VM's wait ended.
+#[derive(Debug, PartialEq)]
+enum Readiness {
+    Ready,
+    /// The deadline came first.
+    Late,
+    /// cloud-init ended with errors; its `status --long` text.
+    CloudInitFailed(String),
+}
+
+/// Waits for every VM at once, printing each step as it happens. A wrong host key is an error
+/// at once.
+async fn wait_all(
     lab: &Lab,
     vms: &[&Vm],
     started: Instant,
-    timeout: Duration,
+    deadline: Instant,
     out: &mut impl Write,
-) -> anyhow::Result<Vec<String>> {
+) -> anyhow::Result<Vec<Readiness>> {
+    let config = LabFiles::new(lab).ssh_config();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let mut expected = Vec::new();
     for vm in vms {
         let path = VmFiles::new(lab, vm).host_key();
@@ -155,38 +188,149 @@ async fn wait_ready(
         let key = russh::keys::PrivateKey::from_openssh(text).with_context(|| format!("{}", path.display()))?;
         expected.push(key.public_key().clone());
     }
-    let mut leased = vec![false; vms.len()];
-    let mut ready = vec![false; vms.len()];
-    let deadline = started + timeout;
-    while ready.iter().any(|r| !r) && Instant::now() < deadline {
-        let leases = kubenet_dhcp::lease::load(&lab.lease_file(), now()).map(|(t, _)| t).ok();
-        for (i, vm) in vms.iter().enumerate() {
-            if !leased[i]
-                && let Some(t) = &leases
-                && t.iter().any(|l| l.mac == vm.mac && l.ip == vm.ip && l.active(now()))
-            {
-                leased[i] = true;
-                writeln!(out, "{:<10} lease {} ({:.1} s)", vm.name, vm.ip, started.elapsed().as_secs_f64())?;
-            }
-            if leased[i] && !ready[i] {
-                let addr = SocketAddr::new(vm.ip.into(), 22);
-                if let Ok(key) = keys::fetch_host_key(addr, Duration::from_secs(5)).await {
-                    if key.key_data() != expected[i].key_data() {
-                        bail!(
-                            "{}: the SSH server at {addr} presents a host key kubenet did not give it ({}): \
-                             another machine has this address, or the VM was not set up by kubenet",
-                            vm.name,
-                            key.fingerprint(Default::default())
-                        );
-                    }
-                    ready[i] = true;
-                    writeln!(out, "{:<10} ssh ready ({:.1} s)", vm.name, started.elapsed().as_secs_f64())?;
+    let work = futures_util::future::try_join_all(vms.iter().zip(&expected).map(|(vm, key)| {
+        let say = tx.clone();
+        let config = &config;
+        async move {
+            let say = |step: String| {
+                let _ = say.send(format!("{:<10} {step} ({:.1} s)", vm.name, started.elapsed().as_secs_f64()));
+            };
+            wait_one(lab, vm, key, config, deadline, say).await
+        }
+    }));
+    drop(tx);
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            Some(line) = rx.recv() => writeln!(out, "{line}")?,
+            done = &mut work => {
+                while let Ok(line) = rx.try_recv() {
+                    writeln!(out, "{line}")?;
                 }
+                return done;
             }
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    Ok(vms.iter().zip(&ready).filter(|(_, r)| !**r).map(|(v, _)| v.name.clone()).collect())
+}
+
+/// One VM's way to ready: its lease; its SSH server presenting the host key kubenet gave it;
+/// then the end of cloud-init, asked over SSH with the lab's ssh_config. Until cloud-init ends
+/// the guest is still changing itself (it restarts sshd when it edits sshd_config, for one), so
+/// `up` returning before that would hand the user a VM that may refuse the next connection.
+async fn wait_one(
+    lab: &Lab,
+    vm: &Vm,
+    expected: &russh::keys::PublicKey,
+    ssh_config: &Path,
+    deadline: Instant,
+    say: impl Fn(String),
+) -> anyhow::Result<Readiness> {
+    let pause = Duration::from_millis(500);
+    loop {
+        let leases = kubenet_dhcp::lease::load(&lab.lease_file(), now()).map(|(t, _)| t).ok();
+        if leases.is_some_and(|t| t.iter().any(|l| l.mac == vm.mac && l.ip == vm.ip && l.active(now()))) {
+            say(format!("lease {}", vm.ip));
+            break;
+        }
+        if Instant::now() + pause >= deadline {
+            return Ok(Readiness::Late);
+        }
+        tokio::time::sleep(pause).await;
+    }
+    let addr = SocketAddr::new(vm.ip.into(), 22);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(Readiness::Late);
+        }
+        if let Ok(key) = keys::fetch_host_key(addr, left.min(Duration::from_secs(5))).await {
+            if key.key_data() != expected.key_data() {
+                bail!(
+                    "{}: the SSH server at {addr} presents a host key kubenet did not give it ({}): \
+                     another machine has this address, or the VM was not set up by kubenet",
+                    vm.name,
+                    key.fingerprint(Default::default())
+                );
+            }
+            say("ssh ready".into());
+            break;
+        }
+        tokio::time::sleep(pause).await;
+    }
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(Readiness::Late);
+        }
+        let mut ssh = tokio::process::Command::new("ssh");
+        ssh.arg("-F")
+            .arg(ssh_config)
+            .args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=5", &vm.name])
+            .args(["cloud-init", "status", "--wait", "--long"])
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        let verdict = match tokio::time::timeout(left, ssh.output()).await {
+            Err(_) => return Ok(Readiness::Late),
+            Ok(Err(e)) => CloudInit::Unknown(format!("cannot run ssh: {e}")),
+            Ok(Ok(o)) => cloud_init_verdict(
+                o.status.code(),
+                &String::from_utf8_lossy(&o.stdout),
+                &String::from_utf8_lossy(&o.stderr),
+            ),
+        };
+        match verdict {
+            CloudInit::Done => {
+                say("cloud-init done".into());
+                return Ok(Readiness::Ready);
+            }
+            CloudInit::Degraded => {
+                say(format!("cloud-init done with warnings (`kubenet ssh {} -- cloud-init status --long`)", vm.name));
+                return Ok(Readiness::Ready);
+            }
+            CloudInit::Failed(detail) => {
+                say("cloud-init failed".into());
+                return Ok(Readiness::CloudInitFailed(detail));
+            }
+            CloudInit::Unknown(why) => {
+                say(format!("not waiting for cloud-init: {why}"));
+                return Ok(Readiness::Ready);
+            }
+            CloudInit::Retry => tokio::time::sleep(Duration::from_secs(1)).await,
+        }
+    }
+}
+
+/// What one `ssh VM cloud-init status --wait --long` said.
+#[derive(Debug, PartialEq)]
+enum CloudInit {
+    Done,
+    /// Done with recoverable errors (exit 2, cloud-init 23.4 and later).
+    Degraded,
+    /// Ended with errors (exit 1): the status text.
+    Failed(String),
+    /// The connection failed (sshd not up yet, or restarting): ask again.
+    Retry,
+    /// Cannot be told without a prompt: readiness stops at SSH.
+    Unknown(String),
+}
+
+/// Reads the exit of `ssh ... cloud-init status --wait --long`: 255 is ssh's own failure, where
+/// an authentication refusal will not mend itself (a key with a passphrase and no agent) but a
+/// refused or dropped connection will; 127 is a guest without cloud-init; the rest is
+/// cloud-init's (0 done, 1 error, 2 recoverable errors).
+fn cloud_init_verdict(code: Option<i32>, stdout: &str, stderr: &str) -> CloudInit {
+    match code {
+        Some(0) => CloudInit::Done,
+        Some(2) => CloudInit::Degraded,
+        Some(255) if stderr.contains("Permission denied") => CloudInit::Unknown(format!(
+            "ssh cannot log in without a prompt ({}); a key with a passphrase needs ssh-agent",
+            stderr.trim()
+        )),
+        Some(255) if stderr.contains("Host key verification failed") => CloudInit::Unknown(stderr.trim().to_owned()),
+        Some(255) | None => CloudInit::Retry,
+        Some(127) => CloudInit::Unknown("the guest has no `cloud-init` command".into()),
+        Some(_) => CloudInit::Failed(format!("{stdout}{stderr}")),
+    }
 }
 
 /// `kubenet down`.
@@ -212,14 +356,27 @@ pub fn down(lab: &Lab, args: &DownArgs, out: &mut impl Write) -> anyhow::Result<
 pub fn status_rows(lab: &Lab) -> Vec<Value> {
     let t = now();
     let leases = kubenet_dhcp::lease::load(&lab.lease_file(), t).map(|(l, _)| l).ok();
-    crate::vms::states(lab)
+    let states = crate::vms::states(lab);
+    // Port 22 of every running VM at once: a busy guest (TCG, or a loaded host) may take a
+    // second to answer, and seven of those one after another would make `status` slow.
+    let ssh: Vec<bool> = std::thread::scope(|scope| {
+        let probes: Vec<_> = states
+            .iter()
+            .zip(&lab.vms)
+            .map(|(s, vm)| {
+                let running = s["state"] == "running";
+                let addr = SocketAddr::new(vm.ip.into(), 22);
+                scope.spawn(move || running && TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok())
+            })
+            .collect();
+        probes.into_iter().map(|p| p.join().unwrap_or(false)).collect()
+    });
+    states
         .into_iter()
         .zip(&lab.vms)
-        .map(|(mut s, vm)| {
+        .zip(ssh)
+        .map(|((mut s, vm), ssh)| {
             let lease = leases.as_ref().and_then(|l| l.iter().find(|l| l.mac == vm.mac && l.active(t)).cloned());
-            let running = s["state"] == "running";
-            let ssh = running
-                && TcpStream::connect_timeout(&SocketAddr::new(vm.ip.into(), 22), Duration::from_millis(300)).is_ok();
             let uptime = s["since"].as_u64().map(|since| t.saturating_sub(since));
             s["role"] = vm.role.clone().into();
             s["mac"] = vm.mac.to_string().into();
@@ -373,4 +530,34 @@ pub fn destroy(lab: &Lab, yes: bool, out: &mut impl Write) -> anyhow::Result<()>
 
 fn remove(p: &Path) -> std::io::Result<()> {
     if p.is_dir() { std::fs::remove_dir_all(p) } else { std::fs::remove_file(p) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cloud_init_status_exits_are_read() {
+        assert_eq!(cloud_init_verdict(Some(0), "status: done\n", ""), CloudInit::Done);
+        assert_eq!(cloud_init_verdict(Some(2), "status: done\n", ""), CloudInit::Degraded);
+        let failed = cloud_init_verdict(Some(1), "status: error\nerrors:\n\t- runcmd failed\n", "");
+        assert_eq!(failed, CloudInit::Failed("status: error\nerrors:\n\t- runcmd failed\n".into()));
+        // sshd restarting or not up yet: ask again.
+        let refused = "ssh: connect to host 192.168.1.14 port 22: Connection refused\n";
+        assert_eq!(cloud_init_verdict(Some(255), "", refused), CloudInit::Retry);
+        assert_eq!(cloud_init_verdict(Some(255), "", "Connection closed by 192.168.1.14 port 22\n"), CloudInit::Retry);
+        assert_eq!(cloud_init_verdict(None, "", ""), CloudInit::Retry);
+        // Will not mend by waiting.
+        let denied = "worker0@192.168.1.14: Permission denied (publickey).\n";
+        let CloudInit::Unknown(why) = cloud_init_verdict(Some(255), "", denied) else { panic!() };
+        assert!(why.contains("Permission denied (publickey)") && why.contains("ssh-agent"), "{why}");
+        let CloudInit::Unknown(why) = cloud_init_verdict(Some(255), "", "Host key verification failed.\n") else {
+            panic!()
+        };
+        assert_eq!(why, "Host key verification failed.");
+        let CloudInit::Unknown(why) = cloud_init_verdict(Some(127), "", "sh: cloud-init: not found\n") else {
+            panic!()
+        };
+        assert!(why.contains("no `cloud-init`"), "{why}");
+    }
 }

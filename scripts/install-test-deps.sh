@@ -18,13 +18,14 @@
 #   openssh-server   sshd, to check kubenet's host-key fetch against the real thing
 #   openssh-client   ssh, ssh-keygen
 #   tmux             the `kubenet tmux` layout test
+#   nftables         nft, for `serve`'s NAT rule, tested inside a namespace of the test's own
 #   debootstrap, grub-efi-amd64-bin, grub-pc-bin, dosfstools, mtools, gdisk
 #                    scripts/build-test-image.sh: the end-to-end test's Debian image, its UEFI and
 #                    BIOS GRUB, its ESP and its GPT
 set -euo pipefail
 
 packages=(dnsmasq-base isc-dhcp-client udhcpc bind9-dnsutils iproute2 kea-admin dnsperf
-    qemu-system-x86 ovmf genisoimage cloud-init openssh-server openssh-client tmux
+    qemu-system-x86 ovmf genisoimage cloud-init openssh-server openssh-client tmux nftables
     debootstrap grub-efi-amd64-bin grub-pc-bin dosfstools mtools gdisk)
 
 missing=()

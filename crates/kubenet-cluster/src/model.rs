@@ -69,6 +69,20 @@ pub enum Accelerator {
     Tcg,
 }
 
+/// Which firmware boots the guests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FirmwareChoice {
+    /// UEFI when its files are found (edk2 beside QEMU on macOS, OVMF/AAVMF under /usr/share
+    /// on Linux), else BIOS on x86; aarch64 has only UEFI.
+    #[default]
+    Auto,
+    /// UEFI, or an error naming what to install.
+    Uefi,
+    /// SeaBIOS, QEMU's own; x86 only.
+    Bios,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Lab {
     /// The file it was read from, or the built-in reference lab.
@@ -76,6 +90,7 @@ pub struct Lab {
     /// Where VM folders, leases and SSH files live.
     pub state_dir: PathBuf,
     pub accelerator: Accelerator,
+    pub firmware: FirmwareChoice,
     pub network: Network,
     pub dns: Dns,
     pub login: Login,

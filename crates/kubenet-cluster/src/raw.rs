@@ -13,6 +13,7 @@ use toml::Spanned;
 pub struct RawLab {
     pub state_dir: Option<Spanned<String>>,
     pub accelerator: Option<Spanned<crate::Accelerator>>,
+    pub firmware: Option<Spanned<crate::FirmwareChoice>>,
     #[serde(default)]
     pub network: RawNetwork,
     #[serde(default)]

@@ -427,6 +427,7 @@ pub(crate) fn resolve(raw: RawLab, text: &str, source: String, base_dir: &Path) 
         source,
         state_dir,
         accelerator: raw.accelerator.map(|a| a.into_inner()).unwrap_or_default(),
+        firmware: raw.firmware.map(|f| f.into_inner()).unwrap_or_default(),
         network: Network {
             subnet,
             host_name,

@@ -219,6 +219,7 @@ const BROKEN: &[(&str, &str, usize, &str)] = &[
     ),
     ("[[group]]\nname = \"a\"\nmemory = \"2G\"\nmemory = \"4G\"\n", "memory", 4, "duplicate key"),
     ("accelerator = \"xen\"\n", "accelerator", 1, "unknown variant"),
+    ("accelerator = \"tcg\"\nfirmware = \"efi\"\n", "firmware", 2, "unknown variant"),
     (
         "[dns]\nallow = [\"127.0.0.0/8\", \"the lab\"]\n[[group]]\nname = \"a\"\n",
         "dns.allow[1]",

@@ -8,7 +8,7 @@ use std::ffi::OsString;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use kubenet_cluster::{Accelerator, Lab, Vm};
+use kubenet_cluster::{Accelerator, FirmwareChoice, Lab, Vm};
 
 use crate::files::VmFiles;
 
@@ -99,6 +99,8 @@ pub enum ProfileError {
         "no UEFI firmware for {arch:?} found (looked for {looked}): install it (Debian: `apt install {package}`; macOS: it comes with Homebrew's qemu)"
     )]
     NoFirmware { arch: Arch, looked: String, package: &'static str },
+    #[error("firmware = \"bios\" is not available on {0:?}: it boots by UEFI only (use \"auto\" or \"uefi\")")]
+    NoBios(Arch),
     #[error("this host is neither Linux nor macOS, or its CPU is neither x86_64 nor aarch64")]
     UnsupportedHost,
 }
@@ -175,23 +177,35 @@ pub fn firmware_candidates(os: Os, arch: Arch, qemu_share: Option<&Path>) -> Vec
     }
 }
 
-/// The first candidate whose two files exist. x86 falls back to BIOS (cloud images boot both
-/// ways); aarch64 has no BIOS, so no firmware is an error.
+/// The firmware for `choice`: BIOS when asked for (x86 only); else the first UEFI candidate
+/// whose two files exist. With `auto`, x86 falls back to BIOS (cloud images boot both ways);
+/// aarch64 has no BIOS, and `uefi` means UEFI, so there no firmware is an error.
 pub fn pick_firmware(
+    choice: FirmwareChoice,
     os: Os,
     arch: Arch,
     candidates: &[(PathBuf, PathBuf)],
     exists: impl Fn(&Path) -> bool,
 ) -> Result<Firmware, ProfileError> {
+    if choice == FirmwareChoice::Bios {
+        return match arch {
+            Arch::X86_64 => Ok(Firmware::Bios),
+            Arch::Aarch64 => Err(ProfileError::NoBios(arch)),
+        };
+    }
     if let Some((code, vars)) = candidates.iter().find(|(c, v)| exists(c) && exists(v)) {
         return Ok(Firmware::Uefi { code: code.clone(), vars_template: vars.clone() });
     }
     match arch {
-        Arch::X86_64 => Ok(Firmware::Bios),
-        Arch::Aarch64 => Err(ProfileError::NoFirmware {
+        Arch::X86_64 if choice == FirmwareChoice::Auto => Ok(Firmware::Bios),
+        _ => Err(ProfileError::NoFirmware {
             arch,
             looked: candidates.iter().map(|(c, _)| c.display().to_string()).collect::<Vec<_>>().join(", "),
-            package: if os == Os::Linux { "qemu-efi-aarch64" } else { "qemu" },
+            package: match (os, arch) {
+                (Os::Linux, Arch::X86_64) => "ovmf",
+                (Os::Linux, Arch::Aarch64) => "qemu-efi-aarch64",
+                (Os::MacOs, _) => "qemu",
+            },
         }),
     }
 }
@@ -224,7 +238,8 @@ impl HostProfile {
         let qemu = PathBuf::from(arch.qemu_binary());
         let found = find_in_path(&qemu);
         let share = found.as_deref().and_then(|b| b.parent()?.parent()).map(|p| p.join("share/qemu"));
-        let firmware = pick_firmware(os, arch, &firmware_candidates(os, arch, share.as_deref()), Path::exists)?;
+        let candidates = firmware_candidates(os, arch, share.as_deref());
+        let firmware = pick_firmware(lab.firmware, os, arch, &candidates, Path::exists)?;
         let drop_to = owner.map(|user| {
             let version = std::process::Command::new(&qemu)
                 .arg("--version")

@@ -129,17 +129,26 @@ fn firmware_lookup_order() {
     let have = ["/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd"];
     let exists = |p: &Path| have.iter().any(|h| Path::new(h) == p);
     assert_eq!(
-        pick_firmware(Os::Linux, Arch::X86_64, &linux, exists),
+        pick_firmware(FirmwareChoice::Auto, Os::Linux, Arch::X86_64, &linux, exists),
         Ok(Firmware::Uefi {
             code: "/usr/share/OVMF/OVMF_CODE.fd".into(),
             vars_template: "/usr/share/OVMF/OVMF_VARS.fd".into()
         })
     );
-    assert_eq!(pick_firmware(Os::Linux, Arch::X86_64, &linux, |_| false), Ok(Firmware::Bios));
-    let err = pick_firmware(Os::Linux, Arch::Aarch64, &firmware_candidates(Os::Linux, Arch::Aarch64, None), |_| false)
-        .unwrap_err()
-        .to_string();
+    assert_eq!(pick_firmware(FirmwareChoice::Auto, Os::Linux, Arch::X86_64, &linux, |_| false), Ok(Firmware::Bios));
+    let arm = firmware_candidates(Os::Linux, Arch::Aarch64, None);
+    let err = pick_firmware(FirmwareChoice::Auto, Os::Linux, Arch::Aarch64, &arm, |_| false).unwrap_err().to_string();
     assert!(err.contains("qemu-efi-aarch64") && err.contains("/usr/share/AAVMF/AAVMF_CODE.fd"), "{err}");
+    // Asked for by name: BIOS even with UEFI there; UEFI or an error, never BIOS behind the back.
+    assert_eq!(pick_firmware(FirmwareChoice::Bios, Os::Linux, Arch::X86_64, &linux, exists), Ok(Firmware::Bios));
+    let err = pick_firmware(FirmwareChoice::Uefi, Os::Linux, Arch::X86_64, &linux, |_| false).unwrap_err().to_string();
+    assert!(err.contains("apt install ovmf") && err.contains("/usr/share/OVMF/OVMF_CODE_4M.fd"), "{err}");
+    assert_eq!(
+        pick_firmware(FirmwareChoice::Uefi, Os::Linux, Arch::X86_64, &linux, exists),
+        pick_firmware(FirmwareChoice::Auto, Os::Linux, Arch::X86_64, &linux, exists)
+    );
+    let err = pick_firmware(FirmwareChoice::Bios, Os::MacOs, Arch::Aarch64, &arm, exists).unwrap_err().to_string();
+    assert!(err.contains("firmware = \"bios\"") && err.contains("UEFI only"), "{err}");
 }
 
 #[test]

@@ -22,6 +22,7 @@ pub fn render(lab: &Lab) -> String {
         ("dhcp pool", format!("{} - {}, lease {}", n.dhcp_range.start, n.dhcp_range.end, n.lease_time)),
         ("upstream", upstream),
         ("accelerator", format!("{:?}", lab.accelerator).to_lowercase()),
+        ("firmware", format!("{:?}", lab.firmware).to_lowercase()),
     ];
     for (k, v) in summary {
         let _ = writeln!(out, "{k:<12} {v}");

@@ -151,3 +151,42 @@ fn a_closed_stdout_ends_quietly() {
         assert_eq!(stderr(&o), "", "{args:?}");
     }
 }
+
+/// `up --dry-run` prints the command lines and starts nothing; `firmware` picks what boots.
+#[test]
+fn dry_run_shows_the_firmware_the_config_asks_for() {
+    if !(cfg!(target_os = "linux") && cfg!(target_arch = "x86_64")) {
+        eprintln!("SKIP: the firmware files checked here are x86 Linux ones");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lab = |firmware: &str| {
+        let text = reference_lab().replace("accelerator = \"auto\"", "accelerator = \"tcg\"");
+        let text = text.replace("firmware = \"auto\"", &format!("firmware = \"{firmware}\""));
+        assert!(text.contains(&format!("firmware = \"{firmware}\"")));
+        std::fs::write(dir.path().join("kubenet.toml"), text).unwrap();
+        kubenet(dir.path(), &["up", "--dry-run", "gateway"])
+    };
+    let o = lab("bios");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let line = stdout(&o);
+    assert!(line.starts_with("qemu-system-x86_64 -name gateway -machine q35,accel=tcg -cpu max"), "{line}");
+    assert!(!line.contains("pflash"), "SeaBIOS needs no flash drives: {line}");
+    let ovmf = Path::new("/usr/share/OVMF/OVMF_CODE_4M.fd");
+    let o = lab("uefi");
+    if ovmf.exists() {
+        assert!(o.status.success(), "{}", stderr(&o));
+        let line = stdout(&o);
+        assert!(line.contains(&format!("-drive if=pflash,format=raw,unit=0,readonly=on,file={}", ovmf.display())));
+        assert!(line.contains("if=pflash,format=raw,unit=1,file=") && line.contains("gateway/efi-vars.fd"), "{line}");
+    } else {
+        assert!(!o.status.success());
+        assert!(stderr(&o).contains("apt install ovmf"), "{}", stderr(&o));
+    }
+    // Nothing was prepared or started.
+    assert!(!dir.path().join("gateway").exists());
+}
+
+fn reference_lab() -> String {
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/kubenet.toml")).unwrap()
+}

@@ -288,6 +288,118 @@ fn image_pull_verifies_against_the_publishers_sums() {
     assert!(err.contains(&format!("http://127.0.0.1:{port}/SHA256SUMS")), "{err}");
 }
 
+/// An HTTP server on loopback for resumed downloads: serves the files of its folder, honours
+/// `Range: bytes=N-` with 206 unless the folder's `control` file says `noranges`, and when
+/// `control` says `cut N` ends the next whole-file answer after N bytes (Content-Length still
+/// the whole size), as a dropped connection would. Logs each request's range.
+const RANGE_SERVER: &str = r#"
+import http.server, os, sys
+root = sys.argv[2]
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        path = os.path.join(root, os.path.basename(self.path))
+        if not os.path.isfile(path):
+            self.send_error(404); return
+        data = open(path, "rb").read()
+        ctl = open(os.path.join(root, "control")).read().split()
+        rng = self.headers.get("Range")
+        print("GET", self.path, "range", rng, flush=True)
+        if rng and "noranges" not in ctl:
+            start = int(rng.split("=")[1].rstrip("-"))
+            if start >= len(data):
+                self.send_response(416); self.send_header("Content-Range", "bytes */%d" % len(data))
+                self.send_header("Content-Length", "0"); self.end_headers(); return
+            self.send_response(206)
+            self.send_header("Content-Range", "bytes %d-%d/%d" % (start, len(data) - 1, len(data)))
+            self.send_header("Content-Length", str(len(data) - start)); self.end_headers()
+            self.wfile.write(data[start:]); return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data))); self.end_headers()
+        if "cut" in ctl and path.endswith(".img"):
+            n = int(ctl[ctl.index("cut") + 1])
+            open(os.path.join(root, "control"), "w").write("")
+            self.wfile.write(data[:n]); self.wfile.flush()
+            self.close_connection = True; return
+        self.wfile.write(data)
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#;
+
+#[test]
+fn image_pull_resumes_a_cut_download() {
+    if tools(&["python3", "sha256sum"]).is_some() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let site = d.join("site");
+    std::fs::create_dir_all(&site).unwrap();
+    let file = format!("noble-server-cloudimg-{}.img", kubenet_vm::image::host_arch());
+    // Publishes an image (its bytes depend on `seed`) and its SHA256SUMS; `control` as given.
+    let publish = |seed: u32, control: &str| {
+        let image: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761 ^ seed) >> 24) as u8).collect();
+        std::fs::write(site.join(&file), &image).unwrap();
+        let sums = ok(Command::new("sha256sum").arg("--binary").arg(&file).current_dir(&site).output().unwrap());
+        std::fs::write(site.join("SHA256SUMS"), sums).unwrap();
+        std::fs::write(site.join("control"), control).unwrap();
+        image
+    };
+    let port = support::free_port();
+    let mut cmd = Command::new("python3");
+    cmd.args(["-u", "-c", RANGE_SERVER, &port.to_string()]).arg(&site);
+    let server = support::Proc::spawn(cmd, &d.join("http.log"));
+    let start = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(start.elapsed() < Duration::from_secs(10), "the range server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let lab = support::test_lab().replace(
+        "image = \"images/ubuntu-24.04-server-cloudimg.img\"",
+        &format!("image = \"images/ubuntu-24.04-server-cloudimg.img\"\nimage_url = \"http://127.0.0.1:{port}/noble-server-cloudimg-{{arch}}.img\""),
+    );
+    std::fs::write(d.join("kubenet.toml"), lab).unwrap();
+    let target = d.join(IMAGE);
+    let part = d.join("images/.ubuntu-24.04-server-cloudimg.img.part");
+    let image_requests =
+        || server.log_text().lines().filter(|l| l.contains(".img")).map(str::to_owned).collect::<Vec<_>>();
+
+    // Cut after 1,000,000 bytes: an error that says what is kept and how to go on.
+    let image = publish(1, "cut 1000000");
+    let out = kubenet(d, &["image", "pull"]);
+    let err = text(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("the first 1000000 bytes are kept") && err.contains("again resumes"), "{err}");
+    assert_eq!(std::fs::metadata(&part).unwrap().len(), 1_000_000);
+    assert!(!target.exists());
+    // Again: only the rest is asked for, and the whole is verified.
+    let out = ok(kubenet(d, &["image", "pull"]));
+    assert!(out.contains("downloaded 2.9 MiB (resumed at 1.0 MiB), SHA-256 verified"), "{out}");
+    assert_eq!(std::fs::read(&target).unwrap(), image);
+    assert_eq!(image_requests().last().unwrap(), &format!("GET /{file} range bytes=1000000-"));
+    let left: Vec<_> = std::fs::read_dir(d.join("images")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left.len(), 1, "no .part or stamp left: {left:?}");
+
+    // A part left by an image the publisher has since replaced is not resumed.
+    publish(2, "cut 500000");
+    assert!(!kubenet(d, &["image", "pull"]).status.success());
+    assert_eq!(std::fs::metadata(&part).unwrap().len(), 500_000);
+    let image = publish(3, "");
+    let n = image_requests().len();
+    assert!(ok(kubenet(d, &["image", "pull"])).contains("downloaded 2.9 MiB, SHA-256 verified"));
+    assert_eq!(image_requests()[n..], [format!("GET /{file} range None")]);
+    assert_eq!(std::fs::read(&target).unwrap(), image);
+
+    // A server that ignores ranges answers the whole file: taken from the start, still right.
+    publish(4, "cut 700000");
+    assert!(!kubenet(d, &["image", "pull"]).status.success());
+    std::fs::write(site.join("control"), "noranges").unwrap();
+    let n = image_requests().len();
+    let out = ok(kubenet(d, &["image", "pull"]));
+    assert!(out.contains("downloaded 2.9 MiB, SHA-256 verified"), "{out}");
+    assert_eq!(image_requests()[n..], [format!("GET /{file} range bytes=700000-")], "one request, its 200 used");
+    assert_eq!(std::fs::read(&target).unwrap(), publish(4, ""));
+}
+
 #[test]
 fn tmux_builds_the_tutorials_layout_headless() {
     if tools(&["tmux"]).is_some() {

@@ -2,7 +2,9 @@
 //! verified before they are used. The expected SHA-256 is the group's `image_sha256`, else the
 //! publisher's `SHA256SUMS` beside the image (as Ubuntu and Debian publish them). The download
 //! goes to a hidden `.part` file beside the image, hashed as it arrives, and is renamed into
-//! place only when the hash matches, so a failed or tampered download changes nothing.
+//! place only when the hash matches, so a failed or tampered download changes nothing. A
+//! download cut short keeps its `.part` (stamped with the hash it is meant to reach) and the
+//! next pull asks for the rest with an HTTP range request, as `curl -C -` and `wget -c` do.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -26,6 +28,10 @@ pub enum ImageError {
         "{url}: SHA-256 {got} does not match the expected {want} (from {from}); the download was discarded and {path} left as it was"
     )]
     Mismatch { url: String, got: String, want: String, from: String, path: PathBuf },
+    #[error(
+        "{url}: {message}; the first {kept} bytes are kept in {part}: `kubenet image pull` again resumes from there"
+    )]
+    Interrupted { url: String, message: String, kept: u64, part: PathBuf },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
 }
@@ -113,19 +119,64 @@ fn hex(bytes: &[u8]) -> String {
 
 /// The SHA-256 of the file at `path`.
 pub fn file_sha256(path: &Path) -> std::io::Result<String> {
-    let mut f = std::fs::File::open(path)?;
     let mut h = Sha256::new();
+    hash_file(path, &mut h)?;
+    Ok(hex(&h.finalize()))
+}
+
+/// Feeds the file at `path` to `h`; returns its length.
+fn hash_file(path: &Path, h: &mut Sha256) -> std::io::Result<u64> {
+    let mut f = std::fs::File::open(path)?;
     let mut buf = vec![0u8; 1 << 20];
+    let mut len = 0;
     loop {
         match f.read(&mut buf)? {
-            0 => return Ok(hex(&h.finalize())),
-            n => h.update(&buf[..n]),
+            0 => return Ok(len),
+            n => {
+                h.update(&buf[..n]);
+                len += n as u64;
+            }
         }
     }
 }
 
-fn get(url: &str) -> Result<ureq::http::Response<ureq::Body>, ImageError> {
+type Response = ureq::http::Response<ureq::Body>;
+
+fn get(url: &str) -> Result<Response, ImageError> {
     ureq::get(url).call().map_err(|e| ImageError::Http { url: url.into(), message: e.to_string() })
+}
+
+/// How a server answered a request for the bytes from an offset on (RFC 9110 §14.2).
+enum Ranged {
+    /// 206, the rest from that offset; the whole size if the `Content-Range` gives it.
+    Rest(Response, Option<u64>),
+    /// 200: the server ignored the range and sends the whole file.
+    Whole(Response),
+    /// 416, or a 206 for other bytes than asked: start over.
+    Unusable,
+}
+
+fn get_from(url: &str, from: u64) -> Result<Ranged, ImageError> {
+    let response = match ureq::get(url).header("Range", format!("bytes={from}-")).call() {
+        Err(ureq::Error::StatusCode(416)) => return Ok(Ranged::Unusable),
+        r => r.map_err(|e| ImageError::Http { url: url.into(), message: e.to_string() })?,
+    };
+    if response.status() != 206 {
+        return Ok(Ranged::Whole(response));
+    }
+    let range = response.headers().get("content-range").and_then(|v| v.to_str().ok()).unwrap_or("");
+    Ok(match parse_content_range(range) {
+        Some((start, total)) if start == from => Ranged::Rest(response, total),
+        _ => Ranged::Unusable,
+    })
+}
+
+/// "bytes 100-999/1000" -> (100, Some(1000)); "bytes 100-999/*" -> (100, None).
+fn parse_content_range(v: &str) -> Option<(u64, Option<u64>)> {
+    let (range, total) = v.trim().strip_prefix("bytes ")?.split_once('/')?;
+    let start = range.split_once('-')?.0.trim().parse().ok()?;
+    let total = if total.trim() == "*" { None } else { Some(total.trim().parse().ok()?) };
+    Some((start, total))
 }
 
 /// What [`pull`] did.
@@ -133,8 +184,9 @@ fn get(url: &str) -> Result<ureq::http::Response<ureq::Body>, ImageError> {
 pub enum Pulled {
     /// The file was there with the expected hash.
     UpToDate,
-    /// Downloaded and verified; bytes.
-    Downloaded(u64),
+    /// Downloaded and verified: the image's size, and where this pull took up an earlier
+    /// one's partial download (0: from the start).
+    Downloaded { bytes: u64, resumed_at: u64 },
 }
 
 /// The expected hash of `p`'s image, and where it came from.
@@ -168,45 +220,67 @@ pub fn pull(p: &Pull, mut progress: impl FnMut(u64, Option<u64>)) -> Result<Pull
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let name = p.path.file_name().map_or("image".into(), |n| n.to_string_lossy().into_owned());
     let part = dir.join(format!(".{name}.part"));
-    let result = (|| {
-        let mut response = get(&p.url)?;
-        let total = response.body().content_length();
-        let mut body = response.body_mut().with_config().limit(u64::MAX).reader();
-        let mut out = std::fs::File::create(&part).map_err(io(&part))?;
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut done = 0u64;
-        loop {
-            let n = body.read(&mut buf).map_err(|e| ImageError::Http { url: p.url.clone(), message: e.to_string() })?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-            out.write_all(&buf[..n]).map_err(io(&part))?;
-            done += n as u64;
-            progress(done, total);
-        }
-        out.sync_all().map_err(io(&part))?;
-        let got = hex(&h.finalize());
-        if got != want {
-            return Err(ImageError::Mismatch {
-                url: p.url.clone(),
-                got,
-                want: want.clone(),
-                from: from.clone(),
-                path: p.path.clone(),
-            });
-        }
-        std::fs::rename(&part, &p.path).map_err(io(&p.path))?;
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(Pulled::Downloaded(done))
-    })();
-    if result.is_err() {
+    // The hash the partial download is meant to reach: a part made for another image (the
+    // publisher's "current" moved on) is not resumed.
+    let stamp = dir.join(format!(".{name}.part.sha256"));
+    let mut h = Sha256::new();
+    let mut have = 0;
+    if part.is_file() && std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == want) {
+        have = hash_file(&part, &mut h).map_err(io(&part))?;
+    } else {
         let _ = std::fs::remove_file(&part);
     }
-    result
+    let answer = if have > 0 { get_from(&p.url, have)? } else { Ranged::Unusable };
+    let (mut response, total, mut out, resumed_at) = match answer {
+        Ranged::Rest(r, total) => {
+            let total = total.or_else(|| r.body().content_length().map(|n| n + have));
+            let out = std::fs::OpenOptions::new().append(true).open(&part).map_err(io(&part))?;
+            (r, total, out, have)
+        }
+        whole_or_not => {
+            h = Sha256::new();
+            let r = match whole_or_not {
+                Ranged::Whole(r) => r,
+                _ => get(&p.url)?,
+            };
+            let total = r.body().content_length();
+            std::fs::write(&stamp, format!("{want}\n")).map_err(io(&stamp))?;
+            (r, total, std::fs::File::create(&part).map_err(io(&part))?, 0)
+        }
+    };
+    let mut body = response.body_mut().with_config().limit(u64::MAX).reader();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut done = resumed_at;
+    progress(done, total);
+    loop {
+        let n = match body.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = out.sync_all();
+                return Err(ImageError::Interrupted { url: p.url.clone(), message: e.to_string(), kept: done, part });
+            }
+        };
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        out.write_all(&buf[..n]).map_err(io(&part))?;
+        done += n as u64;
+        progress(done, total);
+    }
+    out.sync_all().map_err(io(&part))?;
+    let got = hex(&h.finalize());
+    if got != want {
+        let _ = std::fs::remove_file(&part);
+        let _ = std::fs::remove_file(&stamp);
+        return Err(ImageError::Mismatch { url: p.url.clone(), got, want, from, path: p.path.clone() });
+    }
+    std::fs::rename(&part, &p.path).map_err(io(&p.path))?;
+    let _ = std::fs::remove_file(&stamp);
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(Pulled::Downloaded { bytes: done, resumed_at })
 }
 
 #[cfg(test)]
@@ -220,6 +294,15 @@ mod tests {
         assert_eq!(sums_url(&url), "https://cloud-images.ubuntu.com/noble/current/SHA256SUMS");
         assert_eq!(file_name(&url), "noble-server-cloudimg-arm64.img");
         assert_eq!(file_name("http://h/a/b.img?x=1"), "b.img");
+    }
+
+    #[test]
+    fn content_ranges_are_read() {
+        assert_eq!(parse_content_range("bytes 100-999/1000"), Some((100, Some(1000))));
+        assert_eq!(parse_content_range("bytes 0-0/*"), Some((0, None)));
+        assert_eq!(parse_content_range("bytes */1000"), None, "the 416 form names no start");
+        assert_eq!(parse_content_range("items 1-2/3"), None);
+        assert_eq!(parse_content_range(""), None);
     }
 
     #[test]

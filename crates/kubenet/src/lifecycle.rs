@@ -83,10 +83,22 @@ pub fn image_pull(lab: &Lab, names: &[String], out: &mut impl Write) -> anyhow::
         bar.finish_and_clear();
         match result? {
             Pulled::UpToDate => writeln!(out, "  up to date (SHA-256 matches)")?,
-            Pulled::Downloaded(n) => writeln!(out, "  downloaded {:.1} MiB, SHA-256 verified", n as f64 / 1048576.0)?,
+            Pulled::Downloaded { bytes, resumed_at: 0 } => {
+                writeln!(out, "  downloaded {:.1} MiB, SHA-256 verified", mib(bytes))?
+            }
+            Pulled::Downloaded { bytes, resumed_at } => writeln!(
+                out,
+                "  downloaded {:.1} MiB (resumed at {:.1} MiB), SHA-256 verified",
+                mib(bytes),
+                mib(resumed_at)
+            )?,
         }
     }
     Ok(())
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / 1048576.0
 }
 
 /// `kubenet up`.

@@ -222,6 +222,61 @@ fn serve_starts_finds_again_and_stops_qemu() {
     assert!(log.contains("VM started") || log.contains("VM stopped"), "{log}");
 }
 
+/// `up` against an impostor: a namespace with worker0's MAC takes worker0's lease from
+/// `serve` and runs sshd at its address with a key kubenet did not make. `up` must stop with a
+/// loud error naming the VM, the address and the key's fingerprint, not trust what it finds.
+#[test]
+fn up_refuses_an_ssh_server_with_a_foreign_host_key() {
+    if prerequisites(&["qemu-system-x86_64", "qemu-img", "udhcpc", "sshd", "ssh-keygen"]).is_some() {
+        return;
+    }
+    let p = support::pair("imp", "192.168.1.1/24");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let lab = support::test_lab()
+        .replace("accelerator = \"auto\"", "accelerator = \"tcg\"")
+        .replace("memory = \"8G\"", "memory = \"256M\"");
+    assert!(lab.contains("accelerator = \"tcg\""));
+    lab_dir(d, &d.join("state"), &lab);
+    // --no-bridge: the QEMU started below gets a tap of its own, on nothing, so the impostor
+    // is the only worker0 on the wire.
+    let agent = serve(&p.server, d, &[]);
+    p.client.ip(&["link", "set", "knc", "address", "52:52:52:00:00:04"]);
+    let out = p
+        .client
+        .cmd("udhcpc")
+        .args(["-i", "knc", "-n", "-q", "-f", "-t", "5", "-T", "2", "-s", "/bin/true"])
+        .output()
+        .unwrap();
+    assert!(text(&out).contains("lease of 192.168.1.14 obtained"), "{}", text(&out));
+    p.client.ip(&["addr", "add", "192.168.1.14/24", "dev", "knc"]);
+    let key = d.join("impostor_key");
+    let impostor = kubenet_vm::keys::load_or_create(&key, "impostor").unwrap();
+    std::fs::create_dir_all("/run/sshd").unwrap();
+    let mut cmd = p.client.cmd(support::which("sshd").unwrap().to_str().unwrap());
+    cmd.args(["-D", "-e", "-f", "/dev/null", "-o", "PidFile=none", "-o", "ListenAddress=192.168.1.14:22", "-h"])
+        .arg(&key);
+    let mut sshd = support::Proc::spawn(cmd, &d.join("sshd.log"));
+    sshd.wait_for("Server listening", Duration::from_secs(10));
+
+    let cli = |args: &[&str]| kubenet_cmd(p.server.cmd(kubenet_bin()), d, &[&["--dir", "state"][..], args].concat());
+    let out = cli(&["up", "worker0", "--timeout", "60"]);
+    let t = text(&out);
+    assert!(!out.status.success(), "{t}");
+    assert!(t.contains("worker0    lease 192.168.1.14 ("), "{t}");
+    let fingerprint = impostor.public_key().fingerprint(Default::default()).to_string();
+    assert!(
+        t.contains(&format!(
+            "worker0: the SSH server at 192.168.1.14:22 presents a host key kubenet did not give it ({fingerprint})"
+        )),
+        "{t}"
+    );
+    assert!(!t.contains("ssh ready"), "{t}");
+    ok(cli(&["down", "worker0", "--grace", "1"]));
+    drop(sshd);
+    agent.stop();
+}
+
 /// A static HTTP server on loopback (Python's http.server) serving `dir`, once it accepts.
 fn http_server(dir: &Path, log: &Path) -> (support::Proc, u16) {
     let port = support::free_port();

@@ -136,6 +136,17 @@ impl Lab<'_> {
         out
     }
 
+    /// What `kubenet console NAME` shows, a newline sent every 2 s, until `want` appears (at
+    /// most 60 s).
+    fn console_until(&self, name: &str, want: &str) -> String {
+        let mut c = self.ns.cmd(kubenet_bin());
+        c.args(["--dir", "state", "console", name])
+            .current_dir(self.dir)
+            .env("HOME", self.dir.join("home"))
+            .env_remove("KUBENET_CONFIG");
+        support::converse(c, b"\n", want, std::time::Duration::from_secs(60))
+    }
+
     /// Waits for cloud-init to finish on every VM, asserting it finished without errors, and
     /// prints each guest's own boot time from its console.
     fn cloud_init_done(&self) {
@@ -235,6 +246,10 @@ fn e2e_a_real_lab_boots_resolves_and_answers_ssh() {
         assert!(lease.contains(&format!("ADDRESS={ip}")) && lease.contains("DOMAINNAME=kubevms"), "{name}: {lease}");
         lab.ssh(name, &format!("echo kept > /home/kube/marker-{name}"));
     }
+    // The serial console, as `kubenet console` gives it: a newline in, the getty's prompt back.
+    let shown = lab.console_until("worker0", "worker0 login:");
+    assert!(shown.contains("worker0 login:"), "the console showed: {shown:?}");
+
     // Names through kubenet's DNS, from a VM: short and qualified, reverse, and forwarded.
     let getent = |q: &str| lab.ssh("control0", &format!("getent hosts {q}"));
     assert!(getent("worker0").starts_with("192.168.1.14 "), "{}", getent("worker0"));

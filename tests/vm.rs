@@ -222,6 +222,48 @@ fn serve_starts_finds_again_and_stops_qemu() {
     assert!(log.contains("VM started") || log.contains("VM stopped"), "{log}");
 }
 
+/// Stands in for QEMU's serial socket: its command line holds the VM's pidfile path (as
+/// QEMU's does, which is how kubenet knows it for that VM's), it writes its pid there, and
+/// answers each chunk on the socket with the chunk in capitals, for one connection.
+const FAKE_SERIAL: &str = r#"
+import os, socket, sys
+pidfile, path = sys.argv[1], sys.argv[2]
+s = socket.socket(socket.AF_UNIX)
+s.bind(path)
+s.listen(1)
+open(pidfile, "w").write(str(os.getpid()))
+print("listening", flush=True)
+c, _ = s.accept()
+while True:
+    data = c.recv(100)
+    if not data:
+        break
+    c.sendall(data.upper())
+"#;
+
+/// `kubenet console` from a script: what is typed reaches the VM's serial socket, what comes
+/// back reaches standard output, and the end of input detaches.
+#[test]
+fn console_relays_both_ways() {
+    if tools(&["python3"]).is_some() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    lab_dir(d, d, &support::test_lab());
+    let err = text(&kubenet(d, &["console", "worker0"]));
+    assert!(err.contains("worker0 is not running: start it with `kubenet up worker0`"), "{err}");
+    std::fs::create_dir_all(d.join("worker0")).unwrap();
+    let mut cmd = Command::new("python3");
+    cmd.args(["-u", "-c", FAKE_SERIAL]).arg(d.join("worker0/qemu.pid")).arg(d.join("worker0/serial.sock"));
+    let mut serial = support::Proc::spawn(cmd, &d.join("serial.log"));
+    serial.wait_for("listening", Duration::from_secs(10));
+    let mut c = Command::new(kubenet_bin());
+    c.args(["console", "worker0"]).current_dir(d).env("HOME", d).env_remove("KUBENET_CONFIG");
+    let shown = support::converse(c, b"hello vm\n", "HELLO VM", Duration::from_secs(20));
+    assert!(shown.starts_with("HELLO VM\n"), "{shown:?}");
+}
+
 /// `up` against an impostor: a namespace with worker0's MAC takes worker0's lease from
 /// `serve` and runs sshd at its address with a key kubenet did not make. `up` must stop with a
 /// loud error naming the VM, the address and the key's fingerprint, not trust what it finds.

@@ -286,3 +286,42 @@ fn serve_in(ns: &Netns, dir: &Path, extra: &[&str]) -> Proc {
     p.wait_for("ready", Duration::from_secs(15));
     p
 }
+
+/// Runs `cmd` with piped input and output, as `kubenet console` is used from a script: writes
+/// `input` (again every 2 s) until the output shows `want` or `timeout` passes, then closes
+/// the input, which ends the command, and asserts it ended well. Returns what it printed.
+pub fn converse(mut cmd: Command, input: &[u8], want: &str, timeout: Duration) -> String {
+    use std::io::Write;
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let mut stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut stdin = child.stdin.take().unwrap();
+    let mut seen = Vec::new();
+    let shows = |seen: &[u8]| String::from_utf8_lossy(seen).contains(want);
+    let deadline = Instant::now() + timeout;
+    while !shows(&seen) && Instant::now() < deadline {
+        stdin.write_all(input).unwrap();
+        let until = Instant::now() + Duration::from_secs(2);
+        while let Some(left) = until.checked_duration_since(Instant::now())
+            && let Ok(chunk) = rx.recv_timeout(left)
+        {
+            seen.extend(chunk);
+            if shows(&seen) {
+                break;
+            }
+        }
+    }
+    drop(stdin);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{cmd:?}: {status}");
+    String::from_utf8_lossy(&seen).into_owned()
+}

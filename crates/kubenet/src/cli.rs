@@ -192,7 +192,7 @@ pub struct UpArgs {
     #[arg(long)]
     pub dry_run: bool,
 
-    /// How long to wait for every VM to answer SSH, in seconds.
+    /// How long to wait for every VM to be ready (lease, SSH, cloud-init finished), in seconds.
     #[arg(long, default_value_t = 600, value_name = "SECS")]
     pub timeout: u64,
 }

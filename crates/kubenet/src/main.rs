@@ -157,7 +157,8 @@ fn output(e: std::io::Error) -> Failure {
 }
 
 fn run(cli: Cli) -> Result<(), Failure> {
-    let mut stdout = Out(std::io::stdout().lock());
+    // Not locked for the whole run: `console` writes the VM's output from a thread of its own.
+    let mut stdout = Out(std::io::stdout());
     match &cli.command {
         Command::Config(args) => match &args.action {
             None => {

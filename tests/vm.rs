@@ -319,18 +319,43 @@ fn up_refuses_an_ssh_server_with_a_foreign_host_key() {
     agent.stop();
 }
 
-/// A static HTTP server on loopback (Python's http.server) serving `dir`, once it accepts.
-fn http_server(dir: &Path, log: &Path) -> (support::Proc, u16) {
+/// An HTTP server on a free loopback port, `python3 ARGS... PORT`, once it accepts.
+fn http_server(args: &[&str], log: &Path) -> (support::Proc, u16) {
     let port = support::free_port();
     let mut cmd = Command::new("python3");
-    cmd.args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1", "--directory"]).arg(dir);
+    cmd.args(args).arg(port.to_string());
     let p = support::Proc::spawn(cmd, log);
     let start = std::time::Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(start.elapsed() < Duration::from_secs(10), "http.server did not start");
+        assert!(start.elapsed() < Duration::from_secs(10), "{args:?} did not start");
         std::thread::sleep(Duration::from_millis(50));
     }
     (p, port)
+}
+
+/// The image file name as Ubuntu names them, for this CPU.
+fn published_name() -> String {
+    format!("noble-server-cloudimg-{}.img", kubenet_vm::image::host_arch())
+}
+
+/// The "publisher": in `site`, an image (3,000,000 bytes that depend on `seed`) and its
+/// SHA256SUMS made by sha256sum. Returns the image.
+fn publish(site: &Path, seed: u32) -> Vec<u8> {
+    let file = published_name();
+    let image: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761 ^ seed) >> 24) as u8).collect();
+    std::fs::write(site.join(&file), &image).unwrap();
+    let sums = ok(Command::new("sha256sum").arg("--binary").arg(&file).current_dir(site).output().unwrap());
+    std::fs::write(site.join("SHA256SUMS"), sums).unwrap();
+    image
+}
+
+/// `d/kubenet.toml`: the test lab, its images from the server on loopback `port`.
+fn lab_pulling_from(d: &Path, port: u16) {
+    let lab = support::test_lab().replace(
+        "image = \"images/ubuntu-24.04-server-cloudimg.img\"",
+        &format!("image = \"images/ubuntu-24.04-server-cloudimg.img\"\nimage_url = \"http://127.0.0.1:{port}/noble-server-cloudimg-{{arch}}.img\""),
+    );
+    std::fs::write(d.join("kubenet.toml"), lab).unwrap();
 }
 
 #[test]
@@ -340,22 +365,13 @@ fn image_pull_verifies_against_the_publishers_sums() {
     }
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    // The "publisher": an image named as Ubuntu names them, and its SHA256SUMS by sha256sum.
     let site = d.join("site");
     std::fs::create_dir_all(&site).unwrap();
-    let arch = kubenet_vm::image::host_arch();
-    let file = format!("noble-server-cloudimg-{arch}.img");
-    let image: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
-    std::fs::write(site.join(&file), &image).unwrap();
-    let sums = ok(Command::new("sha256sum").arg("--binary").arg(&file).current_dir(&site).output().unwrap());
-    std::fs::write(site.join("SHA256SUMS"), &sums).unwrap();
-    let (_server, port) = http_server(&site, &d.join("http.log"));
-
-    let lab = support::test_lab().replace(
-        "image = \"images/ubuntu-24.04-server-cloudimg.img\"",
-        &format!("image = \"images/ubuntu-24.04-server-cloudimg.img\"\nimage_url = \"http://127.0.0.1:{port}/noble-server-cloudimg-{{arch}}.img\""),
-    );
-    std::fs::write(d.join("kubenet.toml"), lab).unwrap();
+    let file = published_name();
+    let image = publish(&site, 0);
+    let http = ["-m", "http.server", "--bind", "127.0.0.1", "--directory", site.to_str().unwrap()];
+    let (_server, port) = http_server(&http, &d.join("http.log"));
+    lab_pulling_from(d, port);
     let target = d.join(IMAGE);
 
     // Missing: setup names the command; pull fetches and verifies.
@@ -391,7 +407,7 @@ fn image_pull_verifies_against_the_publishers_sums() {
 /// the whole size), as a dropped connection would. Logs each request's range.
 const RANGE_SERVER: &str = r#"
 import http.server, os, sys
-root = sys.argv[2]
+root = sys.argv[1]
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         path = os.path.join(root, os.path.basename(self.path))
@@ -419,7 +435,7 @@ class H(http.server.BaseHTTPRequestHandler):
             self.close_connection = True; return
         self.wfile.write(data)
     def log_message(self, *a): pass
-http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[2])), H).serve_forever()
 "#;
 
 #[test]
@@ -431,30 +447,16 @@ fn image_pull_resumes_a_cut_download() {
     let d = dir.path();
     let site = d.join("site");
     std::fs::create_dir_all(&site).unwrap();
-    let file = format!("noble-server-cloudimg-{}.img", kubenet_vm::image::host_arch());
-    // Publishes an image (its bytes depend on `seed`) and its SHA256SUMS; `control` as given.
+    let file = published_name();
+    // A new image and sums, and what the server does next (see RANGE_SERVER).
     let publish = |seed: u32, control: &str| {
-        let image: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761 ^ seed) >> 24) as u8).collect();
-        std::fs::write(site.join(&file), &image).unwrap();
-        let sums = ok(Command::new("sha256sum").arg("--binary").arg(&file).current_dir(&site).output().unwrap());
-        std::fs::write(site.join("SHA256SUMS"), sums).unwrap();
+        let image = publish(&site, seed);
         std::fs::write(site.join("control"), control).unwrap();
         image
     };
-    let port = support::free_port();
-    let mut cmd = Command::new("python3");
-    cmd.args(["-u", "-c", RANGE_SERVER, &port.to_string()]).arg(&site);
-    let server = support::Proc::spawn(cmd, &d.join("http.log"));
-    let start = std::time::Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(start.elapsed() < Duration::from_secs(10), "the range server did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let lab = support::test_lab().replace(
-        "image = \"images/ubuntu-24.04-server-cloudimg.img\"",
-        &format!("image = \"images/ubuntu-24.04-server-cloudimg.img\"\nimage_url = \"http://127.0.0.1:{port}/noble-server-cloudimg-{{arch}}.img\""),
-    );
-    std::fs::write(d.join("kubenet.toml"), lab).unwrap();
+    std::fs::write(site.join("control"), "").unwrap();
+    let (server, port) = http_server(&["-u", "-c", RANGE_SERVER, site.to_str().unwrap()], &d.join("http.log"));
+    lab_pulling_from(d, port);
     let target = d.join(IMAGE);
     let part = d.join("images/.ubuntu-24.04-server-cloudimg.img.part");
     let image_requests =

@@ -218,6 +218,36 @@ fn serve_starts_finds_again_and_stops_qemu() {
     assert!(out.contains("worker0    not running"), "{out}");
     assert!(!pid_alive(pid));
     assert_eq!(status(&ns, d)[0]["state"], "stopped");
+
+    // A QEMU that dies while `up` waits ends the wait at once, with its console and its log,
+    // rather than at the timeout.
+    let mut c = ns.cmd(kubenet_bin());
+    c.args(["--dir", "state", "up", "gateway", "--timeout", "300"])
+        .current_dir(d)
+        .env("HOME", d.join("home"))
+        .env_remove("KUBENET_CONFIG");
+    let mut waiting = support::Proc::spawn(c, &d.join("up.log"));
+    let start = std::time::Instant::now();
+    let pid = loop {
+        if let Some(pid) = status(&ns, d)[0]["pid"].as_u64() {
+            break pid;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "gateway did not start: {}", waiting.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap().success());
+    let killed = std::time::Instant::now();
+    let code = loop {
+        if let Some(code) = waiting.child.try_wait().unwrap() {
+            break code;
+        }
+        assert!(killed.elapsed() < Duration::from_secs(20), "up still waits: {}", waiting.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let t = waiting.log_text();
+    assert!(!code.success(), "{t}");
+    assert!(t.contains("1 of 1 VMs QEMU exited: gateway"), "{t}");
+    assert!(t.contains("--- gateway: last console lines ---") && t.contains("--- gateway: qemu.log ---"), "{t}");
     let log = agent.stop();
     assert!(log.contains("VM started") || log.contains("VM stopped"), "{log}");
 }

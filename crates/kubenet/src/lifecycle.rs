@@ -133,43 +133,45 @@ pub fn up(lab: &Lab, args: &UpArgs, out: &mut impl Write) -> anyhow::Result<()> 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let deadline = started + Duration::from_secs(args.timeout);
     let results = rt.block_on(wait_all(lab, &waiting, started, deadline, out))?;
-    let mut late = Vec::new();
-    let mut broken = Vec::new();
+    // Per VM that is not ready: why (grouped in the error's first line) and what to look at.
+    let timed_out = format!("not ready after {} s", args.timeout);
+    let console = |name: &str| {
+        let vm = lab.vm_by_name(name).expect("a VM of the lab");
+        let tail = kubenet_vm::process::console_tail(&VmFiles::new(lab, vm), 15);
+        format!("\n--- {name}: last console lines ---\n{tail}\n")
+    };
+    let mut problems: Vec<(String, &str, String)> =
+        failed.iter().map(|name| (name.clone(), timed_out.as_str(), console(name))).collect();
     for (vm, r) in waiting.iter().zip(results) {
+        let name = vm.name.clone();
         match r {
             Readiness::Ready => {}
-            Readiness::Late => late.push(vm.name.clone()),
-            Readiness::CloudInitFailed(detail) => broken.push((vm.name.clone(), detail)),
+            Readiness::Late => problems.push((name.clone(), &timed_out, console(&name))),
+            Readiness::Exited => {
+                let log = std::fs::read_to_string(VmFiles::new(lab, vm).qemu_log()).unwrap_or_default();
+                let detail = format!("{}--- {name}: qemu.log ---\n{}\n", console(&name), log.trim_end());
+                problems.push((name, "QEMU exited", detail));
+            }
+            Readiness::CloudInitFailed(status) => {
+                let detail = format!("\n--- {name}: cloud-init status --long ---\n{}\n", status.trim_end());
+                problems.push((name, "cloud-init reported errors", detail));
+            }
         }
     }
-    if failed.is_empty() && late.is_empty() && broken.is_empty() {
+    if problems.is_empty() {
         writeln!(out, "all {} VMs ready in {:.1} s: `kubenet ssh NAME`", vms.len(), started.elapsed().as_secs_f64())?;
         return Ok(());
     }
-    let mut report = String::new();
-    for (name, detail) in &broken {
-        report.push_str(&format!("\n--- {name}: cloud-init status --long ---\n{}\n", detail.trim_end()));
+    let mut why: Vec<(&str, Vec<&str>)> = Vec::new();
+    for (name, reason, _) in &problems {
+        match why.iter_mut().find(|(r, _)| r == reason) {
+            Some((_, names)) => names.push(name),
+            None => why.push((reason, vec![name])),
+        }
     }
-    for name in late.iter().chain(&failed) {
-        let vm = lab.vm_by_name(name).expect("a VM of the lab");
-        let tail = kubenet_vm::process::console_tail(&VmFiles::new(lab, vm), 15);
-        report.push_str(&format!("\n--- {name}: last console lines ---\n{tail}\n"));
-    }
-    let mut why = Vec::new();
-    if !late.is_empty() || !failed.is_empty() {
-        why.push(format!(
-            "not ready after {} s: {}",
-            args.timeout,
-            late.iter().chain(&failed).cloned().collect::<Vec<_>>().join(", ")
-        ));
-    }
-    if !broken.is_empty() {
-        why.push(format!(
-            "cloud-init reported errors: {}",
-            broken.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
-        ));
-    }
-    bail!("{} of {} VMs {}{report}", late.len() + failed.len() + broken.len(), vms.len(), why.join("; "))
+    let why: Vec<String> = why.iter().map(|(r, names)| format!("{r}: {}", names.join(", "))).collect();
+    let report: String = problems.iter().map(|(_, _, detail)| detail.as_str()).collect();
+    bail!("{} of {} VMs {}{report}", problems.len(), vms.len(), why.join("; "))
 }
 
 /// How one VM's wait ended.
@@ -178,6 +180,8 @@ enum Readiness {
     Ready,
     /// The deadline came first.
     Late,
+    /// Its QEMU is gone (crashed, killed, or the guest powered off).
+    Exited,
     /// cloud-init ended with errors; its `status --long` text.
     CloudInitFailed(String),
 }
@@ -238,7 +242,12 @@ async fn wait_one(
     say: impl Fn(String),
 ) -> anyhow::Result<Readiness> {
     let pause = Duration::from_millis(500);
+    let files = VmFiles::new(lab, vm);
+    let gone = || kubenet_vm::process::running(&files).is_none();
     loop {
+        if gone() {
+            return Ok(Readiness::Exited);
+        }
         let leases = kubenet_dhcp::lease::load(&lab.lease_file(), now()).map(|(t, _)| t).ok();
         if leases.is_some_and(|t| t.iter().any(|l| l.mac == vm.mac && l.ip == vm.ip && l.active(now()))) {
             say(format!("lease {}", vm.ip));
@@ -254,6 +263,9 @@ async fn wait_one(
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Ok(Readiness::Late);
+        }
+        if gone() {
+            return Ok(Readiness::Exited);
         }
         if let Ok(key) = keys::fetch_host_key(addr, left.min(Duration::from_secs(5))).await {
             if key.key_data() != expected.key_data() {
@@ -307,6 +319,7 @@ async fn wait_one(
                 say(format!("not waiting for cloud-init: {why}"));
                 return Ok(Readiness::Ready);
             }
+            CloudInit::Retry if gone() => return Ok(Readiness::Exited),
             CloudInit::Retry => tokio::time::sleep(Duration::from_secs(1)).await,
         }
     }

@@ -47,7 +47,7 @@ pub enum Command {
     /// seed; and the lab's known_hosts and ssh_config. What exists is kept (the seed is rewritten).
     Setup(SetupArgs),
     /// Prepare what is missing, have `kubenet serve` start the VMs, and wait until each has its
-    /// DHCP lease and answers SSH with the host key kubenet gave it.
+    /// DHCP lease, answers SSH with the host key kubenet gave it, and cloud-init has finished.
     Up(UpArgs),
     /// Stop VMs gracefully (ACPI power-down, then SIGTERM after the grace time).
     Down(DownArgs),

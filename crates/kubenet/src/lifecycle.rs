@@ -141,7 +141,7 @@ pub fn up(lab: &Lab, args: &UpArgs, out: &mut impl Write) -> anyhow::Result<()> 
         format!("\n--- {name}: last console lines ---\n{tail}\n")
     };
     let mut problems: Vec<(String, &str, String)> =
-        failed.iter().map(|name| (name.clone(), timed_out.as_str(), console(name))).collect();
+        failed.iter().map(|name| (name.clone(), "did not start", console(name))).collect();
     for (vm, r) in waiting.iter().zip(results) {
         let name = vm.name.clone();
         match r {

@@ -81,14 +81,19 @@ struct Lab<'a> {
 }
 
 impl Lab<'_> {
-    fn kubenet(&self, args: &[&str]) -> Output {
+    /// `kubenet --dir state ARGS...` in the namespace, as the lab's user.
+    fn command(&self, args: &[&str]) -> Command {
         let mut c = self.ns.cmd(kubenet_bin());
         c.args(["--dir", "state"])
             .args(args)
             .current_dir(self.dir)
             .env("HOME", self.dir.join("home"))
             .env_remove("KUBENET_CONFIG");
-        c.output().unwrap()
+        c
+    }
+
+    fn kubenet(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
     }
 
     fn ok(&self, args: &[&str]) -> String {
@@ -139,12 +144,7 @@ impl Lab<'_> {
     /// What `kubenet console NAME` shows, a newline sent every 2 s, until `want` appears (at
     /// most 60 s).
     fn console_until(&self, name: &str, want: &str) -> String {
-        let mut c = self.ns.cmd(kubenet_bin());
-        c.args(["--dir", "state", "console", name])
-            .current_dir(self.dir)
-            .env("HOME", self.dir.join("home"))
-            .env_remove("KUBENET_CONFIG");
-        support::converse(c, b"\n", want, std::time::Duration::from_secs(60))
+        support::converse(self.command(&["console", name]), b"\n", want, std::time::Duration::from_secs(60))
     }
 
     /// Waits for cloud-init to finish on every VM, asserting it finished without errors, and

@@ -1,7 +1,8 @@
 //! Linux host networking for the lab: what macOS's vmnet-shared gives for free. A bridge with
 //! the host's lab address, one persistent tap per VM on it (owned by the user, so QEMU needs no
 //! root to open it), and optionally IP forwarding and an nftables masquerade rule, so the VMs
-//! reach the host's networks. Made when `kubenet serve` starts, removed when it stops.
+//! reach the host's networks. Made when `kubenet serve` starts, removed when it stops. Linux only
+//! (the module is compiled for Linux alone).
 //!
 //! [`plan`] and [`nat_ruleset`] are pure; [`HostNet::apply`] and [`HostNet::remove`] talk to the
 //! kernel: netlink (rtnetlink) for links and addresses, the tun driver's ioctls for taps (netlink
@@ -56,10 +57,8 @@ pub fn is_tap_of(name: &str, bridge: &str) -> bool {
         .is_some_and(|id| name == kubenet_vm::qemu::tap_of(bridge, id))
 }
 
-#[cfg(target_os = "linux")]
 pub use linux::{HostNet, attach_tap};
 
-#[cfg(target_os = "linux")]
 mod linux {
     use std::os::fd::AsRawFd;
 

@@ -5,6 +5,8 @@ mod cli;
 mod console;
 mod control;
 mod host_resolver;
+// Linux only: on macOS vmnet-shared makes the bridge and QEMU the interfaces.
+#[cfg(target_os = "linux")]
 mod hostnet;
 mod lifecycle;
 mod serve;

@@ -365,7 +365,7 @@ fn http_server(args: &[&str], log: &Path) -> (support::Proc, u16) {
 
 /// The image file name as Ubuntu names them, for this CPU.
 fn published_name() -> String {
-    format!("noble-server-cloudimg-{}.img", kubenet_vm::image::host_arch())
+    format!("noble-server-cloudimg-{}.img", kubenet_cluster::Arch::HOST.cloud_name())
 }
 
 /// The "publisher": in `site`, an image (3,000,000 bytes that depend on `seed`) and its

@@ -69,6 +69,68 @@ pub enum Accelerator {
     Tcg,
 }
 
+/// A CPU architecture: the host's, or a guest's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Arch {
+    X86_64,
+    Aarch64,
+}
+
+impl Arch {
+    /// Both, in a fixed order.
+    pub const ALL: [Arch; 2] = [Arch::X86_64, Arch::Aarch64];
+
+    /// The architecture this binary was built for, which is the host's: kubenet runs on x86_64
+    /// and aarch64 hosts only.
+    #[cfg(target_arch = "x86_64")]
+    pub const HOST: Arch = Arch::X86_64;
+    #[cfg(target_arch = "aarch64")]
+    pub const HOST: Arch = Arch::Aarch64;
+
+    /// The name cloud images use for it (Ubuntu's and Debian's file names): amd64, arm64.
+    pub fn cloud_name(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "amd64",
+            Arch::Aarch64 => "arm64",
+        }
+    }
+
+    /// QEMU's system emulator for guests of this architecture.
+    pub fn qemu_binary(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "qemu-system-x86_64",
+            Arch::Aarch64 => "qemu-system-aarch64",
+        }
+    }
+}
+
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+compile_error!("kubenet runs on x86_64 and aarch64 hosts only");
+
+impl fmt::Display for Arch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Arch::X86_64 => "x86_64",
+            Arch::Aarch64 => "aarch64",
+        })
+    }
+}
+
+impl std::str::FromStr for Arch {
+    type Err = String;
+    /// QEMU's and the kernel's names, and the cloud images' (amd64, arm64) as well.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "x86_64" | "amd64" => Ok(Arch::X86_64),
+            "aarch64" | "arm64" => Ok(Arch::Aarch64),
+            _ => Err(format!(
+                "`{s}` is not a supported architecture: use \"auto\" (the host's), \"x86_64\" or \"aarch64\""
+            )),
+        }
+    }
+}
+
 /// Which firmware boots the guests.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -171,11 +233,15 @@ pub struct Vm {
     pub memory: Bytes,
     /// Bytes.
     pub disk: Bytes,
-    /// The base image; relative paths are taken from the state directory.
+    /// The guest's CPU architecture; None ("auto"): the host's. A guest of another architecture
+    /// than the host's runs under TCG.
+    #[serde(serialize_with = "ser_arch")]
+    pub arch: Option<Arch>,
+    /// The base image; relative paths are taken from the state directory. `{arch}` stands for
+    /// the guest's architecture as cloud images name it (amd64, arm64): see [`Vm::image_for`].
     pub image: PathBuf,
-    /// Where `kubenet image pull` downloads the base image from; `{arch}` stands for the host's
-    /// architecture as cloud images name it (amd64, arm64). None: the group named its own image
-    /// and gave no URL, so only the user can provide it.
+    /// Where `kubenet image pull` downloads the base image from; `{arch}` as in `image`. None:
+    /// the group named its own image and gave no URL, so only the user can provide it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub image_url: Option<String>,
     /// The image's SHA-256 (lowercase hex); None: taken from the SHA256SUMS file beside the URL.
@@ -188,6 +254,30 @@ pub struct Vm {
     /// fallback, DHCP on the first NIC.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub network_config: Option<String>,
+}
+
+fn ser_arch<S: serde::Serializer>(a: &Option<Arch>, s: S) -> Result<S::Ok, S::Error> {
+    match a {
+        Some(a) => s.collect_str(a),
+        None => s.serialize_str("auto"),
+    }
+}
+
+impl Vm {
+    /// The guest's architecture on a host of architecture `host`.
+    pub fn arch_on(&self, host: Arch) -> Arch {
+        self.arch.unwrap_or(host)
+    }
+
+    /// The base image's path as written, `{arch}` replaced for a host of architecture `host`.
+    pub fn image_for(&self, host: Arch) -> PathBuf {
+        PathBuf::from(self.image.to_string_lossy().replace("{arch}", self.arch_on(host).cloud_name()))
+    }
+
+    /// The download URL, `{arch}` replaced as in [`Vm::image_for`].
+    pub fn image_url_for(&self, host: Arch) -> Option<String> {
+        self.image_url.as_ref().map(|u| u.replace("{arch}", self.arch_on(host).cloud_name()))
+    }
 }
 
 impl Lab {

@@ -67,6 +67,7 @@ pub struct RawGroup {
     pub vcpus: Option<Spanned<u32>>,
     pub memory: Option<Spanned<String>>,
     pub disk: Option<Spanned<String>>,
+    pub arch: Option<Spanned<String>>,
     pub image: Option<String>,
     pub image_url: Option<String>,
     pub image_sha256: Option<Spanned<String>>,

@@ -28,8 +28,9 @@ const USER: &str = "kube";
 const VCPUS: u32 = 2;
 const MEMORY: Bytes = Bytes(2 * Bytes::GIB);
 const DISK: Bytes = Bytes(20 * Bytes::GIB);
-const IMAGE: &str = "images/ubuntu-24.04-server-cloudimg.img";
-/// Where the default image comes from: Ubuntu 24.04's current cloud image for the host.
+const IMAGE: &str = "images/ubuntu-24.04-server-cloudimg-{arch}.img";
+/// Where the default image comes from: Ubuntu 24.04's current cloud image for the guest's
+/// architecture.
 pub const IMAGE_URL: &str = "https://cloud-images.ubuntu.com/noble/current/noble-server-cloudimg-{arch}.img";
 /// MACs carry the id in three bytes.
 const MAX_VMS: u32 = 1 << 24;
@@ -299,6 +300,12 @@ pub(crate) fn resolve(raw: RawLab, text: &str, source: String, base_dir: &Path) 
         let gspan = g.span();
         let key = format!("group[{gi}]");
         let expanded = expand_group(&mut cx, g.get_ref(), gspan.clone(), &key);
+        // The guests' architecture; "auto" (None) is decided on the host at launch.
+        let arch = match &g.get_ref().arch {
+            Some(v) if v.get_ref().eq_ignore_ascii_case("auto") => None,
+            Some(v) => cx.parse(v, &format!("{key}.arch"), |s| s.parse::<crate::Arch>()),
+            None => None,
+        };
         for (name, name_span, addr) in expanded {
             let id = vms.len() as u32;
             if id >= MAX_VMS {
@@ -355,6 +362,7 @@ pub(crate) fn resolve(raw: RawLab, text: &str, source: String, base_dir: &Path) 
                 vcpus,
                 memory,
                 disk,
+                arch,
                 image: PathBuf::from(gr.image.as_deref().unwrap_or(IMAGE)),
                 // The default image comes from Ubuntu unless the group says otherwise.
                 image_url: gr

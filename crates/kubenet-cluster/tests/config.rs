@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::path::Path;
 
-use kubenet_cluster::{Bytes, Choice, LeaseTime, REFERENCE_CONFIG, Source, parse};
+use kubenet_cluster::{Arch, Bytes, Choice, LeaseTime, REFERENCE_CONFIG, Source, parse};
 
 fn lab(text: &str) -> kubenet_cluster::Lab {
     parse(text, Source::File("t.toml".into()), Path::new("/lab")).unwrap_or_else(|e| panic!("{e}"))
@@ -219,6 +219,14 @@ const BROKEN: &[(&str, &str, usize, &str)] = &[
     ),
     ("[[group]]\nname = \"a\"\nmemory = \"2G\"\nmemory = \"4G\"\n", "memory", 4, "duplicate key"),
     ("accelerator = \"xen\"\n", "accelerator", 1, "unknown variant"),
+    (
+        "[[group]]\nprefix = \"w\"\ncount = 3\narch = \"riscv64\"\n",
+        "group[0].arch",
+        4,
+        "`riscv64` is not a supported architecture: use \"auto\" (the host's), \"x86_64\" or \"aarch64\"",
+    ),
+    ("[[group]]\nname = \"a\"\narch = \"aarch46\"\n", "group[0].arch", 3, "not a supported architecture"),
+    ("[[group]]\nname = \"a\"\narch = 64\n", "group[0].arch", 3, "invalid type"),
     ("accelerator = \"tcg\"\nfirmware = \"efi\"\n", "firmware", 2, "unknown variant"),
     (
         "[dns]\nallow = [\"127.0.0.0/8\", \"the lab\"]\n[[group]]\nname = \"a\"\n",
@@ -263,6 +271,31 @@ fn the_error_text_has_the_file_line_column_form() {
         e.to_string().lines().next().unwrap(),
         "lab.toml:2:10: network.subnet: `x` is not an IPv4 network in CIDR form, e.g. \"192.168.1.0/24\""
     );
+}
+
+#[test]
+fn guest_architecture_per_group() {
+    let lab = lab("[[group]]\nname = \"gw\"\n[[group]]\nprefix = \"arm\"\ncount = 2\narch = \"arm64\"\n\
+         [[group]]\nname = \"x\"\narch = \"x86_64\"\n[[group]]\nname = \"a\"\narch = \"AUTO\"\n");
+    let arch = |n: &str| lab.vm_by_name(n).unwrap().arch;
+    assert_eq!(
+        [arch("gw"), arch("arm0"), arch("arm1"), arch("x"), arch("a")],
+        [None, Some(Arch::Aarch64), Some(Arch::Aarch64), Some(Arch::X86_64), None]
+    );
+    // The default image names the guest's architecture, as Ubuntu's file names do.
+    let arm0 = lab.vm_by_name("arm0").unwrap();
+    assert_eq!(arm0.image_for(Arch::X86_64), Path::new("images/ubuntu-24.04-server-cloudimg-arm64.img"));
+    assert!(arm0.image_url_for(Arch::X86_64).unwrap().ends_with("/noble-server-cloudimg-arm64.img"));
+    let gw = lab.vm_by_name("gw").unwrap();
+    assert_eq!(gw.image_for(Arch::X86_64), Path::new("images/ubuntu-24.04-server-cloudimg-amd64.img"));
+    assert_eq!(gw.image_for(Arch::Aarch64), Path::new("images/ubuntu-24.04-server-cloudimg-arm64.img"));
+    // A group's wrong arch is reported once, not once per VM.
+    let p = problems("[[group]]\nprefix = \"w\"\ncount = 3\narch = \"sparc\"\n");
+    assert_eq!(p.len(), 1, "{p:?}");
+    // `kubenet config --json` shows it, "auto" included.
+    let json = serde_json::to_value(&lab).unwrap();
+    assert_eq!(json["vms"][0]["arch"], "auto");
+    assert_eq!(json["vms"][1]["arch"], "aarch64");
 }
 
 #[test]

@@ -6,7 +6,7 @@ use std::ffi::OsString;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use kubenet_cluster::{Bytes, Lab, Vm};
+use kubenet_cluster::{Arch, Bytes, Lab, Vm};
 
 use crate::files::{VmFiles, relative_to};
 
@@ -39,11 +39,6 @@ pub fn overlay_command(backing: &Path, backing_format: &str, disk: &Path, size: 
     v
 }
 
-/// The base image of `vm`, absolute.
-pub fn base_image(lab: &Lab, vm: &Vm) -> PathBuf {
-    lab.state_dir.join(&vm.image)
-}
-
 /// Creates the VM's overlay unless it exists. Returns whether it made one.
 pub fn create(lab: &Lab, vm: &Vm) -> Result<bool, DiskError> {
     let files = VmFiles::new(lab, vm);
@@ -51,7 +46,7 @@ pub fn create(lab: &Lab, vm: &Vm) -> Result<bool, DiskError> {
     if disk.exists() {
         return Ok(false);
     }
-    let base = base_image(lab, vm);
+    let base = crate::files::base_image(lab, vm, Arch::HOST);
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| DiskError::Io { path, source }
@@ -62,11 +57,8 @@ pub fn create(lab: &Lab, vm: &Vm) -> Result<bool, DiskError> {
             let _ = f.read(&mut header).map_err(io(&base))?;
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let hint = match &vm.image_url {
-                Some(url) => format!(
-                    "run `kubenet image pull` to download it from {} and check its SHA-256",
-                    crate::image::expand(url, crate::image::host_arch())
-                ),
+            let hint = match vm.image_url_for(Arch::HOST) {
+                Some(url) => format!("run `kubenet image pull` to download it from {url} and check its SHA-256"),
                 None => "put a cloud image there, or point the group's `image` (and `image_url`) elsewhere".into(),
             };
             return Err(DiskError::NoBaseImage { path: base, hint });

@@ -4,7 +4,13 @@
 
 use std::path::{Path, PathBuf};
 
-use kubenet_cluster::{Lab, Vm};
+use kubenet_cluster::{Arch, Lab, Vm};
+
+/// The base image of `vm` on a host of architecture `host`, absolute: the group's `image`
+/// (`{arch}` replaced by the guest's architecture) from the state directory.
+pub fn base_image(lab: &Lab, vm: &Vm, host: Arch) -> PathBuf {
+    lab.state_dir.join(vm.image_for(host))
+}
 
 /// One VM's files.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -9,7 +9,7 @@
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use kubenet_cluster::Lab;
+use kubenet_cluster::{Arch, Lab};
 use sha2::{Digest, Sha256};
 
 #[derive(Debug, thiserror::Error)]
@@ -48,20 +48,6 @@ pub struct Pull {
     pub vms: Vec<String>,
 }
 
-/// The host's architecture as cloud images name it.
-pub fn host_arch() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        other => other,
-    }
-}
-
-/// `url` with `{arch}` replaced.
-pub fn expand(url: &str, arch: &str) -> String {
-    url.replace("{arch}", arch)
-}
-
 /// The SHA256SUMS file beside `url`.
 pub fn sums_url(url: &str) -> String {
     match url.rsplit_once('/') {
@@ -76,21 +62,26 @@ pub fn file_name(url: &str) -> &str {
     path.rsplit('/').next().unwrap_or(path)
 }
 
-/// The images of `vms` (every VM of the lab when empty), one per distinct path, in lab order.
-pub fn plan(lab: &Lab, names: &[String], arch: &str) -> Result<Vec<Pull>, ImageError> {
+/// The images of `vms` (every VM of the lab when empty) on a host of architecture `host`, one
+/// per distinct path, in lab order: each VM's `{arch}` is its own architecture, so a lab of
+/// amd64 and arm64 guests pulls both images.
+pub fn plan(lab: &Lab, names: &[String], host: Arch) -> Result<Vec<Pull>, ImageError> {
     let vms = lab.select(names).map_err(ImageError::Select)?;
     let mut pulls: Vec<Pull> = Vec::new();
     for vm in vms {
-        let path = crate::disk::base_image(lab, vm);
+        let path = crate::files::base_image(lab, vm, host);
         if let Some(p) = pulls.iter_mut().find(|p| p.path == path) {
             p.vms.push(vm.name.clone());
             continue;
         }
-        let users = || lab.vms.iter().filter(|v| v.image == vm.image).map(|v| v.name.as_str()).collect::<Vec<_>>();
-        let Some(url) = &vm.image_url else {
-            return Err(ImageError::NoUrl { path, vms: users().join(", ") });
+        let users = || {
+            let same = |v: &&kubenet_cluster::Vm| crate::files::base_image(lab, v, host) == path;
+            lab.vms.iter().filter(same).map(|v| v.name.as_str()).collect::<Vec<_>>()
         };
-        let url = expand(url, arch);
+        let Some(url) = vm.image_url_for(host) else {
+            let vms = users().join(", ");
+            return Err(ImageError::NoUrl { path, vms });
+        };
         pulls.push(Pull {
             path,
             sums_url: sums_url(&url),
@@ -289,7 +280,7 @@ mod tests {
 
     #[test]
     fn urls_expand_and_name_their_sums() {
-        let url = expand(kubenet_cluster::IMAGE_URL, "arm64");
+        let url = kubenet_cluster::IMAGE_URL.replace("{arch}", "arm64");
         assert_eq!(url, "https://cloud-images.ubuntu.com/noble/current/noble-server-cloudimg-arm64.img");
         assert_eq!(sums_url(&url), "https://cloud-images.ubuntu.com/noble/current/SHA256SUMS");
         assert_eq!(file_name(&url), "noble-server-cloudimg-arm64.img");
@@ -324,17 +315,37 @@ mod tests {
             Path::new("/lab"),
         )
         .unwrap();
-        let plan = plan(&lab, &[], "amd64").unwrap();
+        let plan = plan(&lab, &[], Arch::X86_64).unwrap();
         assert_eq!(plan.len(), 1, "all seven share the default image");
-        assert_eq!(plan[0].path, Path::new("/lab/images/ubuntu-24.04-server-cloudimg.img"));
+        assert_eq!(plan[0].path, Path::new("/lab/images/ubuntu-24.04-server-cloudimg-amd64.img"));
         assert_eq!(plan[0].url, "https://cloud-images.ubuntu.com/noble/current/noble-server-cloudimg-amd64.img");
         assert_eq!(plan[0].vms.len(), 7);
         assert_eq!(plan[0].sha256, None);
 
         lab.vms[0].image = "mine.img".into();
         lab.vms[0].image_url = None;
-        let err = super::plan(&lab, &[], "amd64").unwrap_err().to_string();
+        let err = super::plan(&lab, &[], Arch::X86_64).unwrap_err().to_string();
         assert!(err.contains("/lab/mine.img (used by gateway)") && err.contains("image_url"), "{err}");
-        assert_eq!(super::plan(&lab, &["worker0".into()], "amd64").unwrap().len(), 1, "only what was asked");
+        assert_eq!(super::plan(&lab, &["worker0".into()], Arch::X86_64).unwrap().len(), 1, "only what was asked");
+    }
+
+    #[test]
+    fn a_mixed_lab_pulls_each_guest_architecture_once() {
+        let lab = crate::qemu::tests::lab_with_workers("aarch64");
+        let url = |a: &str| format!("https://cloud-images.ubuntu.com/noble/current/noble-server-cloudimg-{a}.img");
+        // On an x86 host: the gateway and controls are amd64 (auto), the workers arm64.
+        let plan = plan(&lab, &[], Arch::X86_64).unwrap();
+        assert_eq!(plan.len(), 2, "{plan:?}");
+        assert_eq!(plan[0].path, Path::new("/lab/images/ubuntu-24.04-server-cloudimg-amd64.img"));
+        assert_eq!((plan[0].url.clone(), plan[0].vms.len()), (url("amd64"), 4));
+        assert_eq!(plan[1].path, Path::new("/lab/images/ubuntu-24.04-server-cloudimg-arm64.img"));
+        assert_eq!(
+            (plan[1].url.clone(), plan[1].vms.clone()),
+            (url("arm64"), vec!["worker0".into(), "worker1".into(), "worker2".into()])
+        );
+        assert_eq!(plan[1].sums_url, "https://cloud-images.ubuntu.com/noble/current/SHA256SUMS");
+        // On an Apple Silicon Mac every guest is arm64: one image.
+        let plan = super::plan(&lab, &[], Arch::Aarch64).unwrap();
+        assert_eq!((plan.len(), plan[0].url.clone(), plan[0].vms.len()), (1, url("arm64"), 7));
     }
 }

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::files::VmFiles;
-use crate::qemu::{Firmware, HostProfile};
+use crate::qemu::Firmware;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
@@ -41,10 +41,10 @@ pub fn running(files: &VmFiles) -> Option<u32> {
     Some(pid as u32)
 }
 
-/// Starts the VM: a private copy of the UEFI variable store on first start, stale sockets
-/// removed, then QEMU, which daemonizes once the VM runs. Returns its pid. Blocks until QEMU
-/// has daemonized (or failed, with the tail of its messages).
-pub fn start(name: &str, argv: &[OsString], files: &VmFiles, profile: &HostProfile) -> Result<u32, ProcessError> {
+/// Starts the VM: a private copy of the UEFI variable store (of `firmware`, the one `argv`
+/// boots) on first start, stale sockets removed, then QEMU, which daemonizes once the VM runs.
+/// Returns its pid. Blocks until QEMU has daemonized (or failed, with the tail of its messages).
+pub fn start(name: &str, argv: &[OsString], files: &VmFiles, firmware: &Firmware) -> Result<u32, ProcessError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| ProcessError::Io { path, source }
@@ -52,7 +52,7 @@ pub fn start(name: &str, argv: &[OsString], files: &VmFiles, profile: &HostProfi
     if !files.disk().exists() || !files.seed().exists() {
         return Err(ProcessError::NotPrepared(name.to_owned()));
     }
-    if let Firmware::Uefi { vars_template, .. } = &profile.firmware
+    if let Firmware::Uefi { vars_template, .. } = firmware
         && !files.efi_vars().exists()
     {
         std::fs::copy(vars_template, files.efi_vars()).map_err(io(vars_template))?;

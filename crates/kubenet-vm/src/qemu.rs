@@ -1,13 +1,15 @@
 //! QEMU command lines as data. A [`HostProfile`] says what the host is (OS, architecture,
-//! accelerator, firmware, how QEMU drops root); [`argv`] turns a VM and a profile into the exact
-//! command, so the macOS profile (hvf, vmnet-shared, edk2) is tested on Linux and the Linux
-//! profile (kvm or tcg, a tap on the lab bridge, OVMF/AAVMF) anywhere. Only [`HostProfile::detect`]
-//! looks at the host.
+//! accelerator) and, per guest architecture, which QEMU and firmware run it and how QEMU drops
+//! root; [`argv`] turns a VM and a profile into the exact command, so the macOS profile (hvf,
+//! vmnet-shared, edk2) is tested on Linux and the Linux profile (kvm or tcg, a tap on the lab
+//! bridge, OVMF/AAVMF) anywhere. A guest of another architecture than the host's (an arm64
+//! worker on an x86 laptop) runs under TCG. Only [`HostProfile::detect`] looks at the host.
 
 use std::ffi::OsString;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+pub use kubenet_cluster::Arch;
 use kubenet_cluster::{Accelerator, FirmwareChoice, Lab, Vm};
 
 use crate::files::VmFiles;
@@ -16,21 +18,6 @@ use crate::files::VmFiles;
 pub enum Os {
     MacOs,
     Linux,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Arch {
-    X86_64,
-    Aarch64,
-}
-
-impl Arch {
-    pub fn qemu_binary(self) -> &'static str {
-        match self {
-            Arch::X86_64 => "qemu-system-x86_64",
-            Arch::Aarch64 => "qemu-system-aarch64",
-        }
-    }
 }
 
 /// The accelerator QEMU runs with, decided for this host.
@@ -81,26 +68,83 @@ impl DropTo {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HostProfile {
     pub os: Os,
+    /// The host's CPU: guests of this architecture run with `accel`, others under TCG.
     pub arch: Arch,
     pub accel: Accel,
-    pub firmware: Firmware,
+    /// Per guest architecture, what runs it here, or why nothing can.
+    pub guests: Vec<(Arch, Result<Guest, ProfileError>)>,
+}
+
+/// What runs guests of one architecture on this host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Guest {
     /// The QEMU binary (a name looked up in PATH, or a path).
     pub qemu: PathBuf,
+    pub firmware: Firmware,
     pub drop_to: Option<DropTo>,
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+/// How one VM runs on this host: the profile's answer for the VM's architecture.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Launch<'a> {
+    pub os: Os,
+    pub arch: Arch,
+    pub accel: Accel,
+    pub guest: &'a Guest,
+}
+
+impl HostProfile {
+    /// How `vm` runs here: its architecture (the host's unless the group says), the accelerator
+    /// (TCG for a foreign architecture), its QEMU and firmware; or why it cannot.
+    pub fn launch(&self, vm: &Vm) -> Result<Launch<'_>, ProfileError> {
+        let arch = vm.arch_on(self.arch);
+        let accel = if arch == self.arch { self.accel } else { Accel::Tcg };
+        match self.guests.iter().find(|(a, _)| *a == arch) {
+            Some((_, Ok(guest))) => Ok(Launch { os: self.os, arch, accel, guest }),
+            Some((_, Err(e))) => Err(e.clone()),
+            None => {
+                Err(ProfileError::NoQemu { arch, binary: arch.qemu_binary(), package: qemu_package(self.os, arch) })
+            }
+        }
+    }
+}
+
+/// The one-line warning for a VM whose architecture is not the host's: it is emulated.
+pub fn emulation_warning(vm: &Vm, host: Arch) -> Option<String> {
+    let arch = vm.arch_on(host);
+    (arch != host).then(|| {
+        format!(
+            "{}: an {arch} guest on an {host} host runs under TCG (software emulation), many times slower than a native one",
+            vm.name
+        )
+    })
+}
+
+/// The package that brings QEMU for `arch` guests on `os`.
+fn qemu_package(os: Os, arch: Arch) -> &'static str {
+    match (os, arch) {
+        (Os::Linux, Arch::X86_64) => "qemu-system-x86",
+        (Os::Linux, Arch::Aarch64) => "qemu-system-arm",
+        (Os::MacOs, _) => "qemu",
+    }
+}
+
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ProfileError {
     #[error("accelerator = \"{0}\" is not available on {1}: use \"auto\" or \"tcg\"")]
     AccelUnavailable(&'static str, &'static str),
     #[error("/dev/kvm cannot be opened ({0}): add yourself to the `kvm` group, or set accelerator = \"tcg\"")]
     NoKvm(String),
     #[error(
-        "no UEFI firmware for {arch:?} found (looked for {looked}): install it (Debian: `apt install {package}`; macOS: it comes with Homebrew's qemu)"
+        "no UEFI firmware for {arch} guests found (looked for {looked}): install it (Debian/Ubuntu: `apt install {package}`; Fedora: `dnf install {fedora}`; macOS: it comes with Homebrew's qemu)"
     )]
-    NoFirmware { arch: Arch, looked: String, package: &'static str },
-    #[error("firmware = \"bios\" is not available on {0:?}: it boots by UEFI only (use \"auto\" or \"uefi\")")]
+    NoFirmware { arch: Arch, looked: String, package: &'static str, fedora: &'static str },
+    #[error("firmware = \"bios\" is not available for {0} guests: they boot by UEFI only (use \"auto\" or \"uefi\")")]
     NoBios(Arch),
+    #[error(
+        "{binary} is not in PATH, so {arch} guests cannot run: install it (Debian/Ubuntu: `apt install {package}`; macOS: `brew install qemu`)"
+    )]
+    NoQemu { arch: Arch, binary: &'static str, package: &'static str },
     #[error("this host is neither Linux nor macOS, or its CPU is neither x86_64 nor aarch64")]
     UnsupportedHost,
 }
@@ -206,6 +250,10 @@ pub fn pick_firmware(
                 (Os::Linux, Arch::Aarch64) => "qemu-efi-aarch64",
                 (Os::MacOs, _) => "qemu",
             },
+            fedora: match arch {
+                Arch::X86_64 => "edk2-ovmf",
+                Arch::Aarch64 => "edk2-aarch64",
+            },
         }),
     }
 }
@@ -218,8 +266,8 @@ pub fn parse_version(text: &str) -> Option<(u32, u32)> {
 }
 
 impl HostProfile {
-    /// Looks at this host: OS and CPU, /dev/kvm, firmware files, QEMU's version, and whether
-    /// QEMU should drop root to `owner` (the user behind sudo; None: stay as started).
+    /// Looks at this host: OS and CPU, /dev/kvm, and per guest architecture QEMU (in PATH, and
+    /// its version when it must drop root to `owner`, the user behind sudo) and firmware.
     /// Returns the profile and any warning to show.
     pub fn detect(lab: &Lab, owner: Option<&str>) -> Result<(HostProfile, Option<String>), ProfileError> {
         let os = match std::env::consts::OS {
@@ -227,19 +275,26 @@ impl HostProfile {
             "macos" => Os::MacOs,
             _ => return Err(ProfileError::UnsupportedHost),
         };
-        let arch = match std::env::consts::ARCH {
-            "x86_64" => Arch::X86_64,
-            "aarch64" => Arch::Aarch64,
-            _ => return Err(ProfileError::UnsupportedHost),
-        };
         let kvm =
             std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").map(drop).map_err(|e| e.to_string());
         let (accel, warning) = resolve_accel(lab.accelerator, os, kvm)?;
+        let guests = Arch::ALL.iter().map(|&arch| (arch, Guest::detect(lab.firmware, os, arch, owner))).collect();
+        Ok((HostProfile { os, arch: Arch::HOST, accel, guests }, warning))
+    }
+}
+
+impl Guest {
+    /// QEMU for `arch` guests found in PATH, its firmware, and how it drops root to `owner`.
+    fn detect(choice: FirmwareChoice, os: Os, arch: Arch, owner: Option<&str>) -> Result<Guest, ProfileError> {
         let qemu = PathBuf::from(arch.qemu_binary());
-        let found = find_in_path(&qemu);
-        let share = found.as_deref().and_then(|b| b.parent()?.parent()).map(|p| p.join("share/qemu"));
+        let found = find_in_path(&qemu).ok_or(ProfileError::NoQemu {
+            arch,
+            binary: arch.qemu_binary(),
+            package: qemu_package(os, arch),
+        })?;
+        let share = found.parent().and_then(Path::parent).map(|p| p.join("share/qemu"));
         let candidates = firmware_candidates(os, arch, share.as_deref());
-        let firmware = pick_firmware(lab.firmware, os, arch, &candidates, Path::exists)?;
+        let firmware = pick_firmware(choice, os, arch, &candidates, Path::exists)?;
         let drop_to = owner.map(|user| {
             let version = std::process::Command::new(&qemu)
                 .arg("--version")
@@ -249,7 +304,7 @@ impl HostProfile {
                 .unwrap_or((0, 0));
             DropTo::for_version(version, user)
         });
-        Ok((HostProfile { os, arch, accel, firmware, qemu, drop_to }, warning))
+        Ok(Guest { qemu, firmware, drop_to })
     }
 }
 
@@ -270,10 +325,17 @@ pub fn tap_of(bridge: &str, id: u32) -> String {
     format!("{bridge}{id}")
 }
 
-/// The exact QEMU command line of `vm` on a host like `profile`. QEMU daemonizes once the VM
-/// runs and writes its pid to the pidfile; the serial console goes to a socket and a log file;
-/// QMP listens on a socket; there is no display.
-pub fn argv(lab: &Lab, vm: &Vm, profile: &HostProfile) -> Vec<OsString> {
+/// The exact QEMU command line of `vm` on a host like `profile`, or why the VM cannot run there
+/// (no QEMU or firmware for its architecture). QEMU daemonizes once the VM runs and writes its
+/// pid to the pidfile; the serial console goes to a socket and a log file; QMP listens on a
+/// socket; there is no display.
+pub fn argv(lab: &Lab, vm: &Vm, profile: &HostProfile) -> Result<Vec<OsString>, ProfileError> {
+    Ok(launch_argv(lab, vm, &profile.launch(vm)?))
+}
+
+/// [`argv`] for a VM whose launch is decided.
+fn launch_argv(lab: &Lab, vm: &Vm, launch: &Launch) -> Vec<OsString> {
+    let guest = launch.guest;
     let files = VmFiles::new(lab, vm);
     let mut a: Vec<OsString> = Vec::new();
     let mut push = |parts: &[&dyn AsRef<std::ffi::OsStr>]| {
@@ -289,24 +351,23 @@ pub fn argv(lab: &Lab, vm: &Vm, profile: &HostProfile) -> Vec<OsString> {
         s
     };
 
-    push(&[&profile.qemu, &"-name", &vm.name]);
-    let machine = match profile.arch {
-        Arch::X86_64 => format!("q35,accel={}", profile.accel),
-        Arch::Aarch64 if profile.os == Os::MacOs => format!("virt,accel={},highmem=on", profile.accel),
-        Arch::Aarch64 => format!("virt,accel={}", profile.accel),
+    push(&[&guest.qemu, &"-name", &vm.name]);
+    let machine = match launch.arch {
+        Arch::X86_64 => format!("q35,accel={}", launch.accel),
+        Arch::Aarch64 => format!("virt,accel={},highmem=on", launch.accel),
     };
-    let cpu = if profile.accel == Accel::Tcg { "max" } else { "host" };
+    let cpu = if launch.accel == Accel::Tcg { "max" } else { "host" };
     push(&[&"-machine", &machine, &"-cpu", &cpu]);
     push(&[&"-smp", &vm.vcpus.to_string(), &"-m", &format!("{}M", vm.memory.mib())]);
     push(&[&"-nodefaults", &"-display", &"none"]);
-    if let Firmware::Uefi { code, .. } = &profile.firmware {
+    if let Firmware::Uefi { code, .. } = &guest.firmware {
         push(&[&"-drive", &joined("if=pflash,format=raw,unit=0,readonly=on,file=", code.clone(), "")]);
         push(&[&"-drive", &joined("if=pflash,format=raw,unit=1,file=", files.efi_vars(), "")]);
     }
     push(&[&"-drive", &joined("if=virtio,format=qcow2,file=", files.disk(), "")]);
     push(&[&"-drive", &joined("if=virtio,format=raw,readonly=on,file=", files.seed(), "")]);
     let n = &lab.network;
-    match profile.os {
+    match launch.os {
         Os::MacOs => {
             let nic = format!(
                 "vmnet-shared,start-address={},end-address={},subnet-mask={},mac={},model=virtio-net-pci",
@@ -331,7 +392,7 @@ pub fn argv(lab: &Lab, vm: &Vm, profile: &HostProfile) -> Vec<OsString> {
     };
     push(&[&"-chardev", &serial, &"-serial", &"chardev:serial0"]);
     push(&[&"-qmp", &joined("unix:", files.qmp_socket(), ",server=on,wait=off")]);
-    match &profile.drop_to {
+    match &guest.drop_to {
         Some(DropTo::RunWith(u)) => push(&[&"-run-with", &format!("user={u}")]),
         Some(DropTo::Runas(u)) => push(&[&"-runas", u]),
         None => {}
@@ -357,4 +418,4 @@ pub fn shell_line(argv: &[OsString]) -> String {
 
 #[cfg(test)]
 #[path = "qemu_tests.rs"]
-mod tests;
+pub(crate) mod tests;

@@ -7,26 +7,60 @@ fn lab() -> Lab {
         .unwrap()
 }
 
+fn uefi(code: &str, vars: &str) -> Firmware {
+    Firmware::Uefi { code: code.into(), vars_template: vars.into() }
+}
+
+fn guest(arch: Arch, firmware: Firmware, drop_to: Option<DropTo>) -> (Arch, Result<Guest, ProfileError>) {
+    (arch, Ok(Guest { qemu: arch.qemu_binary().into(), firmware, drop_to }))
+}
+
+/// An Apple Silicon Mac with Homebrew's QEMU: hvf for arm64 guests, TCG for x86 ones.
 fn mac_profile() -> HostProfile {
+    let alice = || Some(DropTo::RunWith("alice".into()));
+    let share = "/opt/homebrew/share/qemu";
     HostProfile {
         os: Os::MacOs,
         arch: Arch::Aarch64,
         accel: Accel::Hvf,
-        firmware: Firmware::Uefi {
-            code: "/opt/homebrew/share/qemu/edk2-aarch64-code.fd".into(),
-            vars_template: "/opt/homebrew/share/qemu/edk2-arm-vars.fd".into(),
-        },
-        qemu: "qemu-system-aarch64".into(),
-        drop_to: Some(DropTo::RunWith("alice".into())),
+        guests: vec![
+            guest(
+                Arch::X86_64,
+                uefi(&format!("{share}/edk2-x86_64-code.fd"), &format!("{share}/edk2-i386-vars.fd")),
+                alice(),
+            ),
+            guest(
+                Arch::Aarch64,
+                uefi(&format!("{share}/edk2-aarch64-code.fd"), &format!("{share}/edk2-arm-vars.fd")),
+                alice(),
+            ),
+        ],
     }
 }
 
+/// An x86 Linux host with `firmware` for x86 guests and AAVMF for arm64 ones.
 fn linux_profile(accel: Accel, firmware: Firmware) -> HostProfile {
-    HostProfile { os: Os::Linux, arch: Arch::X86_64, accel, firmware, qemu: "qemu-system-x86_64".into(), drop_to: None }
+    HostProfile {
+        os: Os::Linux,
+        arch: Arch::X86_64,
+        accel,
+        guests: vec![
+            guest(Arch::X86_64, firmware, None),
+            guest(Arch::Aarch64, uefi("/usr/share/AAVMF/AAVMF_CODE.fd", "/usr/share/AAVMF/AAVMF_VARS.fd"), None),
+        ],
+    }
 }
 
 fn line(lab: &Lab, name: &str, p: &HostProfile) -> String {
-    shell_line(&argv(lab, lab.vm_by_name(name).unwrap(), p))
+    shell_line(&argv(lab, lab.vm_by_name(name).unwrap(), p).unwrap())
+}
+
+/// The reference lab with `arch = ARCH` in the workers' group.
+pub(crate) fn lab_with_workers(arch: &str) -> Lab {
+    let text = kubenet_cluster::REFERENCE_CONFIG;
+    let (head, workers) = text.split_at(text.find("prefix = \"worker\"\n").unwrap());
+    let text = format!("{head}{}", workers.replacen("arch = \"auto\"", &format!("arch = \"{arch}\""), 1));
+    kubenet_cluster::parse(&text, kubenet_cluster::Source::Embedded, Path::new("/lab")).unwrap()
 }
 
 #[test]
@@ -87,16 +121,119 @@ fn every_group_gets_its_size_mac_and_tap() {
     }
 }
 
+/// An arm64 Linux host (a Raspberry Pi, an Ampere server) with KVM and Debian's AAVMF.
+fn linux_arm_profile(drop_to: Option<DropTo>) -> HostProfile {
+    HostProfile {
+        os: Os::Linux,
+        arch: Arch::Aarch64,
+        accel: Accel::Kvm,
+        guests: vec![
+            guest(
+                Arch::X86_64,
+                uefi("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
+                drop_to.clone(),
+            ),
+            guest(Arch::Aarch64, uefi("/usr/share/AAVMF/AAVMF_CODE.fd", "/usr/share/AAVMF/AAVMF_VARS.fd"), drop_to),
+        ],
+    }
+}
+
 #[test]
-fn linux_aarch64_uses_virt_without_highmem_flag() {
-    let mut p = linux_profile(
-        Accel::Kvm,
-        Firmware::Uefi { code: "/usr/share/AAVMF/AAVMF_CODE.fd".into(), vars_template: "/x".into() },
+fn linux_aarch64_uses_virt_like_the_mac() {
+    let l = line(&lab(), "control1", &linux_arm_profile(None));
+    assert!(l.starts_with("qemu-system-aarch64 -name control1 -machine virt,accel=kvm,highmem=on -cpu host "), "{l}");
+}
+
+/// The same VM on an Apple Silicon Mac and on an arm64 Linux host: the command lines differ in
+/// the accelerator, the NIC and the firmware's paths, and in nothing else.
+#[test]
+fn macos_and_linux_aarch64_differ_only_in_accelerator_nic_and_firmware_paths() {
+    let lab = lab();
+    let vm = lab.vm_by_name("worker0").unwrap();
+    let mac = argv(&lab, vm, &mac_profile()).unwrap();
+    let linux = argv(&lab, vm, &linux_arm_profile(Some(DropTo::RunWith("alice".into())))).unwrap();
+    let text = |a: &[OsString]| a.iter().map(|s| s.to_string_lossy().into_owned()).collect::<Vec<_>>();
+    let (mac, linux) = (text(&mac), text(&linux));
+    // The NIC: one `-nic` pair on macOS, a `-netdev` and a `-device` pair on Linux.
+    let nic_at = |a: &[String], flag: &str| a.iter().position(|s| s == flag).unwrap();
+    let (m, l) = (nic_at(&mac, "-nic"), nic_at(&linux, "-netdev"));
+    assert_eq!(m, l, "the NIC sits at the same place");
+    assert_eq!(
+        mac[m + 1],
+        "vmnet-shared,start-address=192.168.1.1,end-address=192.168.1.20,subnet-mask=255.255.255.0,mac=52:52:52:00:00:04,model=virtio-net-pci"
     );
-    p.arch = Arch::Aarch64;
-    p.qemu = Arch::Aarch64.qemu_binary().into();
-    let l = line(&lab(), "control1", &p);
-    assert!(l.starts_with("qemu-system-aarch64 -name control1 -machine virt,accel=kvm -cpu host "), "{l}");
+    assert_eq!(
+        linux[l..l + 4],
+        [
+            "-netdev",
+            "tap,id=net0,ifname=kubenet0-4,script=no,downscript=no",
+            "-device",
+            "virtio-net-pci,netdev=net0,mac=52:52:52:00:00:04"
+        ]
+    );
+    let mac_rest: Vec<&String> = mac[..m].iter().chain(&mac[m + 2..]).collect();
+    let linux_rest: Vec<&String> = linux[..l].iter().chain(&linux[l + 4..]).collect();
+    assert_eq!(mac_rest.len(), linux_rest.len());
+    let differ: Vec<(&str, &str)> =
+        mac_rest.iter().zip(&linux_rest).filter(|(a, b)| a != b).map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    assert_eq!(
+        differ,
+        [
+            ("virt,accel=hvf,highmem=on", "virt,accel=kvm,highmem=on"),
+            (
+                "if=pflash,format=raw,unit=0,readonly=on,file=/opt/homebrew/share/qemu/edk2-aarch64-code.fd",
+                "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/AAVMF/AAVMF_CODE.fd"
+            ),
+        ]
+    );
+}
+
+#[test]
+fn a_foreign_guest_runs_under_tcg_with_its_own_qemu_and_firmware() {
+    let lab = lab_with_workers("aarch64");
+    let p = linux_profile(Accel::Kvm, uefi("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"));
+    // x86 guests keep KVM and OVMF; the arm64 workers get TCG, the aarch64 QEMU and AAVMF.
+    let gw = line(&lab, "gateway", &p);
+    assert!(gw.starts_with("qemu-system-x86_64 -name gateway -machine q35,accel=kvm -cpu host "), "{gw}");
+    let w = line(&lab, "worker2", &p);
+    assert!(w.starts_with("qemu-system-aarch64 -name worker2 -machine virt,accel=tcg,highmem=on -cpu max "), "{w}");
+    assert!(w.contains("file=/usr/share/AAVMF/AAVMF_CODE.fd "), "{w}");
+    assert!(w.contains("ifname=kubenet0-6,") && w.contains("mac=52:52:52:00:00:06 "), "{w}");
+    let launch = p.launch(lab.vm_by_name("worker2").unwrap()).unwrap();
+    assert_eq!((launch.arch, launch.accel), (Arch::Aarch64, Accel::Tcg));
+    assert_eq!(launch.guest.firmware, uefi("/usr/share/AAVMF/AAVMF_CODE.fd", "/usr/share/AAVMF/AAVMF_VARS.fd"));
+    // One warning line per emulated VM, none for the native ones.
+    let warn = emulation_warning(lab.vm_by_name("worker2").unwrap(), Arch::X86_64).unwrap();
+    assert_eq!(
+        warn,
+        "worker2: an aarch64 guest on an x86_64 host runs under TCG (software emulation), many times slower than a native one"
+    );
+    assert_eq!(emulation_warning(lab.vm_by_name("gateway").unwrap(), Arch::X86_64), None);
+    // On the Mac the same workers are native (hvf), and an x86 group would be the emulated one.
+    let w = line(&lab, "worker2", &mac_profile());
+    assert!(w.contains("-machine virt,accel=hvf,highmem=on -cpu host "), "{w}");
+    assert_eq!(emulation_warning(lab.vm_by_name("worker2").unwrap(), Arch::Aarch64), None);
+    let x86 = lab_with_workers("x86_64");
+    let w = line(&x86, "worker0", &mac_profile());
+    assert!(w.starts_with("qemu-system-x86_64 -name worker0 -machine q35,accel=tcg -cpu max "), "{w}");
+    assert!(w.contains("edk2-x86_64-code.fd") && w.contains("-nic vmnet-shared,"), "{w}");
+}
+
+#[test]
+fn a_guest_whose_architecture_cannot_run_here_says_what_to_install() {
+    let lab = lab_with_workers("aarch64");
+    let mut p = linux_profile(Accel::Tcg, Firmware::Bios);
+    let arm = firmware_candidates(Os::Linux, Arch::Aarch64, None);
+    p.guests[1].1 = Err(pick_firmware(FirmwareChoice::Auto, Os::Linux, Arch::Aarch64, &arm, |_| false).unwrap_err());
+    let err = argv(&lab, lab.vm_by_name("worker0").unwrap(), &p).unwrap_err().to_string();
+    assert!(err.contains("no UEFI firmware for aarch64 guests"), "{err}");
+    assert!(err.contains("apt install qemu-efi-aarch64") && err.contains("dnf install edk2-aarch64"), "{err}");
+    assert!(err.contains("Homebrew's qemu"), "{err}");
+    // The x86 guests of the same lab still run.
+    assert!(argv(&lab, lab.vm_by_name("gateway").unwrap(), &p).is_ok());
+    p.guests.truncate(1);
+    let err = argv(&lab, lab.vm_by_name("worker0").unwrap(), &p).unwrap_err().to_string();
+    assert!(err.contains("qemu-system-aarch64 is not in PATH") && err.contains("apt install qemu-system-arm"), "{err}");
 }
 
 #[test]

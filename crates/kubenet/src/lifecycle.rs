@@ -66,7 +66,7 @@ fn ssh_include_line(files: &LabFiles) -> anyhow::Result<String> {
 /// `kubenet image pull [NAME...]`, with a progress bar on a terminal.
 pub fn image_pull(lab: &Lab, names: &[String], out: &mut impl Write) -> anyhow::Result<()> {
     use kubenet_vm::image::{self, Pulled};
-    for p in image::plan(lab, names, image::host_arch())? {
+    for p in image::plan(lab, names, kubenet_cluster::Arch::HOST)? {
         writeln!(out, "{} <- {}", p.path.display(), p.url)?;
         out.flush()?;
         let bar = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
@@ -110,9 +110,15 @@ pub fn up(lab: &Lab, args: &UpArgs, out: &mut impl Write) -> anyhow::Result<()> 
             eprintln!("warning: {w}");
         }
         for vm in &vms {
-            writeln!(out, "{}", kubenet_vm::qemu::shell_line(&kubenet_vm::qemu::argv(lab, vm, &profile)))?;
+            if let Some(w) = kubenet_vm::qemu::emulation_warning(vm, profile.arch) {
+                eprintln!("warning: {w}");
+            }
+            writeln!(out, "{}", kubenet_vm::qemu::shell_line(&kubenet_vm::qemu::argv(lab, vm, &profile)?))?;
         }
         return Ok(());
+    }
+    for w in vms.iter().filter_map(|vm| kubenet_vm::qemu::emulation_warning(vm, kubenet_cluster::Arch::HOST)) {
+        eprintln!("warning: {w}");
     }
     setup(lab, &args.setup, out)?;
     let names: Vec<&str> = vms.iter().map(|v| v.name.as_str()).collect();

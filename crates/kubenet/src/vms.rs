@@ -61,11 +61,19 @@ impl Supervisor {
                 if let Some(w) = warning {
                     tracing::warn!("{w}");
                 }
-                let drop_to = match &p.drop_to {
-                    Some(DropTo::RunWith(u) | DropTo::Runas(u)) => u.as_str(),
-                    None => "-",
-                };
-                tracing::debug!(qemu = %p.qemu.display(), accel = %p.accel, firmware = ?p.firmware, drop_to, "VM host profile");
+                for (arch, guest) in &p.guests {
+                    match guest {
+                        Ok(g) => {
+                            let drop_to = match &g.drop_to {
+                                Some(DropTo::RunWith(u) | DropTo::Runas(u)) => u.as_str(),
+                                None => "-",
+                            };
+                            tracing::debug!(%arch, qemu = %g.qemu.display(), firmware = ?g.firmware, drop_to, "VM guest profile");
+                        }
+                        Err(e) => tracing::debug!(%arch, "{arch} guests cannot run here: {e}"),
+                    }
+                }
+                tracing::debug!(host = %p.arch, accel = %p.accel, "VM host profile");
                 Ok(p)
             }
             Err(e) => {
@@ -106,8 +114,14 @@ impl Supervisor {
                 if let Some(pid) = kubenet_vm::process::running(&files) {
                     return (i, json!({"name": vm.name, "result": "running", "pid": pid}));
                 }
-                let argv = kubenet_vm::qemu::argv(&lab, &vm, &profile);
-                let r = kubenet_vm::process::start(&vm.name, &argv, &files, &profile);
+                let r = profile.launch(&vm).map_err(|e| e.to_string()).and_then(|launch| {
+                    if let Some(w) = kubenet_vm::qemu::emulation_warning(&vm, profile.arch) {
+                        tracing::warn!("{w}");
+                    }
+                    let argv = kubenet_vm::qemu::argv(&lab, &vm, &profile).map_err(|e| e.to_string())?;
+                    kubenet_vm::process::start(&vm.name, &argv, &files, &launch.guest.firmware)
+                        .map_err(|e| e.to_string())
+                });
                 (
                     i,
                     match r {
@@ -118,7 +132,7 @@ impl Supervisor {
                         }
                         Err(e) => {
                             tracing::warn!(vm = %vm.name, "VM did not start: {e}");
-                            json!({"name": vm.name, "error": e.to_string()})
+                            json!({"name": vm.name, "error": e})
                         }
                     },
                 )

@@ -377,3 +377,60 @@ fn sighup_reloads_the_lab_without_losing_a_lease() {
     assert!(log.contains("DHCPACK renewed"), "{log}");
     assert!(log.contains("1 leases kept"), "{log}");
 }
+
+/// macOS's vmnet-shared makes its bridge (bridge100) with the lab's host address only when the
+/// first VM starts, after `serve` is up. Imitated here: `serve --no-bridge` starts while no
+/// interface of its namespace has an address in the lab's subnet; then a bridge named bridge100
+/// appears with the host address and the client's veth on it. A real DHCP client and `dig` on
+/// it are served by the same `serve` process, with no restart or reload.
+#[test]
+fn an_interface_that_appears_after_serve_starts_is_served_as_bridge100_is_on_macos() {
+    if prerequisites(&["udhcpc", "dig"]).is_some() {
+        return;
+    }
+    let server_ns = Netns::new("b1s");
+    let client_ns = Netns::new("b1c");
+    support::veth(&server_ns, "kns", &client_ns, "knc");
+    client_ns.ip(&["link", "set", "knc", "address", VM_MAC]);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let addrs = String::from_utf8_lossy(&server_ns.ip(&["-4", "-o", "addr", "show"]).stdout).into_owned();
+    assert!(!addrs.contains("192.168.1."), "the lab's subnet is already there: {addrs}");
+    let mut server = serve(&server_ns, d, &[]);
+    let pid = server.child.id();
+
+    // Before the bridge exists a DISCOVER goes unanswered: nothing of the lab's subnet is there.
+    let script = udhcpc_script(d);
+    let early = client_ns
+        .cmd("udhcpc")
+        .args(["-q", "-n", "-f", "-i", "knc", "-s", &script, "-t", "2", "-T", "1"])
+        .output()
+        .unwrap();
+    assert!(!early.status.success(), "a lease without the lab's interface: {}", String::from_utf8_lossy(&early.stdout));
+    assert!(!read(&d.join("udhcpc.events")).contains("bound"));
+
+    // The first VM starts: vmnet makes bridge100 with the host address, the VM's port on it.
+    server_ns.ip(&["link", "add", "bridge100", "type", "bridge"]);
+    server_ns.ip(&["link", "set", "kns", "master", "bridge100"]);
+    server_ns.ip(&["addr", "add", "192.168.1.1/24", "dev", "bridge100"]);
+    server_ns.ip(&["link", "set", "bridge100", "up"]);
+    let mut cmd = client_ns.cmd("udhcpc");
+    cmd.args(["-f", "-i", "knc", "-s", &script, "-t", "10", "-T", "1", "-A", "1"]);
+    let client = Proc::spawn(cmd, &d.join("udhcpc.log"));
+    let events = wait_file(&d.join("udhcpc.events"), "bound", Duration::from_secs(30));
+    assert!(
+        events.contains("bound ip=192.168.1.14 router=192.168.1.1 dns=192.168.1.1 domain=kubevms hostname=worker0"),
+        "{events}"
+    );
+    let dig = |name: &str| {
+        let out = support::run(client_ns.cmd("dig").args(["@192.168.1.1", "+short", "+tries=1", "+time=3", name]));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert_eq!(dig("worker0.kubevms"), "192.168.1.14");
+    assert_eq!(dig("vmhost.kubevms"), "192.168.1.1");
+    drop(client);
+    assert!(server.alive() && server.child.id() == pid, "served by the process started before the bridge");
+    let log = server.stop();
+    // The early DISCOVERs were turned away for their interface, the later one granted.
+    assert!(log.contains("outside 192.168.1.0/24: not ours") && log.contains("DHCPACK granted"), "{log}");
+}

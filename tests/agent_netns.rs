@@ -90,7 +90,8 @@ fn serve_builds_the_bridge_serves_its_ports_and_removes_it_on_sigterm() {
     assert!(leases.contains("192.168.1.14") && leases.contains("192.168.1.11"), "{leases}");
 
     // A VM the lab gains by a reload has no tap yet; starting it makes one on the bridge.
-    let image = d.join("state/images/ubuntu-24.04-server-cloudimg.img");
+    let image =
+        d.join(format!("state/images/ubuntu-24.04-server-cloudimg-{}.img", kubenet_cluster::Arch::HOST.cloud_name()));
     std::fs::create_dir_all(image.parent().unwrap()).unwrap();
     support::run(std::process::Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&image).arg("64M"));
     let extra = "\n[[group]]\nname = \"extra\"\nmemory = \"256M\"\n";

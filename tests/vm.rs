@@ -12,7 +12,10 @@ use std::time::Duration;
 
 use support::{Netns, kubenet_bin, pid_alive, prerequisites, serve, tools};
 
-const IMAGE: &str = "images/ubuntu-24.04-server-cloudimg.img";
+/// The reference lab's default image for this host's guests (`{arch}` = amd64 or arm64).
+fn default_image() -> String {
+    format!("images/ubuntu-24.04-server-cloudimg-{}.img", kubenet_cluster::Arch::HOST.cloud_name())
+}
 
 fn text(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
@@ -23,7 +26,7 @@ fn lab_dir(d: &Path, state: &Path, lab: &str) {
     std::fs::write(d.join("kubenet.toml"), lab).unwrap();
     std::fs::create_dir_all(state.join("images")).unwrap();
     let out = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", IMAGE, "64M"])
+        .args(["create", "-q", "-f", "qcow2", &default_image(), "64M"])
         .current_dir(state)
         .output()
         .unwrap();
@@ -61,7 +64,7 @@ fn setup_writes_files_real_tools_accept() {
         .output()
         .unwrap());
     let info: serde_json::Value = serde_json::from_str(&info).unwrap();
-    assert_eq!(info["backing-filename"], "../images/ubuntu-24.04-server-cloudimg.img");
+    assert_eq!(info["backing-filename"], format!("../{}", default_image()));
     assert_eq!(info["virtual-size"], 20u64 << 30);
     assert_eq!(info["format"], "qcow2");
 
@@ -112,9 +115,12 @@ fn setup_writes_files_real_tools_accept() {
     assert_eq!(std::fs::read_to_string(d.join("worker0/ssh_host_ed25519_key.pub")).unwrap(), public);
 
     // A missing base image says where to put which image.
-    std::fs::remove_file(d.join(IMAGE)).unwrap();
+    std::fs::remove_file(d.join(default_image())).unwrap();
     let err = text(&kubenet(d, &["setup", "control0"]));
-    assert!(err.contains(&format!("{} does not exist: run `kubenet image pull`", d.join(IMAGE).display())), "{err}");
+    assert!(
+        err.contains(&format!("{} does not exist: run `kubenet image pull`", d.join(default_image()).display())),
+        "{err}"
+    );
     assert!(err.contains("noble/current/noble-server-cloudimg-amd64.img"), "{err}");
 
     // destroy: everything but the images folder and the lab definition.
@@ -195,7 +201,12 @@ fn serve_starts_finds_again_and_stops_qemu() {
     let t = text(&out);
     assert!(!out.status.success(), "{t}");
     assert!(t.contains("gateway    started (pid ") && t.contains("1 of 1 VMs not ready after 3 s: gateway"), "{t}");
-    assert!(t.contains("--- gateway: last console lines ---"), "{t}");
+    let header = format!(
+        "--- gateway (an {} guest, image {}): last console lines ---",
+        kubenet_cluster::Arch::HOST,
+        d.join("state").join(default_image()).display()
+    );
+    assert!(t.contains(&header), "{t}");
     let s = status(&ns, d);
     assert_eq!(s[0]["name"], "gateway");
     assert_eq!(s[0]["state"], "running");
@@ -247,7 +258,7 @@ fn serve_starts_finds_again_and_stops_qemu() {
     let t = waiting.log_text();
     assert!(!code.success(), "{t}");
     assert!(t.contains("1 of 1 VMs QEMU exited: gateway"), "{t}");
-    assert!(t.contains("--- gateway: last console lines ---") && t.contains("--- gateway: qemu.log ---"), "{t}");
+    assert!(t.contains(&header) && t.contains("--- gateway: qemu.log ---"), "{t}");
     let log = agent.stop();
     assert!(log.contains("VM started") || log.contains("VM stopped"), "{log}");
 }
@@ -381,9 +392,10 @@ fn publish(site: &Path, seed: u32) -> Vec<u8> {
 
 /// `d/kubenet.toml`: the test lab, its images from the server on loopback `port`.
 fn lab_pulling_from(d: &Path, port: u16) {
+    let default = "image = \"images/ubuntu-24.04-server-cloudimg-{arch}.img\"";
     let lab = support::test_lab().replace(
-        "image = \"images/ubuntu-24.04-server-cloudimg.img\"",
-        &format!("image = \"images/ubuntu-24.04-server-cloudimg.img\"\nimage_url = \"http://127.0.0.1:{port}/noble-server-cloudimg-{{arch}}.img\""),
+        default,
+        &format!("{default}\nimage_url = \"http://127.0.0.1:{port}/noble-server-cloudimg-{{arch}}.img\""),
     );
     std::fs::write(d.join("kubenet.toml"), lab).unwrap();
 }
@@ -402,7 +414,7 @@ fn image_pull_verifies_against_the_publishers_sums() {
     let http = ["-m", "http.server", "--bind", "127.0.0.1", "--directory", site.to_str().unwrap()];
     let (_server, port) = http_server(&http, &d.join("http.log"));
     lab_pulling_from(d, port);
-    let target = d.join(IMAGE);
+    let target = d.join(default_image());
 
     // Missing: setup names the command; pull fetches and verifies.
     let err = text(&kubenet(d, &["setup", "gateway"]));
@@ -487,8 +499,9 @@ fn image_pull_resumes_a_cut_download() {
     std::fs::write(site.join("control"), "").unwrap();
     let (server, port) = http_server(&["-u", "-c", RANGE_SERVER, site.to_str().unwrap()], &d.join("http.log"));
     lab_pulling_from(d, port);
-    let target = d.join(IMAGE);
-    let part = d.join("images/.ubuntu-24.04-server-cloudimg.img.part");
+    let target = d.join(default_image());
+    let part =
+        d.join(format!("images/.ubuntu-24.04-server-cloudimg-{}.img.part", kubenet_cluster::Arch::HOST.cloud_name()));
     let image_requests =
         || server.log_text().lines().filter(|l| l.contains(".img")).map(str::to_owned).collect::<Vec<_>>();
 

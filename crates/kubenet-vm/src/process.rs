@@ -137,10 +137,44 @@ async fn wait_gone(files: &VmFiles, within: Duration) -> bool {
     }
 }
 
+/// What firmware prints once it has tried every boot option and found nothing it can start:
+/// edk2 (OVMF, AAVMF, Homebrew's edk2) drops to its shell or says so, SeaBIOS says so. An image
+/// of another architecture than the guest's ends here, since its bootloader (BOOTX64.EFI on an
+/// aarch64 guest) is not one the firmware can load.
+const NOTHING_TO_BOOT: [&str; 4] =
+    ["UEFI Interactive Shell", "No bootable option or device was found", "No bootable device", "Shell> "];
+
+/// Whether the console shows the firmware giving up: nothing on the disk it can boot.
+pub fn found_nothing_to_boot(console: &str) -> bool {
+    NOTHING_TO_BOOT.iter().any(|m| console.contains(m))
+}
+
 /// The last `n` lines of the VM's console log (for errors: what the guest said last).
 pub fn console_tail(files: &VmFiles, n: usize) -> String {
     let text = std::fs::read(files.console_log()).unwrap_or_default();
     let text = String::from_utf8_lossy(&text);
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::found_nothing_to_boot;
+
+    #[test]
+    fn firmware_that_gives_up_is_recognised() {
+        // AAVMF with an x86_64 image (what this project's own e2e image printed).
+        let aavmf = "UEFI firmware (version  built at 13:10:49 on Nov  5 2024)\r\n\
+            BdsDxe: failed to load Boot0001 \"UEFI Misc Device\" from PciRoot(0x0)/Pci(0x1,0x0): Not Found\r\n\
+            BdsDxe: loading Boot0002 \"EFI Internal Shell\" from Fv(64074AFE)/FvFile(7C04A583)\r\n\
+            UEFI Interactive Shell v2.2\r\nEDK II\r\n";
+        assert!(found_nothing_to_boot(aavmf));
+        assert!(found_nothing_to_boot("iPXE (PCI 00:02.0) starting execution...\nNo bootable device.\n"));
+        assert!(found_nothing_to_boot("BdsDxe: No bootable option or device was found.\n"));
+        // A boot that goes on: GRUB, then the kernel, never matches, even with a failed option.
+        let booting = "BdsDxe: failed to load Boot0003 \"UEFI PXEv4\": Not Found\r\n\
+            BdsDxe: loading Boot0001 \"UEFI Misc Device\"\r\nWelcome to GRUB!\r\n\
+            [    0.000000] Linux version 6.1.0-50-cloud-arm64\r\nworker1 login: ";
+        assert!(!found_nothing_to_boot(booting));
+    }
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail};
-use kubenet_cluster::{Lab, Vm};
+use kubenet_cluster::{Arch, Lab, Vm};
 use kubenet_vm::keys::{self, LoginKey};
 use kubenet_vm::{LabFiles, VmFiles};
 use serde_json::{Value, json};
@@ -66,7 +66,7 @@ fn ssh_include_line(files: &LabFiles) -> anyhow::Result<String> {
 /// `kubenet image pull [NAME...]`, with a progress bar on a terminal.
 pub fn image_pull(lab: &Lab, names: &[String], out: &mut impl Write) -> anyhow::Result<()> {
     use kubenet_vm::image::{self, Pulled};
-    for p in image::plan(lab, names, kubenet_cluster::Arch::HOST)? {
+    for p in image::plan(lab, names, Arch::HOST)? {
         writeln!(out, "{} <- {}", p.path.display(), p.url)?;
         out.flush()?;
         let bar = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
@@ -117,7 +117,7 @@ pub fn up(lab: &Lab, args: &UpArgs, out: &mut impl Write) -> anyhow::Result<()> 
         }
         return Ok(());
     }
-    for w in vms.iter().filter_map(|vm| kubenet_vm::qemu::emulation_warning(vm, kubenet_cluster::Arch::HOST)) {
+    for w in vms.iter().filter_map(|vm| kubenet_vm::qemu::emulation_warning(vm, Arch::HOST)) {
         eprintln!("warning: {w}");
     }
     setup(lab, &args.setup, out)?;
@@ -144,7 +144,8 @@ pub fn up(lab: &Lab, args: &UpArgs, out: &mut impl Write) -> anyhow::Result<()> 
     let console = |name: &str| {
         let vm = lab.vm_by_name(name).expect("a VM of the lab");
         let tail = kubenet_vm::process::console_tail(&VmFiles::new(lab, vm), 15);
-        format!("\n--- {name}: last console lines ---\n{tail}\n")
+        let (arch, image) = (vm.arch_on(Arch::HOST), kubenet_vm::files::base_image(lab, vm, Arch::HOST));
+        format!("\n--- {name} (an {arch} guest, image {}): last console lines ---\n{tail}\n", image.display())
     };
     let mut problems: Vec<(String, &str, String)> =
         failed.iter().map(|name| (name.clone(), "did not start", console(name))).collect();
@@ -157,6 +158,17 @@ pub fn up(lab: &Lab, args: &UpArgs, out: &mut impl Write) -> anyhow::Result<()> 
                 let log = std::fs::read_to_string(VmFiles::new(lab, vm).qemu_log()).unwrap_or_default();
                 let detail = format!("{}--- {name}: qemu.log ---\n{}\n", console(&name), log.trim_end());
                 problems.push((name, "QEMU exited", detail));
+            }
+            Readiness::NothingToBoot => {
+                let arch = vm.arch_on(Arch::HOST);
+                let image = kubenet_vm::files::base_image(lab, vm, Arch::HOST);
+                let detail = format!(
+                    "{}{name}: the {arch} firmware found nothing to boot: is {} an {arch} image? (its group says arch = \"{}\"; `kubenet down {name}` stops it)\n",
+                    console(&name),
+                    image.display(),
+                    vm.arch.map_or("auto".into(), |a| a.to_string()),
+                );
+                problems.push((name, "found nothing to boot", detail));
             }
             Readiness::CloudInitFailed(status) => {
                 let detail = format!("\n--- {name}: cloud-init status --long ---\n{}\n", status.trim_end());
@@ -188,6 +200,8 @@ enum Readiness {
     Late,
     /// Its QEMU is gone (crashed, killed, or the guest powered off).
     Exited,
+    /// The firmware gave up: no bootloader it can run (an image of another architecture).
+    NothingToBoot,
     /// cloud-init ended with errors; its `status --long` text.
     CloudInitFailed(String),
 }
@@ -250,9 +264,17 @@ async fn wait_one(
     let pause = Duration::from_millis(500);
     let files = VmFiles::new(lab, vm);
     let gone = || kubenet_vm::process::running(&files).is_none();
-    loop {
+    let stuck = || {
+        let console = std::fs::read(files.console_log()).unwrap_or_default();
+        kubenet_vm::process::found_nothing_to_boot(&String::from_utf8_lossy(&console))
+    };
+    for round in 0.. {
         if gone() {
             return Ok(Readiness::Exited);
+        }
+        // Before its lease a guest prints little: the firmware's and the kernel's lines.
+        if round % 10 == 9 && stuck() {
+            return Ok(Readiness::NothingToBoot);
         }
         let leases = kubenet_dhcp::lease::load(&lab.lease_file(), now()).map(|(t, _)| t).ok();
         if leases.is_some_and(|t| t.iter().any(|l| l.mac == vm.mac && l.ip == vm.ip && l.active(now()))) {
@@ -272,6 +294,11 @@ async fn wait_one(
         }
         if gone() {
             return Ok(Readiness::Exited);
+        }
+        // Firmware that found nothing on the disk may still have leased an address for a
+        // network boot (edk2's PXE) before it gave up.
+        if stuck() {
+            return Ok(Readiness::NothingToBoot);
         }
         if let Ok(key) = keys::fetch_host_key(addr, left.min(Duration::from_secs(5))).await {
             if key.key_data() != expected.key_data() {

@@ -196,7 +196,10 @@ fn a_foreign_guest_runs_under_tcg_with_its_own_qemu_and_firmware() {
     let gw = line(&lab, "gateway", &p);
     assert!(gw.starts_with("qemu-system-x86_64 -name gateway -machine q35,accel=kvm -cpu host "), "{gw}");
     let w = line(&lab, "worker2", &p);
-    assert!(w.starts_with("qemu-system-aarch64 -name worker2 -machine virt,accel=tcg,highmem=on -cpu max "), "{w}");
+    assert!(
+        w.starts_with("qemu-system-aarch64 -name worker2 -machine virt,accel=tcg,highmem=on -cpu max,pauth-impdef=on "),
+        "{w}"
+    );
     assert!(w.contains("file=/usr/share/AAVMF/AAVMF_CODE.fd "), "{w}");
     assert!(w.contains("ifname=kubenet0-6,") && w.contains("mac=52:52:52:00:00:06 "), "{w}");
     let launch = p.launch(lab.vm_by_name("worker2").unwrap()).unwrap();

@@ -13,6 +13,11 @@
 #   qemu-system-x86  QEMU for the VM process tests (TCG here), with qemu-utils (qemu-img) pinned
 #                    to the same release, see below
 #   ovmf             UEFI firmware, the boot path kubenet uses on macOS and by default on Linux
+#   qemu-system-arm, qemu-efi-aarch64
+#                    qemu-system-aarch64 and AAVMF (edk2 for arm64): the end-to-end lab's arm64
+#                    guest, booted the way an Apple Silicon Mac boots it, under TCG here
+#   qemu-user-static scripts/build-test-image.sh arm64: the arm64 image's own programs configure it
+#   file             the macOS build check: the linked binary is a Mach-O executable
 #   genisoimage      isoinfo, a second reader for the cloud-init seed images kubenet writes
 #   cloud-init       `cloud-init schema`, to validate the user-data kubenet renders
 #   openssh-server   sshd, to check kubenet's host-key fetch against the real thing
@@ -25,7 +30,7 @@
 set -euo pipefail
 
 packages=(dnsmasq-base isc-dhcp-client udhcpc bind9-dnsutils iproute2 kea-admin dnsperf
-    qemu-system-x86 ovmf genisoimage cloud-init openssh-server openssh-client tmux nftables
+    qemu-system-x86 ovmf qemu-system-arm qemu-efi-aarch64 qemu-user-static file genisoimage cloud-init openssh-server openssh-client tmux nftables
     debootstrap grub-efi-amd64-bin grub-pc-bin dosfstools mtools gdisk)
 
 missing=()
@@ -45,7 +50,7 @@ $SUDO apt-get update -qq
 # QEMU's parts must come from one Debian release: a qemu-utils from elsewhere (a newer
 # backport) would block qemu-system-x86, so pin qemu-utils to qemu-system-x86's version.
 extra=()
-if printf '%s\n' "${missing[@]}" | grep -qx qemu-system-x86; then
+if printf '%s\n' "${missing[@]}" | grep -qx 'qemu-system-x86\|qemu-system-arm\|qemu-user-static'; then
     ver=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
     extra=(--allow-downgrades "qemu-utils=$ver")
 fi

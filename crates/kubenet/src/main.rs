@@ -169,7 +169,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     serde_json::to_writer_pretty(&mut stdout, &lab).map_err(|e| output(e.into()))?;
                     writeln!(stdout).ok();
                 } else {
-                    write!(stdout, "{}", table::render(&lab)).map_err(output)?;
+                    write!(stdout, "{}", table::render(&lab, kubenet_cluster::Arch::HOST)).map_err(output)?;
                 }
             }
             Some(ConfigAction::Check { file }) => {

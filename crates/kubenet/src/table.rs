@@ -3,9 +3,11 @@
 
 use std::fmt::Write;
 
-use kubenet_cluster::Lab;
+use kubenet_cluster::{Arch, Lab};
 
-pub fn render(lab: &Lab) -> String {
+/// The lab as seen from a host of architecture `host`: a guest of another architecture is
+/// marked as emulated.
+pub fn render(lab: &Lab, host: Arch) -> String {
     let n = &lab.network;
     let mut out = String::new();
     let upstream = if n.upstream.is_empty() {
@@ -32,7 +34,7 @@ pub fn render(lab: &Lab) -> String {
     }
     out.push('\n');
 
-    let header = ["NAME", "ID", "ROLE", "MAC", "IP", "FQDN", "VCPUS", "MEMORY", "DISK"];
+    let header = ["NAME", "ID", "ROLE", "MAC", "IP", "FQDN", "ARCH", "VCPUS", "MEMORY", "DISK"];
     let rows: Vec<Vec<String>> = lab
         .vms
         .iter()
@@ -44,6 +46,10 @@ pub fn render(lab: &Lab) -> String {
                 v.mac.to_string(),
                 v.ip.to_string(),
                 v.fqdn.clone(),
+                match v.arch_on(host) {
+                    a if a == host => a.to_string(),
+                    a => format!("{a} (TCG)"),
+                },
                 v.vcpus.to_string(),
                 v.memory.to_string(),
                 v.disk.to_string(),
@@ -80,4 +86,24 @@ pub fn columns(header: &[&str], rows: &[Vec<String>]) -> String {
         line(r);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_arch_column_marks_emulated_guests() {
+        let text = kubenet_cluster::REFERENCE_CONFIG.replacen("arch = \"auto\"", "arch = \"aarch64\"", 1);
+        let lab = kubenet_cluster::parse(&text, kubenet_cluster::Source::Embedded, "/lab".as_ref()).unwrap();
+        let on_x86 = render(&lab, Arch::X86_64);
+        assert!(on_x86.lines().any(|l| l.starts_with("gateway ") && l.contains(" aarch64 (TCG) ")), "{on_x86}");
+        assert!(on_x86.lines().any(|l| l.starts_with("worker2 ") && l.contains(" x86_64 ")), "{on_x86}");
+        let on_mac = render(&lab, Arch::Aarch64);
+        assert!(
+            on_mac.lines().any(|l| l.starts_with("gateway ") && l.contains(" aarch64 ") && !l.contains("TCG")),
+            "{on_mac}"
+        );
+        assert!(on_mac.lines().any(|l| l.starts_with("worker2 ") && l.contains(" aarch64 ")), "{on_mac}");
+    }
 }

@@ -176,6 +176,40 @@ fn status(ns: &Netns, d: &Path) -> serde_json::Value {
     serde_json::from_str(&out).unwrap()
 }
 
+/// QEMU reads a comma as the end of an option's value: a lab whose folder has a comma (and a
+/// space) in its path still starts, with its disk, console and QMP where they belong.
+#[test]
+fn qemu_starts_from_a_folder_whose_path_has_a_comma_and_a_space() {
+    if prerequisites(&["qemu-system-x86_64", "qemu-img"]).is_some() {
+        return;
+    }
+    let ns = Netns::new("vmc");
+    let dir = tempfile::Builder::new().prefix("kubenet, a lab ").tempdir().unwrap();
+    let d = dir.path();
+    let lab = support::test_lab()
+        .replace("accelerator = \"auto\"", "accelerator = \"tcg\"")
+        .replace("memory = \"2G\"", "memory = \"256M\"");
+    lab_dir(d, &d.join("state"), &lab);
+    let agent = serve(&ns, d, &[]);
+    let cli = |args: &[&str]| kubenet_cmd(ns.cmd(kubenet_bin()), d, &[&["--dir", "state"][..], args].concat());
+    let t = text(&cli(&["up", "gateway", "--timeout", "2"]));
+    assert!(t.contains("gateway    started (pid "), "{t}");
+    let s = status(&ns, d);
+    assert_eq!(s[0]["state"], "running", "{s}");
+    let pid = s[0]["pid"].as_u64().unwrap();
+    let cmdline = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap()).into_owned();
+    let vm = d.join("state/gateway").display().to_string();
+    assert!(cmdline.contains(&format!("file={}/disk.img\0", vm.replace(',', ",,"))), "{cmdline}");
+    // QEMU made its sockets and console log in the real folder, and answers on its QMP socket.
+    for f in ["console.log", "serial.sock", "qmp.sock"] {
+        assert!(d.join("state/gateway").join(f).exists(), "{f} missing in {vm}");
+    }
+    let out = ok(cli(&["down", "--grace", "1"]));
+    assert!(out.contains("gateway    stopped"), "{out}");
+    assert!(!pid_alive(pid));
+    agent.stop();
+}
+
 /// Alive and not a zombie (a daemonized QEMU's parent is init, which reaps it when it will).
 #[test]
 fn serve_starts_finds_again_and_stops_qemu() {

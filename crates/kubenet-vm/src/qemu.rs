@@ -344,9 +344,10 @@ fn launch_argv(lab: &Lab, vm: &Vm, launch: &Launch) -> Vec<OsString> {
         }
     };
     let path = |p: PathBuf| p.into_os_string();
+    // A path inside an option list (`file=PATH,...`) with its commas doubled, as QEMU reads them.
     let joined = |prefix: &str, p: PathBuf, suffix: &str| {
         let mut s = OsString::from(prefix);
-        s.push(p.as_os_str());
+        s.push(option_value(p.as_os_str()));
         s.push(suffix);
         s
     };
@@ -387,14 +388,15 @@ fn launch_argv(lab: &Lab, vm: &Vm, launch: &Launch) -> Vec<OsString> {
             push(&[&"-nic", &nic]);
         }
         Os::Linux => {
-            let netdev = format!("tap,id=net0,ifname={},script=no,downscript=no", tap_name(lab, vm));
+            let tap = tap_name(lab, vm).replace(',', ",,");
+            let netdev = format!("tap,id=net0,ifname={tap},script=no,downscript=no");
             push(&[&"-netdev", &netdev, &"-device", &format!("virtio-net-pci,netdev=net0,mac={}", vm.mac)]);
         }
     }
     push(&[&"-device", &"virtio-rng-pci"]);
     let serial = {
         let mut s = joined("socket,id=serial0,server=on,wait=off,path=", files.serial_socket(), ",logfile=");
-        s.push(files.console_log().as_os_str());
+        s.push(option_value(files.console_log().as_os_str()));
         s.push(",logappend=on");
         s
     };
@@ -407,6 +409,21 @@ fn launch_argv(lab: &Lab, vm: &Vm, launch: &Launch) -> Vec<OsString> {
     }
     push(&[&"-pidfile", &path(files.pidfile()), &"-daemonize"]);
     a
+}
+
+/// `value` as a value inside a QEMU option list (`-drive file=VALUE,format=...`): QEMU ends a
+/// value at a comma and reads `,,` as one, so a state directory such as "~/labs/a, b" must
+/// have its commas doubled or QEMU reads the rest as options.
+pub fn option_value(value: &std::ffi::OsStr) -> OsString {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let mut out = Vec::with_capacity(value.len());
+    for &b in value.as_bytes() {
+        out.push(b);
+        if b == b',' {
+            out.push(b',');
+        }
+    }
+    OsString::from_vec(out)
 }
 
 /// A command line as one shell-quoted string (`kubenet up --dry-run`).

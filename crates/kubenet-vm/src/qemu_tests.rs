@@ -311,6 +311,29 @@ fn tap_names_fit_the_kernel_limit() {
 }
 
 #[test]
+fn commas_in_paths_are_doubled_inside_option_lists() {
+    let mut lab = lab();
+    lab.state_dir = "/Users/a/labs/k8s, the hard way".into();
+    let p = linux_profile(Accel::Kvm, uefi("/opt/q,emu/OVMF_CODE.fd", "/opt/q,emu/OVMF_VARS.fd"));
+    let a = argv(&lab, lab.vm_by_name("worker0").unwrap(), &p).unwrap();
+    let a: Vec<String> = a.iter().map(|s| s.to_string_lossy().into_owned()).collect();
+    let dir = "/Users/a/labs/k8s,, the hard way/worker0";
+    for want in [
+        "if=pflash,format=raw,unit=0,readonly=on,file=/opt/q,,emu/OVMF_CODE.fd".to_string(),
+        format!("if=pflash,format=raw,unit=1,file={dir}/efi-vars.fd"),
+        format!("if=virtio,format=qcow2,file={dir}/disk.img"),
+        format!("if=virtio,format=raw,readonly=on,file={dir}/seed.iso"),
+        format!("socket,id=serial0,server=on,wait=off,path={dir}/serial.sock,logfile={dir}/console.log,logappend=on"),
+        format!("unix:{dir}/qmp.sock,server=on,wait=off"),
+    ] {
+        assert!(a.contains(&want), "{want} not in {a:?}");
+    }
+    // -pidfile takes a plain path, not an option list: no doubling there.
+    assert!(a.contains(&"/Users/a/labs/k8s, the hard way/worker0/qemu.pid".to_string()), "{a:?}");
+    assert_eq!(option_value("a,b,,c".as_ref()), "a,,b,,,,c");
+}
+
+#[test]
 fn shell_quoting_survives_spaces_and_quotes() {
     let a: Vec<OsString> = vec!["qemu".into(), "a b".into(), "it's".into(), "".into()];
     assert_eq!(shell_line(&a), r"qemu 'a b' 'it'\''s' ''");

@@ -1,9 +1,10 @@
-//! End to end: a real lab of three VMs boots from a real cloud image, inside a network namespace
-//! this test creates. `kubenet serve` makes the bridge and taps and serves DHCP and DNS there
+//! End to end: a real lab of four VMs boots from real cloud images, inside a network namespace
+//! this test creates: three x86_64 guests and an arm64 one (worker1), booted through kubenet's
+//! aarch64 profile (virt, AAVMF) as an Apple Silicon Mac boots it, so one lab mixes both. `kubenet serve` makes the bridge and taps and serves DHCP and DNS there
 //! (NAT off, upstream = a dnsmasq this test runs in the namespace); `kubenet up` prepares and
 //! starts the VMs and waits for SSH; every check then goes through `kubenet ssh` with strict
-//! host-key checking. The image is Debian 12 built by scripts/build-test-image.sh (cached by
-//! its hash); guests run under TCG, since this machine's KVM cannot run them, so the timeouts are
+//! host-key checking. The images are Debian 12 for amd64 and arm64, built by
+//! scripts/build-test-image.sh (cached by its hash); guests run under TCG, since this machine's KVM cannot run them, so the timeouts are
 //! generous. It prints the time from `kubenet up` to each VM answering SSH and each VM's own
 //! boot time from its console, so the launcher's share is visible.
 
@@ -17,16 +18,29 @@ use std::time::Instant;
 use serde_json::Value;
 use support::{Netns, Proc, kubenet_bin, prerequisites};
 
-const VMS: [(&str, &str); 3] = [("gateway", "192.168.1.10"), ("control0", "192.168.1.11"), ("worker0", "192.168.1.14")];
+/// The lab's VMs and addresses; worker1 is the arm64 guest.
+const VMS: [(&str, &str); 4] = [
+    ("gateway", "192.168.1.10"),
+    ("control0", "192.168.1.11"),
+    ("worker0", "192.168.1.14"),
+    ("worker1", "192.168.1.15"),
+];
+/// The x86_64 guests.
+const X86: [&str; 3] = ["gateway", "control0", "worker0"];
 
 fn text(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
 }
 
-/// The test image, built (or found in the cache) by the project's script.
-fn image() -> Result<PathBuf, String> {
+/// The test image for `arch` (amd64, arm64), built (or found in the cache) by the project's
+/// script.
+fn image(arch: &str) -> Result<PathBuf, String> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/build-test-image.sh");
-    let out = Command::new(script).output().map_err(|e| format!("{script}: {e}"))?;
+    let start = Instant::now();
+    let out = Command::new(script).arg(arch).output().map_err(|e| format!("{script}: {e}"))?;
+    if start.elapsed().as_secs() > 5 {
+        eprintln!("built the {arch} test image in {:.0} s", start.elapsed().as_secs_f64());
+    }
     if !out.status.success() {
         return Err(format!("{script} failed:\n{}", text(&out)));
     }
@@ -34,11 +48,12 @@ fn image() -> Result<PathBuf, String> {
     if path.is_file() { Ok(path) } else { Err(format!("{script} printed no image path:\n{}", text(&out))) }
 }
 
-/// Three VMs of the reference lab's groups, 1 vCPU and 1 GiB each, no NAT, DNS upstream = the
-/// fake in the namespace. worker0 keeps its reference address (.14) by an override. The
-/// accelerator is TCG, which runs anywhere (this machine's KVM cannot run guests);
-/// KUBENET_E2E_ACCEL=kvm runs the same test faster on a host where KVM works.
-fn lab(image: &Path, upstream: &str) -> String {
+/// Four VMs of the reference lab's groups, 1 vCPU and 1 GiB each, no NAT, DNS upstream = the
+/// fake in the namespace; worker0 keeps its reference address (.14) by an override, worker1
+/// (the reference's .15) is `arch = "aarch64"` with the arm64 image. The accelerator is TCG,
+/// which runs anywhere (this machine's KVM cannot run guests); KUBENET_E2E_ACCEL=kvm runs the
+/// x86 guests faster on a host where KVM works (the arm64 one stays emulated on x86).
+fn lab(images: &Images, upstream: &str) -> String {
     let accel = std::env::var("KUBENET_E2E_ACCEL").unwrap_or_else(|_| "tcg".into());
     let reference = support::test_lab();
     let head = &reference[..reference.find("[[group]]").unwrap()];
@@ -47,15 +62,25 @@ fn lab(image: &Path, upstream: &str) -> String {
         .replace("nat = true", "nat = false")
         .replace("upstream = [\"127.0.0.1:9\"]", &format!("upstream = [\"{upstream}\"]"));
     assert!(head.contains(&format!("\"{accel}\"")) && head.contains("nat = false") && head.contains(upstream));
-    let group = |key: &str| {
+    let group = |key: &str, image: &Path| {
         format!("\n[[group]]\n{key}\nvcpus = 1\nmemory = \"1G\"\ndisk = \"4G\"\nimage = \"{}\"\n", image.display())
     };
     format!(
-        "{head}{}{}{}",
-        group("name = \"gateway\"\nrole = \"gateway\""),
-        group("prefix = \"control\"\ncount = 1\nrole = \"control\""),
-        group("prefix = \"worker\"\ncount = 1\nrole = \"worker\"\naddresses = { worker0 = \"192.168.1.14\" }"),
+        "{head}{}{}{}{}",
+        group("name = \"gateway\"\nrole = \"gateway\"", &images.amd64),
+        group("prefix = \"control\"\ncount = 1\nrole = \"control\"", &images.amd64),
+        group(
+            "prefix = \"worker\"\ncount = 1\nrole = \"worker\"\naddresses = { worker0 = \"192.168.1.14\" }",
+            &images.amd64
+        ),
+        group("name = \"worker1\"\nrole = \"worker\"\narch = \"aarch64\"\naddress = \"192.168.1.15\"", &images.arm64),
     )
+}
+
+/// The two test images.
+struct Images {
+    amd64: PathBuf,
+    arm64: PathBuf,
 }
 
 /// Kills, on drop, every QEMU this test's lab still runs (by the pid in each VM's pidfile, only
@@ -147,10 +172,10 @@ impl Lab<'_> {
         support::converse(self.command(&["console", name]), b"\n", want, std::time::Duration::from_secs(60))
     }
 
-    /// Waits for cloud-init to finish on every VM, asserting it finished without errors, and
-    /// prints each guest's own boot time from its console.
-    fn cloud_init_done(&self) {
-        for (name, _) in VMS {
+    /// Waits for cloud-init to finish on the named VMs, asserting it finished without errors,
+    /// and prints each guest's own boot time from its console.
+    fn cloud_init_done(&self, names: &[&str]) {
+        for name in names {
             let ci = self.ssh(name, "cloud-init status --wait --long");
             assert!(ci.contains("status: done"), "{name}: {ci}");
             let console =
@@ -171,13 +196,15 @@ fn guest_boot_time(console: &str) -> String {
         .map_or("not seen on the console".into(), |s| s.trim().to_owned())
 }
 
-/// Debian's OVMF, the UEFI firmware kubenet picks first on x86 Linux.
+/// Debian's OVMF, the UEFI firmware kubenet picks first on x86 Linux, and AAVMF, its arm64 twin.
 const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+const AAVMF_CODE: &str = "/usr/share/AAVMF/AAVMF_CODE.fd";
+const AAVMF_VARS: &str = "/usr/share/AAVMF/AAVMF_VARS.fd";
 
-/// The test image when these tests can run (root, `tools`, OVMF, the image built); None, with
-/// the reason printed, when not (under CI=true that panics instead).
-fn ready(tools: &[&str]) -> Option<PathBuf> {
+/// The test images when these tests can run (root, `tools`, OVMF and AAVMF, the images built);
+/// None, with the reason printed, when not (under CI=true that panics instead).
+fn ready(tools: &[&str]) -> Option<Images> {
     if std::env::var_os("KUBENET_SKIP_E2E").is_some() {
         support::skip("KUBENET_SKIP_E2E is set");
         return None;
@@ -185,16 +212,19 @@ fn ready(tools: &[&str]) -> Option<PathBuf> {
     if prerequisites(tools).is_some() {
         return None;
     }
-    if !Path::new(OVMF_CODE).exists() || !Path::new(OVMF_VARS).exists() {
-        support::skip("no OVMF firmware: run scripts/install-test-deps.sh");
+    if ![OVMF_CODE, OVMF_VARS, AAVMF_CODE, AAVMF_VARS].iter().all(|f| Path::new(f).exists()) {
+        support::skip("no OVMF or AAVMF firmware: run scripts/install-test-deps.sh");
         return None;
     }
-    image().map_err(|e| support::skip(&format!("cannot build the test image: {e}"))).ok()
+    let build = |arch| image(arch).map_err(|e| support::skip(&format!("cannot build the {arch} test image: {e}"))).ok();
+    Some(Images { amd64: build("amd64")?, arm64: build("arm64")? })
 }
 
 #[test]
 fn e2e_a_real_lab_boots_resolves_and_answers_ssh() {
-    let Some(image) = ready(&["qemu-system-x86_64", "qemu-img", "ssh", "dnsmasq"]) else { return };
+    let Some(images) = ready(&["qemu-system-x86_64", "qemu-system-aarch64", "qemu-img", "ssh", "dnsmasq"]) else {
+        return;
+    };
     let total = Instant::now();
     let ns = Netns::new("e2e");
     let dir = tempfile::Builder::new().prefix("kubenet-e2e").tempdir().unwrap();
@@ -221,21 +251,41 @@ fn e2e_a_real_lab_boots_resolves_and_answers_ssh() {
     ]);
     let _upstream = Proc::spawn(upstream, &d.join("upstream.log"));
 
-    std::fs::write(d.join("kubenet.toml"), lab(&image, &format!("127.0.0.1:{upstream_port}"))).unwrap();
+    std::fs::write(d.join("kubenet.toml"), lab(&images, &format!("127.0.0.1:{upstream_port}"))).unwrap();
     let _guard = VmGuard(d.join("state"));
     let agent = support::serve_bridged(&ns, d);
     let lab = Lab { ns: &ns, dir: d };
-    let all = ["gateway", "control0", "worker0"];
+    let all = ["gateway", "control0", "worker0", "worker1"];
 
     // Up: every VM leased and answering SSH with the host key kubenet gave it.
-    let out = lab.up(&all, "first boot");
-    assert!(out.contains("all 3 VMs ready"), "{out}");
+    let out = lab.up(&all, "first boot, x86_64 and aarch64 guests");
+    assert!(out.contains("all 4 VMs ready"), "{out}");
     for (name, _) in VMS {
         assert!(out.contains(&format!("{name:<10} cloud-init done (")), "{out}");
     }
-    lab.assert_status(&[("gateway", "running"), ("control0", "running"), ("worker0", "running")]);
+    lab.assert_status(&[
+        ("gateway", "running"),
+        ("control0", "running"),
+        ("worker0", "running"),
+        ("worker1", "running"),
+    ]);
     // (The search-domain restart is in cloud-init's last stage.)
-    lab.cloud_init_done();
+    lab.cloud_init_done(&all);
+
+    // Each guest is of the architecture its group asked for, booted by the firmware for it.
+    for name in X86 {
+        assert_eq!(lab.ssh(name, "uname -m"), "x86_64", "{name}");
+    }
+    assert_eq!(lab.ssh("worker1", "uname -m"), "aarch64");
+    let argv = std::fs::read(format!("/proc/{}/cmdline", lab.status()[3]["pid"])).unwrap();
+    let argv = String::from_utf8_lossy(&argv).replace('\0', " ");
+    assert!(
+        argv.starts_with(
+            "qemu-system-aarch64 -name worker1 -machine virt,accel=tcg,highmem=on -cpu max,pauth-impdef=on "
+        ),
+        "{argv}"
+    );
+    assert!(argv.contains(AAVMF_CODE), "{argv}");
 
     for (name, ip) in VMS {
         assert_eq!(lab.ssh(name, "hostname"), name);
@@ -259,28 +309,44 @@ fn e2e_a_real_lab_boots_resolves_and_answers_ssh() {
     assert!(getent("upstream.test").starts_with("203.0.113.7 "), "forwarded to the fake upstream");
     // SSH between VMs by name needs the name, not just the address: it resolves on the gateway too.
     assert!(lab.ssh("gateway", "getent hosts control0").starts_with("192.168.1.11 "));
+    // The arm64 guest and an x86 one find and reach each other by name, both ways.
+    assert!(lab.ssh("worker1", "getent hosts worker0").starts_with("192.168.1.14 "));
+    assert!(lab.ssh("worker0", "getent hosts worker1").starts_with("192.168.1.15 "));
+    assert_eq!(lab.ssh("worker1", "sudo ping -c 1 -W 5 worker0 >/dev/null && echo reached"), "reached");
+    assert_eq!(lab.ssh("worker0", "sudo ping -c 1 -W 5 worker1 >/dev/null && echo reached"), "reached");
 
     // Down: every QEMU gone, status agrees.
     let pids: Vec<u64> = lab.status().iter().map(|r| r["pid"].as_u64().unwrap()).collect();
     let start = Instant::now();
     let out = lab.ok(&["down"]);
     eprintln!("--- `kubenet down` took {:.1} s ---\n{out}", start.elapsed().as_secs_f64());
-    assert_eq!(out.matches("powered off").count(), 3, "each guest shuts down on the ACPI request:\n{out}");
+    assert_eq!(out.matches("powered off").count(), 4, "each guest shuts down on the ACPI request:\n{out}");
     for pid in pids {
         assert!(!support::pid_alive(pid), "QEMU {pid} left");
     }
-    lab.assert_status(&[("gateway", "stopped"), ("control0", "stopped"), ("worker0", "stopped")]);
+    lab.assert_status(&[
+        ("gateway", "stopped"),
+        ("control0", "stopped"),
+        ("worker0", "stopped"),
+        ("worker1", "stopped"),
+    ]);
 
-    // Reset worker0 only, then up again: the others keep their disks, worker0 runs cloud-init
-    // on a fresh one (same name, address and host key).
+    // Reset worker0 only, then up the x86 guests again (the emulated arm64 one has shown what
+    // it had to): the others keep their disks, worker0 runs cloud-init on a fresh one (same
+    // name, address and host key).
     lab.ok(&["reset", "worker0"]);
-    let out = lab.up(&all, "second boot (worker0 reset)");
+    let out = lab.up(&X86, "second boot (worker0 reset)");
     assert!(out.contains("all 3 VMs ready"), "{out}");
-    for (name, _) in VMS {
+    for name in X86 {
         assert!(out.contains(&format!("{name:<10} cloud-init done (")), "{out}");
     }
-    lab.assert_status(&[("gateway", "running"), ("control0", "running"), ("worker0", "running")]);
-    lab.cloud_init_done();
+    lab.assert_status(&[
+        ("gateway", "running"),
+        ("control0", "running"),
+        ("worker0", "running"),
+        ("worker1", "stopped"),
+    ]);
+    lab.cloud_init_done(&X86);
     for name in ["gateway", "control0"] {
         assert_eq!(lab.ssh(name, &format!("cat /home/kube/marker-{name}")), "kept", "{name}'s disk was kept");
     }
@@ -294,9 +360,50 @@ fn e2e_a_real_lab_boots_resolves_and_answers_ssh() {
 
     let out = lab.ok(&["down"]);
     assert_eq!(out.matches("powered off").count(), 3, "{out}");
-    lab.assert_status(&[("gateway", "stopped"), ("control0", "stopped"), ("worker0", "stopped")]);
+    lab.assert_status(&[
+        ("gateway", "stopped"),
+        ("control0", "stopped"),
+        ("worker0", "stopped"),
+        ("worker1", "stopped"),
+    ]);
     agent.stop();
     eprintln!("e2e total {:.1} s", total.elapsed().as_secs_f64());
+}
+
+/// An image of another architecture than its guest's boots nothing: `kubenet up` ends as soon
+/// as the firmware gives up (AAVMF finds no BOOTAA64.EFI on the amd64 image), with the console's
+/// last lines and the architecture it expected, instead of waiting out its timeout.
+#[test]
+fn e2e_an_image_of_another_architecture_is_named_not_waited_for() {
+    let Some(images) = ready(&["qemu-system-aarch64", "qemu-img", "ssh"]) else { return };
+    let ns = Netns::new("e2w");
+    let dir = tempfile::Builder::new().prefix("kubenet-e2e-arch").tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("home")).unwrap();
+    let reference = support::test_lab();
+    let head = reference[..reference.find("[[group]]").unwrap()].replace("nat = true", "nat = false");
+    let group = format!(
+        "[[group]]\nname = \"worker1\"\narch = \"aarch64\"\nvcpus = 1\nmemory = \"512M\"\ndisk = \"4G\"\nimage = \"{}\"\n",
+        images.amd64.display()
+    );
+    std::fs::write(d.join("kubenet.toml"), format!("{head}{group}")).unwrap();
+    let _guard = VmGuard(d.join("state"));
+    let agent = support::serve_bridged(&ns, d);
+    let lab = Lab { ns: &ns, dir: d };
+    let start = Instant::now();
+    let out = lab.kubenet(&["up", "--timeout", "900"]);
+    let took = start.elapsed().as_secs_f64();
+    let t = text(&out);
+    eprintln!("--- `kubenet up` of an aarch64 guest on an amd64 image ended after {took:.1} s ---\n{t}");
+    assert!(!out.status.success(), "{t}");
+    assert!(t.contains("1 of 1 VMs found nothing to boot: worker1"), "{t}");
+    assert!(t.contains("worker1 (an aarch64 guest, image "), "{t}");
+    let image = images.amd64.display();
+    assert!(t.contains(&format!("the aarch64 firmware found nothing to boot: is {image} an aarch64 image?")), "{t}");
+    assert!(t.contains("Shell>") || t.contains("UEFI Interactive Shell"), "the console's last lines: {t}");
+    assert!(took < 600.0, "up waited {took:.0} s");
+    lab.ok(&["down", "--grace", "1"]);
+    agent.stop();
 }
 
 /// `s` without terminal escape sequences (ESC [ ... letter), as a console shows it.
@@ -324,7 +431,7 @@ fn strip_ansi(s: &str) -> String {
 /// starting on the root file system GRUB found by its label. No NIC; a throw-away snapshot.
 #[test]
 fn e2e_the_test_image_boots_by_bios_and_by_uefi() {
-    let Some(image) = ready(&["qemu-system-x86_64"]) else { return };
+    let Some(Images { amd64: image, .. }) = ready(&["qemu-system-x86_64", "qemu-system-aarch64"]) else { return };
     let (code, vars) = (Path::new(OVMF_CODE), Path::new(OVMF_VARS));
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(vars, dir.path().join("vars.fd")).unwrap();

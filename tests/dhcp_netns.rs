@@ -53,6 +53,20 @@ fn udhcpc_script(dir: &Path) -> String {
     script(dir, "udhcpc-record.sh", &body)
 }
 
+/// udhcpc in the foreground on `client`'s knc (worker0's MAC), recording through `script`,
+/// once it is bound with worker0's address, name and the lab's options (asserted).
+fn udhcpc_bound_as_worker0(client: &Netns, d: &Path, script: &str) -> Proc {
+    let mut cmd = client.cmd("udhcpc");
+    cmd.args(["-f", "-i", "knc", "-s", script, "-t", "10", "-T", "1", "-A", "1"]);
+    let udhcpc = Proc::spawn(cmd, &d.join("udhcpc.log"));
+    let events = wait_file(&d.join("udhcpc.events"), "bound", Duration::from_secs(30));
+    assert!(
+        events.contains("bound ip=192.168.1.14 router=192.168.1.1 dns=192.168.1.1 domain=kubevms hostname=worker0"),
+        "{events}"
+    );
+    udhcpc
+}
+
 fn read(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_default()
 }
@@ -152,14 +166,7 @@ fn udhcpc_binds_then_renews_by_unicast() {
     let d = lan.dir.path();
     let server = serve(&lan.server, d, &[]);
     let script = udhcpc_script(d);
-    let mut cmd = lan.client.cmd("udhcpc");
-    cmd.args(["-f", "-i", "knc", "-s", &script, "-t", "5", "-T", "1", "-A", "1"]);
-    let client = Proc::spawn(cmd, &d.join("udhcpc.log"));
-    let events = wait_file(&d.join("udhcpc.events"), "bound", Duration::from_secs(20));
-    assert!(
-        events.contains("bound ip=192.168.1.14 router=192.168.1.1 dns=192.168.1.1 domain=kubevms hostname=worker0"),
-        "{events}"
-    );
+    let client = udhcpc_bound_as_worker0(&lan.client, d, &script);
     // SIGUSR1: renew now. udhcpc sends a unicast REQUEST from 192.168.1.14 (RENEWING).
     client.signal("USR1");
     let events = wait_file(&d.join("udhcpc.events"), "renew", Duration::from_secs(20));
@@ -326,10 +333,7 @@ fn sighup_reloads_the_lab_without_losing_a_lease() {
     let d = lan.dir.path();
     let mut server = serve(&lan.server, d, &[]);
     let script = udhcpc_script(d);
-    let mut cmd = lan.client.cmd("udhcpc");
-    cmd.args(["-f", "-i", "knc", "-s", &script, "-t", "5", "-T", "1", "-A", "1"]);
-    let client = Proc::spawn(cmd, &d.join("udhcpc.log"));
-    wait_file(&d.join("udhcpc.events"), "bound ip=192.168.1.14", Duration::from_secs(20));
+    let client = udhcpc_bound_as_worker0(&lan.client, d, &script);
     let dig = |name: &str| {
         let out = support::run(lan.client.cmd("dig").args(["@192.168.1.1", "+short", "+tries=1", "+time=3", name]));
         String::from_utf8_lossy(&out.stdout).trim().to_string()
@@ -414,14 +418,7 @@ fn an_interface_that_appears_after_serve_starts_is_served_as_bridge100_is_on_mac
     server_ns.ip(&["link", "set", "kns", "master", "bridge100"]);
     server_ns.ip(&["addr", "add", "192.168.1.1/24", "dev", "bridge100"]);
     server_ns.ip(&["link", "set", "bridge100", "up"]);
-    let mut cmd = client_ns.cmd("udhcpc");
-    cmd.args(["-f", "-i", "knc", "-s", &script, "-t", "10", "-T", "1", "-A", "1"]);
-    let client = Proc::spawn(cmd, &d.join("udhcpc.log"));
-    let events = wait_file(&d.join("udhcpc.events"), "bound", Duration::from_secs(30));
-    assert!(
-        events.contains("bound ip=192.168.1.14 router=192.168.1.1 dns=192.168.1.1 domain=kubevms hostname=worker0"),
-        "{events}"
-    );
+    let client = udhcpc_bound_as_worker0(&client_ns, d, &script);
     let dig = |name: &str| {
         let out = support::run(client_ns.cmd("dig").args(["@192.168.1.1", "+short", "+tries=1", "+time=3", name]));
         String::from_utf8_lossy(&out.stdout).trim().to_owned()

@@ -176,6 +176,79 @@ fn status(ns: &Netns, d: &Path) -> serde_json::Value {
     serde_json::from_str(&out).unwrap()
 }
 
+/// A VM's folder holds its private host key and the seed carrying it: another local user can
+/// read none of it (checked as uid 65534 with setpriv), nor the lab key. A lab whose modes are
+/// wider (made by an older kubenet) is set right by the next `setup`. And QEMU running as the
+/// lab's owner still opens the disk (with its backing image) and the seed.
+#[test]
+fn another_user_can_read_no_vm_secret() {
+    if tools(&["qemu-img", "setpriv"]).is_some() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Only kubenet's own modes may protect the files: the test's folder is open to all.
+    use std::os::unix::fs::PermissionsExt;
+    let chmod = |p: &Path, mode: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    let mode = |p: &str| std::fs::metadata(d.join(p)).unwrap().permissions().mode() & 0o777;
+    chmod(d, 0o755);
+    lab_dir(d, d, &support::test_lab());
+    ok(kubenet(d, &["setup", "worker0"]));
+    let private = ["worker0/seed.iso", "worker0/ssh_host_ed25519_key", "worker0/disk.img", "id_ed25519"];
+    let check = || {
+        assert_eq!(mode("worker0"), 0o700);
+        for f in private {
+            assert_eq!(mode(f), 0o600, "{f}");
+        }
+        let nobody = |args: &[&str]| {
+            Command::new("setpriv")
+                .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+                .args(args)
+                .current_dir("/")
+                .output()
+                .unwrap()
+        };
+        for f in private {
+            let out = nobody(&["cat", d.join(f).to_str().unwrap()]);
+            assert!(!out.status.success() && text(&out).contains("Permission denied"), "{f}: {}", text(&out));
+        }
+        let out = nobody(&["ls", d.join("worker0").to_str().unwrap()]);
+        assert!(!out.status.success() && text(&out).contains("Permission denied"), "{}", text(&out));
+        // The public half and the lab's known_hosts stay readable: they are meant to be shared.
+        assert!(nobody(&["cat", d.join("known_hosts").to_str().unwrap()]).status.success());
+    };
+    check();
+    // An older lab: everything readable. The next setup closes it again, disk kept.
+    chmod(&d.join("worker0"), 0o755);
+    for f in private {
+        chmod(&d.join(f), 0o644);
+    }
+    let out = ok(kubenet(d, &["setup", "worker0"]));
+    assert!(out.contains("worker0    disk kept, seed written"), "{out}");
+    check();
+
+    // The lab handed to uid 65534, as if that user had made it: QEMU as that user opens the
+    // overlay through to its base image, and the seed; as any other user it cannot.
+    let out = Command::new("chown").args(["-R", "65534:65534"]).arg(d).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let qemu_img_as = |uid: &str, file: &str| {
+        Command::new("setpriv")
+            .args([&format!("--reuid={uid}"), &format!("--regid={uid}"), "--clear-groups", "--"])
+            .args(["qemu-img", "info", "--backing-chain", "-U"])
+            .arg(d.join(file))
+            .current_dir("/")
+            .output()
+            .unwrap()
+    };
+    let owner = text(&qemu_img_as("65534", "worker0/disk.img"));
+    assert!(owner.contains("file format: qcow2") && owner.contains("backing file: ../images/"), "{owner}");
+    // (--backing-chain: the base image was opened too, and described after the overlay.)
+    assert!(owner.contains(&format!("image: {}/worker0/../{}", d.display(), default_image())), "{owner}");
+    assert!(qemu_img_as("65534", "worker0/seed.iso").status.success());
+    let stranger = qemu_img_as("65533", "worker0/disk.img");
+    assert!(!stranger.status.success() && text(&stranger).contains("Permission denied"), "{}", text(&stranger));
+}
+
 /// QEMU reads a comma as the end of an option's value: a lab whose folder has a comma (and a
 /// space) in its path still starts, with its disk, console and QMP where they belong.
 #[test]

@@ -4,14 +4,20 @@
 use std::io::Write;
 use std::path::Path;
 
-/// Replaces `path` with `contents` atomically; a new file gets `mode`.
+/// Replaces `path` with `contents` atomically; the file gets `mode` (less the umask), whatever
+/// the mode of the file it replaces or of a temporary one a crash left.
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp"));
+    // A temporary file left by a crash keeps its old mode if opened again: start anew.
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
     {
-        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
         f.write_all(contents)?;
         f.sync_all()?;
     }
@@ -34,5 +40,18 @@ mod tests {
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
         assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_left_over_temporary_does_not_pass_on_its_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("seed.iso");
+        let tmp = dir.path().join(".seed.iso.tmp");
+        std::fs::write(&tmp, b"half").unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_atomic(&p, b"whole", 0o600).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"whole");
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert!(!tmp.exists());
     }
 }

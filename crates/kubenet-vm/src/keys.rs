@@ -44,11 +44,17 @@ pub fn generate(comment: &str) -> Result<PrivateKey, KeyError> {
     Ok(key)
 }
 
-/// The key at `path` (OpenSSH private key), made (with `path.pub`) if there is none.
+/// The key at `path` (OpenSSH private key), made (with `path.pub`) if there is none. Either
+/// way the private file is left readable by its owner only, as ssh insists.
 pub fn load_or_create(path: &Path, comment: &str) -> Result<PrivateKey, KeyError> {
+    use std::os::unix::fs::PermissionsExt;
     match std::fs::read_to_string(path) {
-        Ok(text) => PrivateKey::from_openssh(text)
-            .map_err(|e| KeyError::Format { path: path.to_path_buf(), message: e.to_string() }),
+        Ok(text) => {
+            let key = PrivateKey::from_openssh(text)
+                .map_err(|e| KeyError::Format { path: path.to_path_buf(), message: e.to_string() })?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io_err(path))?;
+            Ok(key)
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let key = generate(comment)?;
             if let Some(dir) = path.parent() {

@@ -216,10 +216,11 @@ fn zero_joliet_escape_padding(image: &mut [u8]) {
     }
 }
 
-/// Writes the seed image to `path` atomically.
+/// Writes the seed image to `path` atomically, readable by its owner only: it carries the VM's
+/// private host key.
 pub fn write(path: &Path, seed: &Seed) -> Result<(), SeedError> {
     let bytes = iso(seed)?;
-    kubenet_cluster::state::write_atomic(path, &bytes, 0o644)
+    kubenet_cluster::state::write_atomic(path, &bytes, 0o600)
         .map_err(|source| SeedError::Io { path: path.to_path_buf(), source })
 }
 

@@ -30,17 +30,31 @@ fn config_with_no_file_shows_the_reference_lab() {
     let rows: Vec<Vec<&str>> =
         out.lines().skip_while(|l| !l.starts_with("NAME")).skip(1).map(|l| l.split_whitespace().collect()).collect();
     assert_eq!(rows.len(), 7, "{out}");
+    // Every guest is of the host's architecture (`arch = "auto"`).
+    let arch = kubenet_cluster::Arch::HOST.to_string();
+    let arch = arch.as_str();
     assert_eq!(
         rows[0],
-        ["gateway", "0", "gateway", "52:52:52:00:00:00", "192.168.1.10", "gateway.kubevms", "2", "2GiB", "20GiB"]
+        ["gateway", "0", "gateway", "52:52:52:00:00:00", "192.168.1.10", "gateway.kubevms", arch, "2", "2GiB", "20GiB"]
     );
     assert_eq!(
         rows[3],
-        ["control2", "3", "control", "52:52:52:00:00:03", "192.168.1.13", "control2.kubevms", "2", "2GiB", "20GiB"]
+        [
+            "control2",
+            "3",
+            "control",
+            "52:52:52:00:00:03",
+            "192.168.1.13",
+            "control2.kubevms",
+            arch,
+            "2",
+            "2GiB",
+            "20GiB"
+        ]
     );
     assert_eq!(
         rows[6],
-        ["worker2", "6", "worker", "52:52:52:00:00:06", "192.168.1.16", "worker2.kubevms", "4", "8GiB", "20GiB"]
+        ["worker2", "6", "worker", "52:52:52:00:00:06", "192.168.1.16", "worker2.kubevms", arch, "4", "8GiB", "20GiB"]
     );
     assert!(out.contains("<built-in reference lab>"));
 }

@@ -228,7 +228,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
             tmux::run(&lab, session, &pane_command(&cli, &lab)?, &mut stdout)?;
         }
         Command::Completions { shell } => {
-            clap_complete::generate(*shell, &mut Cli::command(), "kubenet", &mut stdout);
+            // clap_complete panics when its writer fails (a closed pipe, a full disk): write
+            // the script to memory, then to standard output like every other command.
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "kubenet", &mut script);
+            stdout.write_all(&script).and_then(|()| stdout.flush()).map_err(output)?;
         }
     }
     Ok(())

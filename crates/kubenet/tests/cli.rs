@@ -149,7 +149,7 @@ fn completions_and_version() {
 #[test]
 fn a_closed_stdout_ends_quietly() {
     let dir = tempfile::tempdir().unwrap();
-    for args in [&["config"][..], &["config", "--json"], &["status"], &["status", "--json"]] {
+    for args in [&["config"][..], &["config", "--json"], &["status"], &["status", "--json"], &["completions", "bash"]] {
         let mut child = Command::new(env!("CARGO_BIN_EXE_kubenet"))
             .args(args)
             .current_dir(dir.path())
@@ -163,6 +163,29 @@ fn a_closed_stdout_ends_quietly() {
         let o = child.wait_with_output().unwrap();
         assert!(o.status.success(), "{args:?}: {}", stderr(&o));
         assert_eq!(stderr(&o), "", "{args:?}");
+    }
+}
+
+/// Standard output that cannot be written (a full disk, /dev/full) is an error with exit 1,
+/// never a panic, for completions too.
+#[test]
+fn a_full_stdout_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [&["config"][..], &["completions", "bash"], &["completions", "zsh"]] {
+        let o = Command::new(env!("CARGO_BIN_EXE_kubenet"))
+            .args(args)
+            .current_dir(dir.path())
+            .env_remove("KUBENET_CONFIG")
+            .stdout(std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap())
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
+        let err = stderr(&o);
+        assert!(
+            err.contains("writing to standard output") && err.contains("No space left on device"),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
 }
 

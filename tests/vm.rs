@@ -114,6 +114,23 @@ fn setup_writes_files_real_tools_accept() {
     assert!(ok(kubenet(d, &["setup", "worker0"])).contains("disk created"));
     assert_eq!(std::fs::read_to_string(d.join("worker0/ssh_host_ed25519_key.pub")).unwrap(), public);
 
+    // A disk smaller than its base image (64 MiB here; Ubuntu's is 3.5 GiB) would give the guest
+    // a cut file system: refused, naming both sizes, and no disk is made.
+    let small = support::test_lab().replace("disk = \"20G\"", "disk = \"10M\"");
+    std::fs::write(d.join("kubenet.toml"), &small).unwrap();
+    let out = kubenet(d, &["setup", "control0"]);
+    let err = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "control0: disk = 10MiB is smaller than its base image {} (64MiB)",
+            d.join(default_image()).display()
+        )) && err.contains("set the group's `disk` to at least 64MiB"),
+        "{err}"
+    );
+    assert!(!d.join("control0/disk.img").exists());
+    std::fs::write(d.join("kubenet.toml"), support::test_lab()).unwrap();
+
     // A missing base image says where to put which image.
     std::fs::remove_file(d.join(default_image())).unwrap();
     let err = text(&kubenet(d, &["setup", "control0"]));

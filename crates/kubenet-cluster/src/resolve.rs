@@ -27,6 +27,9 @@ const BRIDGE: &str = "kubenet0";
 const USER: &str = "kube";
 const VCPUS: u32 = 2;
 const MEMORY: Bytes = Bytes(2 * Bytes::GIB);
+/// Less does not boot a cloud image; more is a typo (QEMU's own limits lie far beyond a laptop).
+const MIN_MEMORY: Bytes = Bytes(64 * Bytes::MIB);
+const MAX_MEMORY: Bytes = Bytes(4 << 40);
 const DISK: Bytes = Bytes(20 * Bytes::GIB);
 const IMAGE: &str = "images/ubuntu-24.04-server-cloudimg-{arch}.img";
 /// Where the default image comes from: Ubuntu 24.04's current cloud image for the guest's
@@ -319,14 +322,25 @@ pub(crate) fn resolve(raw: RawLab, text: &str, source: String, base_dir: &Path) 
             let gr = g.get_ref();
             let memory = size(&mut cx, gr.memory.as_ref(), &format!("{key}.memory"), MEMORY);
             let disk = size(&mut cx, gr.disk.as_ref(), &format!("{key}.disk"), DISK);
-            if memory < Bytes(64 * Bytes::MIB)
-                && let Some(m) = &gr.memory
+            if let Some(m) = &gr.memory {
+                if memory < MIN_MEMORY {
+                    cx.at(
+                        m.span(),
+                        format!("{key}.memory"),
+                        format!("{memory} is too little memory for a VM: use at least 64M"),
+                    );
+                } else if memory > MAX_MEMORY {
+                    cx.at(
+                        m.span(),
+                        format!("{key}.memory"),
+                        format!("{memory} is more memory than kubenet gives a VM: use at most {MAX_MEMORY}"),
+                    );
+                }
+            }
+            if let Some(d) = &gr.disk
+                && disk == Bytes(0)
             {
-                cx.at(
-                    m.span(),
-                    format!("{key}.memory"),
-                    format!("{memory} is too little memory for a VM: use at least 64M"),
-                );
+                cx.at(d.span(), format!("{key}.disk"), "a disk of 0 bytes holds nothing: use e.g. \"20G\"");
             }
             let vcpus = gr.vcpus.as_ref().map_or(VCPUS, |v| *v.get_ref());
             if !(1..=255).contains(&vcpus) {

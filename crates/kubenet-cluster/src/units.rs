@@ -34,7 +34,14 @@ impl std::str::FromStr for Bytes {
             .parse()
             .map_err(|_| format!("`{s}` is not a size: expected a whole number with a unit, e.g. \"2G\", \"512M\""))?;
         let shift = match unit.trim().to_ascii_uppercase().as_str() {
-            "" | "B" => 0,
+            // QEMU reads a bare `-m 2048` as MiB and qemu-img a bare size as bytes: a bare
+            // number here would surprise one of them, so it must say which.
+            "" => {
+                return Err(format!(
+                    "`{s}` has no unit: write e.g. \"{n}M\" or \"{n}G\" (QEMU's -m {n} would mean MiB, qemu-img's {n} bytes)"
+                ));
+            }
+            "B" => 0,
             "K" | "KB" | "KIB" => 10,
             "M" | "MB" | "MIB" => 20,
             "G" | "GB" | "GIB" => 30,
@@ -132,7 +139,9 @@ mod tests {
         assert_eq!("8GiB".parse::<Bytes>(), Ok(Bytes(8 << 30)));
         assert_eq!("512M".parse::<Bytes>(), Ok(Bytes(512 << 20)));
         assert_eq!("20gb".parse::<Bytes>(), Ok(Bytes(20 << 30)));
-        assert_eq!("4096".parse::<Bytes>(), Ok(Bytes(4096)));
+        assert_eq!("4096B".parse::<Bytes>(), Ok(Bytes(4096)));
+        // A bare number is refused: QEMU and qemu-img would read it differently.
+        assert!("4096".parse::<Bytes>().unwrap_err().contains("no unit"));
         assert_eq!(Bytes(2 << 30).to_string(), "2GiB");
         assert_eq!(Bytes(1536 << 20).to_string(), "1536MiB");
     }

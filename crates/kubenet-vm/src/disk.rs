@@ -18,6 +18,20 @@ pub enum DiskError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("`qemu-img create` failed for {disk}: {stderr}")]
     QemuImg { disk: PathBuf, stderr: String },
+    #[error(
+        "{vm}: disk = {disk} is smaller than its base image {base} ({base_size}): the guest would see a cut file system; set the group's `disk` to at least {base_size}"
+    )]
+    SmallerThanImage { vm: String, disk: Bytes, base: PathBuf, base_size: Bytes },
+}
+
+/// The size the guest sees of an image that starts with `header` (at least 32 bytes read) and
+/// is `file_len` bytes long: a qcow2's virtual size (big-endian at byte 24 of its header), or a
+/// raw image's length.
+pub fn virtual_size(header: &[u8], file_len: u64) -> Bytes {
+    match header.get(24..32) {
+        Some(size) if image_format(header) == "qcow2" => Bytes(u64::from_be_bytes(size.try_into().expect("8 bytes"))),
+        _ => Bytes(file_len),
+    }
 }
 
 /// The base image's format from its first bytes: qcow2 images start with "QFI\xfb", anything
@@ -51,10 +65,12 @@ pub fn create(lab: &Lab, vm: &Vm) -> Result<bool, DiskError> {
         let path = path.to_path_buf();
         move |source| DiskError::Io { path, source }
     };
-    let mut header = [0u8; 4];
-    match std::fs::File::open(&base) {
-        Ok(mut f) => {
-            let _ = f.read(&mut header).map_err(io(&base))?;
+    let mut header = Vec::with_capacity(32);
+    let base_size = match std::fs::File::open(&base) {
+        Ok(f) => {
+            let len = f.metadata().map_err(io(&base))?.len();
+            f.take(32).read_to_end(&mut header).map_err(io(&base))?;
+            virtual_size(&header, len)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let hint = match vm.image_url_for(Arch::HOST) {
@@ -64,6 +80,9 @@ pub fn create(lab: &Lab, vm: &Vm) -> Result<bool, DiskError> {
             return Err(DiskError::NoBaseImage { path: base, hint });
         }
         Err(e) => return Err(io(&base)(e)),
+    };
+    if vm.disk < base_size {
+        return Err(DiskError::SmallerThanImage { vm: vm.name.clone(), disk: vm.disk, base, base_size });
     }
     std::fs::create_dir_all(&files.dir).map_err(io(&files.dir))?;
     let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
@@ -83,6 +102,15 @@ pub fn create(lab: &Lab, vm: &Vm) -> Result<bool, DiskError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn virtual_size_of_qcow2_and_raw() {
+        let mut qcow2 = b"QFI\xfb\0\0\0\x03".to_vec();
+        qcow2.resize(32, 0);
+        qcow2[24..32].copy_from_slice(&(3_758_096_384u64).to_be_bytes());
+        assert_eq!(virtual_size(&qcow2, 600 << 20), Bytes(3_758_096_384), "the header's size, not the file's");
+        assert_eq!(virtual_size(&[0xeb; 32], 2 << 30), Bytes(2 << 30), "raw: the file's length");
+    }
 
     #[test]
     fn format_sniffing() {

@@ -1,6 +1,25 @@
-//! The command line, as clap derive structs. No behaviour here.
+//! The command line, as clap derive structs, and the usage error a command raises for words
+//! clap could not check (VM names). No behaviour here.
 
 use std::path::PathBuf;
+
+/// A command named something the lab does not have (an unknown VM): exit 2, like clap's own
+/// usage errors, not 1.
+#[derive(Debug)]
+pub struct Usage(pub String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
+/// For `lab.select(...).map_err(unknown_vm)`.
+pub fn unknown_vm(message: String) -> anyhow::Error {
+    anyhow::Error::new(Usage(message))
+}
 
 use clap::{Args, Parser, Subcommand};
 

@@ -5,7 +5,7 @@
 use std::io::{IsTerminal, Read, Write};
 use std::os::unix::net::UnixStream;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use kubenet_cluster::Lab;
 use kubenet_vm::VmFiles;
 
@@ -13,11 +13,9 @@ use kubenet_vm::VmFiles;
 const DETACH: u8 = 0x1d;
 
 pub fn attach(lab: &Lab, name: &str) -> anyhow::Result<()> {
-    let vm = lab.select(&[name.to_owned()]).map_err(anyhow::Error::msg)?[0];
+    let vm = lab.select(&[name.to_owned()]).map_err(crate::cli::unknown_vm)?[0];
     let files = VmFiles::new(lab, vm);
-    if kubenet_vm::process::running(&files).is_none() {
-        bail!("{} is not running: start it with `kubenet up {}`", vm.name, vm.name);
-    }
+    crate::lifecycle::require_running(lab, vm)?;
     let path = files.serial_socket();
     let sock = UnixStream::connect(&path).with_context(|| format!("cannot attach to {}", path.display()))?;
     let tty = std::io::stdin().is_terminal();

@@ -26,7 +26,7 @@ fn now() -> u64 {
 
 /// `kubenet setup`: prepares the VMs and writes the lab's SSH files. Returns the login key.
 pub fn setup(lab: &Lab, args: &SetupArgs, out: &mut impl Write) -> anyhow::Result<LoginKey> {
-    let vms = lab.select(&args.names).map_err(anyhow::Error::msg)?;
+    let vms = lab.select(&args.names).map_err(crate::cli::unknown_vm)?;
     let login = keys::login_key(lab, &home()?)?;
     for vm in &vms {
         let made = kubenet_vm::prepare::vm(lab, vm, &login)?;
@@ -103,7 +103,7 @@ fn mib(bytes: u64) -> f64 {
 
 /// `kubenet up`.
 pub fn up(lab: &Lab, args: &UpArgs, out: &mut impl Write) -> anyhow::Result<()> {
-    let vms = lab.select(&args.setup.names).map_err(anyhow::Error::msg)?;
+    let vms = lab.select(&args.setup.names).map_err(crate::cli::unknown_vm)?;
     if args.dry_run {
         let (profile, warning) = kubenet_vm::qemu::HostProfile::detect(lab, None)?;
         if let Some(w) = warning {
@@ -393,7 +393,7 @@ fn cloud_init_verdict(code: Option<i32>, stdout: &str, stderr: &str) -> CloudIni
 
 /// `kubenet down`.
 pub fn down(lab: &Lab, args: &DownArgs, out: &mut impl Write) -> anyhow::Result<()> {
-    lab.select(&args.names).map_err(anyhow::Error::msg)?;
+    lab.select(&args.names).map_err(crate::cli::unknown_vm)?;
     let answer =
         control::request(&lab.state_dir, &json!({"cmd": "stop", "vms": args.names, "grace_secs": args.grace}))?;
     for v in answer["vms"].as_array().into_iter().flatten() {
@@ -486,6 +486,13 @@ pub fn status(lab: &Lab, json_out: bool, out: &mut impl Write) -> anyhow::Result
         })
         .collect();
     let header = ["NAME", "ROLE", "STATE", "PID", "MAC", "IP", "LEASE", "SSH", "UPTIME"];
+    if lab.source == kubenet_cluster::Source::Embedded.to_string() {
+        eprintln!(
+            "(the built-in reference lab, state in {}: no kubenet.toml here, no --config or ${})",
+            lab.state_dir.display(),
+            kubenet_cluster::CONFIG_ENV
+        );
+    }
     write!(out, "{}", crate::table::columns(&header, &cells))?;
     Ok(())
 }
@@ -502,13 +509,21 @@ fn short(secs: u64) -> String {
 /// `kubenet ssh NAME [-- CMD]`: replaces this process with ssh using the lab's ssh_config.
 pub fn ssh(lab: &Lab, name: &str, command: &[String]) -> anyhow::Result<()> {
     use std::os::unix::process::CommandExt;
-    let vm = lab.select(&[name.to_owned()]).map_err(anyhow::Error::msg)?[0];
+    let vm = lab.select(&[name.to_owned()]).map_err(crate::cli::unknown_vm)?[0];
+    require_running(lab, vm)?;
     let config = LabFiles::new(lab).ssh_config();
     if !config.exists() {
         bail!("{} does not exist: run `kubenet setup` (or `kubenet up`) first", config.display());
     }
     let err = std::process::Command::new("ssh").arg("-F").arg(&config).arg(&vm.name).args(command).exec();
     Err(anyhow::Error::new(err).context("cannot run ssh"))
+}
+
+/// The VM's QEMU pid, or an error saying it is not running and how to start it (before ssh or
+/// the console try a connection that can only fail).
+pub fn require_running(lab: &Lab, vm: &Vm) -> anyhow::Result<u32> {
+    kubenet_vm::process::running(&VmFiles::new(lab, vm))
+        .with_context(|| format!("{} is not running: start it with `kubenet up {}`", vm.name, vm.name))
 }
 
 fn refuse_running(lab: &Lab, vms: &[&Vm], what: &str) -> anyhow::Result<()> {
@@ -529,9 +544,14 @@ fn refuse_running(lab: &Lab, vms: &[&Vm], what: &str) -> anyhow::Result<()> {
 
 /// `kubenet reset NAME...`.
 pub fn reset(lab: &Lab, names: &[String], out: &mut impl Write) -> anyhow::Result<()> {
-    let vms = lab.select(names).map_err(anyhow::Error::msg)?;
+    let vms = lab.select(names).map_err(crate::cli::unknown_vm)?;
     refuse_running(lab, &vms, "reset")?;
     for vm in vms {
+        let files = VmFiles::new(lab, vm);
+        if !files.disk().exists() && !files.seed().exists() {
+            writeln!(out, "{:<10} nothing to reset: it was never set up (`kubenet up {}` makes it)", vm.name, vm.name)?;
+            continue;
+        }
         kubenet_vm::prepare::reset(lab, vm).with_context(|| format!("resetting {}", vm.name))?;
         writeln!(out, "{:<10} reset: a fresh disk and seed at its next `kubenet up`", vm.name)?;
     }

@@ -28,6 +28,8 @@ use cli::{Cli, Command, ConfigAction};
 enum Failure {
     /// A config problem: exit 2, like a usage error.
     Config(ConfigError),
+    /// Words the lab does not know (a VM name): exit 2.
+    Usage(anyhow::Error),
     /// Standard output was closed by its reader (`kubenet config | head`): not a failure, as in
     /// ripgrep.
     StdoutClosed,
@@ -42,7 +44,18 @@ impl From<anyhow::Error> for Failure {
                 .and_then(|io| io.get_ref())
                 .is_some_and(|inner| inner.is::<StdoutClosed>())
         });
-        if closed { Failure::StdoutClosed } else { Failure::Other(e) }
+        let usage = e.downcast_ref::<cli::Usage>().is_some()
+            || matches!(
+                e.downcast_ref::<kubenet_vm::image::ImageError>(),
+                Some(kubenet_vm::image::ImageError::Select(_))
+            );
+        if closed {
+            Failure::StdoutClosed
+        } else if usage {
+            Failure::Usage(e)
+        } else {
+            Failure::Other(e)
+        }
     }
 }
 
@@ -91,6 +104,10 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
         Err(Failure::StdoutClosed) => ExitCode::SUCCESS,
+        Err(Failure::Usage(e)) => {
+            eprintln!("kubenet: {e:#}");
+            ExitCode::from(2)
+        }
         Err(Failure::Other(e)) => {
             eprintln!("kubenet: {e:#}");
             ExitCode::from(1)
@@ -191,7 +208,18 @@ fn run(cli: Cli) -> Result<(), Failure> {
             f.write_all(kubenet_cluster::REFERENCE_CONFIG.as_bytes())
                 .and_then(|()| f.sync_all())
                 .with_context(|| format!("cannot write {}", path.display()))?;
-            writeln!(stdout, "wrote {}: edit it, then `kubenet config` shows the lab", path.display()).ok();
+            // The command that uses this file: from its folder kubenet finds it by itself.
+            let show = if dir.as_os_str().is_empty() || dir == Path::new(".") {
+                "kubenet config".to_owned()
+            } else {
+                kubenet_vm::qemu::shell_line(&[
+                    "kubenet".into(),
+                    "--config".into(),
+                    path.clone().into_os_string(),
+                    "config".into(),
+                ])
+            };
+            writeln!(stdout, "wrote {}: edit it, then `{show}` shows the lab", path.display()).map_err(output)?;
         }
         Command::Serve(args) => {
             let lab = load_lab(&cli, None)?;
@@ -199,7 +227,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let reload = || {
                 load_lab(&cli, None).map_err(|e| match e {
                     Failure::Config(c) => anyhow::Error::new(c),
-                    Failure::Other(o) => o,
+                    Failure::Usage(o) | Failure::Other(o) => o,
                     Failure::StdoutClosed => anyhow::anyhow!("standard output closed"),
                 })
             };

@@ -227,3 +227,69 @@ fn dry_run_shows_the_firmware_the_config_asks_for() {
 fn reference_lab() -> String {
     std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/kubenet.toml")).unwrap()
 }
+
+/// What a new user meets first: the messages name the next command, not a puzzle.
+#[test]
+fn first_contact_messages_say_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+
+    // init DIR names the command that uses DIR's file (the plain one shows the built-in lab).
+    let o = kubenet(d, &["init", "my lab"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let file = d.join("my lab/kubenet.toml");
+    assert_eq!(
+        stdout(&o),
+        format!(
+            "wrote my lab/kubenet.toml: edit it, then `kubenet --config 'my lab/kubenet.toml' config` shows the lab\n"
+        )
+    );
+    assert!(file.is_file());
+    let shown = kubenet(d, &["--config", "my lab/kubenet.toml", "config"]);
+    assert!(stdout(&shown).contains(&format!("config       {}", "my lab/kubenet.toml")), "{}", stdout(&shown));
+    let o = kubenet(&d.join("my lab"), &["init", "."]);
+    assert!(!o.status.success(), "init never overwrites");
+    let fresh = tempfile::tempdir().unwrap();
+    let o = kubenet(fresh.path(), &["init", "."]);
+    assert_eq!(stdout(&o), "wrote ./kubenet.toml: edit it, then `kubenet config` shows the lab\n");
+
+    // Unknown VM names are usage errors: exit 2, naming the lab's VMs.
+    for args in [
+        &["reset", "worker9"][..],
+        &["ssh", "worker9"],
+        &["console", "nope"],
+        &["down", "worker9"],
+        &["image", "pull", "worker9"],
+    ] {
+        let o = kubenet(d, args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("no VM named") && stderr(&o).contains("its VMs: gateway"),
+            "{args:?}: {}",
+            stderr(&o)
+        );
+    }
+
+    // ssh to a VM that is not running says so, as console does, before ssh tries the network.
+    for args in [&["ssh", "worker0"][..], &["console", "worker0"]] {
+        let o = kubenet(d, args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}");
+        assert_eq!(stderr(&o), "kubenet: worker0 is not running: start it with `kubenet up worker0`\n", "{args:?}");
+    }
+
+    // reset of a VM never set up says so instead of "reset".
+    let o = kubenet(d, &["reset", "worker0"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "worker0    nothing to reset: it was never set up (`kubenet up worker0` makes it)\n");
+
+    // status says when what it shows is the built-in lab, and where its state is.
+    let o = kubenet(d, &["status"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).starts_with(&format!("(the built-in reference lab, state in {}", d.display())),
+        "{}",
+        stderr(&o)
+    );
+    let o = kubenet(d, &["--config", "my lab/kubenet.toml", "status"]);
+    assert_eq!(stderr(&o), "", "a lab from a file needs no note");
+}

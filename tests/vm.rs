@@ -564,7 +564,13 @@ fn image_pull_verifies_against_the_publishers_sums() {
     assert!(err.contains(&format!("lists no SHA-256 for {file}")), "{err}");
     drop(_server);
     let err = text(&kubenet(d, &["image", "pull"]));
-    assert!(err.contains(&format!("http://127.0.0.1:{port}/SHA256SUMS")), "{err}");
+    // The image and its VMs are named first, and the way around the missing file.
+    assert!(
+        err.contains(&format!("cannot check http://127.0.0.1:{port}/{file} (the image of gateway, control0"))
+            && err.contains(&format!("checksums at http://127.0.0.1:{port}/SHA256SUMS cannot be read"))
+            && err.contains("set the group's `image_sha256`"),
+        "{err}"
+    );
 }
 
 /// An HTTP server on loopback for resumed downloads: serves the files of its folder, honours

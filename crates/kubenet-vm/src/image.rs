@@ -25,6 +25,10 @@ pub enum ImageError {
     #[error("{sums_url} lists no SHA-256 for {file}: set the group's `image_sha256` to check it another way")]
     NotListed { sums_url: String, file: String },
     #[error(
+        "cannot check {url} (the image of {vms}): its publisher's checksums at {sums_url} cannot be read ({message}); set the group's `image_sha256` to the image's SHA-256 to check it without them"
+    )]
+    NoSums { url: String, vms: String, sums_url: String, message: String },
+    #[error(
         "{url}: SHA-256 {got} does not match the expected {want} (from {from}); the download was discarded and {path} left as it was"
     )]
     Mismatch { url: String, got: String, want: String, from: String, path: PathBuf },
@@ -185,10 +189,20 @@ pub fn expected(p: &Pull) -> Result<(String, String), ImageError> {
     if let Some(h) = &p.sha256 {
         return Ok((h.clone(), "the group's image_sha256".into()));
     }
-    let sums = get(&p.sums_url)?
+    let unreadable = |message: String| ImageError::NoSums {
+        url: p.url.clone(),
+        vms: p.vms.join(", "),
+        sums_url: p.sums_url.clone(),
+        message,
+    };
+    let sums = get(&p.sums_url)
+        .map_err(|e| match e {
+            ImageError::Http { message, .. } => unreadable(message),
+            other => other,
+        })?
         .body_mut()
         .read_to_string()
-        .map_err(|e| ImageError::Http { url: p.sums_url.clone(), message: e.to_string() })?;
+        .map_err(|e| unreadable(e.to_string()))?;
     let file = file_name(&p.url);
     find_sum(&sums, file)
         .map(|h| (h, p.sums_url.clone()))

@@ -750,3 +750,166 @@ fn ssh_include_lets_plain_ssh_reach_the_lab() {
     ok(kubenet(d, &["destroy", "--yes"]));
     assert_eq!(std::fs::read_to_string(&user_config).unwrap(), "Host github.com\n    User git\n");
 }
+
+/// `qemu-io -c CMD` on a VM's disk; its output.
+fn qemu_io(d: &Path, vm: &str, cmd: &str) -> String {
+    ok(Command::new("qemu-io").args(["-f", "qcow2", "-c", cmd]).arg(d.join(vm).join("disk.img")).output().unwrap())
+}
+
+/// The names of the internal snapshots in a VM's disk.
+fn disk_snapshots(d: &Path, vm: &str) -> Vec<String> {
+    let out = ok(Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(d.join(vm).join("disk.img"))
+        .output()
+        .unwrap());
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["snapshots"].as_array().map_or(vec![], |a| a.iter().map(|s| s["name"].as_str().unwrap().to_owned()).collect())
+}
+
+/// A QEMU tool holding a disk open for writing, as a running VM would: qemu-img cannot take
+/// or apply a snapshot there. Ends (by its PID) when dropped.
+fn hold_disk(d: &Path, vm: &str) -> support::Proc {
+    let disk = d.join(vm).join("disk.img");
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "qcow2", "-c", "sleep 120000"]).arg(&disk);
+    let held = support::Proc::spawn(cmd, &d.join(format!("{vm}.qemu-io.log")));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while Command::new("qemu-img").arg("info").arg(&disk).output().unwrap().status.success() {
+        assert!(std::time::Instant::now() < deadline, "qemu-io never locked {vm}'s disk");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    held
+}
+
+#[test]
+fn snapshots_take_the_lab_back_all_or_nothing() {
+    if tools(&["qemu-img", "qemu-io"]).is_some() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    lab_dir(d, d, &support::test_lab());
+    ok(kubenet(d, &["setup"]));
+    let vms = ["gateway", "control0", "control1", "control2", "worker0", "worker1", "worker2"];
+    let write_all = |pattern: &str| {
+        for vm in vms {
+            qemu_io(d, vm, &format!("write -P {pattern} 1M 64k"));
+        }
+    };
+    // qemu-io's read -P checks every byte, and fails saying so.
+    let holds = |vm: &str, pattern: &str| {
+        let out = Command::new("qemu-io")
+            .args(["-f", "qcow2", "-r", "-U", "-c", &format!("read -P {pattern} 1M 64k")])
+            .arg(d.join(vm).join("disk.img"))
+            .output()
+            .unwrap();
+        let verified = !text(&out).contains("Pattern verification failed");
+        assert_eq!(out.status.success(), verified, "{}", text(&out));
+        verified
+    };
+    std::fs::write(d.join("leases"), "0 52:52:52:00:00:04 192.168.1.14 worker0 *\n").unwrap();
+
+    // The stopped lab, 7 VMs: saved, changed, restored.
+    write_all("0xaa");
+    let out = ok(kubenet(d, &["snapshot", "save", "s1"]));
+    eprintln!("{out}");
+    assert!(out.contains("worker2    saved") && out.contains("snapshot s1: 7 VMs in"), "{out}");
+    for vm in vms {
+        assert_eq!(disk_snapshots(d, vm), ["s1"], "{vm}");
+    }
+    std::fs::write(d.join("leases"), "0 52:52:52:00:00:04 192.168.1.99 worker0 *\n").unwrap();
+    write_all("0xbb");
+    assert!(!holds("worker0", "0xaa"));
+    let out = ok(kubenet(d, &["snapshot", "restore", "s1"]));
+    eprintln!("{out}");
+    assert!(out.contains("snapshot s1 (taken") && out.contains("restored on 7 VMs in"), "{out}");
+    for vm in vms {
+        assert!(holds(vm, "0xaa"), "{vm} did not get its first pattern back");
+        assert_eq!(disk_snapshots(d, vm), ["s1"], "{vm}: only the snapshot, no undo left behind");
+    }
+    assert_eq!(std::fs::read_to_string(d.join("leases")).unwrap(), "0 52:52:52:00:00:04 192.168.1.14 worker0 *\n");
+    let list = ok(kubenet(d, &["snapshot", "list"]));
+    assert!(list.lines().next().unwrap().starts_with("NAME") && list.contains("stopped"), "{list}");
+    assert_eq!(
+        list.lines().filter(|l| l.contains("worker") || l.contains("control") || l.contains("gateway")).count(),
+        7
+    );
+
+    // Bad names and a taken name: refused, nothing made.
+    for bad in ["a/b", "with space", ".x"] {
+        let out = kubenet(d, &["snapshot", "save", bad]);
+        assert_eq!(out.status.code(), Some(1), "{bad}");
+        assert!(text(&out).contains("cannot name a snapshot"), "{}", text(&out));
+    }
+    let out = kubenet(d, &["snapshot", "save", "--", "-rf"]);
+    assert!(text(&out).contains("`-rf` cannot name a snapshot"), "{}", text(&out));
+    let err = text(&kubenet(d, &["snapshot", "save", "s1"]));
+    assert!(err.contains("a snapshot named `s1` exists already"), "{err}");
+    let err = text(&kubenet(d, &["snapshot", "restore", "nope"]));
+    assert!(err.contains("no snapshot named `nope` (there are: s1)"), "{err}");
+    let out = kubenet(d, &["snapshot", "save", "s9", "--vm", "worker9"]);
+    assert_eq!(out.status.code(), Some(2), "an unknown VM is a usage error");
+    assert_eq!(disk_snapshots(d, "worker0"), ["s1"]);
+
+    // A save that fails at the last VM (its disk held open): the ones before lose it again.
+    write_all("0xcc");
+    {
+        let _held = hold_disk(d, "worker2");
+        let out = kubenet(d, &["snapshot", "save", "s2"]);
+        let err = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains("worker2: `qemu-img snapshot -c s2") && err.contains("lock"), "{err}");
+        for vm in vms {
+            assert_eq!(disk_snapshots(d, vm), ["s1"], "{vm}: s2 left behind");
+        }
+        assert!(!d.join("snapshots/s2").exists());
+        // A restore that fails there: every disk keeps what it had.
+        let err = text(&kubenet(d, &["snapshot", "restore", "s1"]));
+        assert!(err.contains("worker2: `qemu-img snapshot -c .kubenet-undo") && err.contains("lock"), "{err}");
+        for vm in vms {
+            assert!(holds(vm, "0xcc"), "{vm} changed by a failed restore");
+        }
+    }
+    for vm in vms {
+        assert_eq!(disk_snapshots(d, vm), ["s1"], "{vm}");
+    }
+
+    // A disk made anew since (reset): the whole-lab restore names it and changes nothing; the
+    // other VMs can still go back with --vm.
+    ok(kubenet(d, &["reset", "worker1"]));
+    ok(kubenet(d, &["setup", "worker1"]));
+    let err = text(&kubenet(d, &["snapshot", "restore", "s1"]));
+    assert!(err.contains("worker1: its disk no longer holds the snapshot"), "{err}");
+    assert!(holds("worker0", "0xcc"));
+    ok(kubenet(d, &["snapshot", "restore", "s1", "--vm", "worker0", "control0"]));
+    assert!(holds("worker0", "0xaa") && holds("control0", "0xaa") && holds("control1", "0xcc"));
+
+    // A VM added to the lab since: named.
+    let mut bigger = support::test_lab();
+    let workers = bigger.rfind("count = 3").unwrap();
+    bigger.replace_range(workers..workers + 9, "count = 4");
+    std::fs::write(d.join("kubenet.toml"), &bigger).unwrap();
+    let err = text(&kubenet(d, &["snapshot", "restore", "s1", "--vm", "worker0"]));
+    assert!(!err.contains("added to the lab"), "--vm asks only about worker0: {err}");
+    let err = text(&kubenet(d, &["snapshot", "restore", "s1"]));
+    assert!(err.contains("added to the lab since"), "{err}");
+    std::fs::write(d.join("kubenet.toml"), support::test_lab()).unwrap();
+
+    // A disk that is not qcow2.
+    let raw = d.join("control2/disk.img");
+    std::fs::rename(&raw, d.join("control2/disk.qcow2")).unwrap();
+    ok(Command::new("qemu-img").args(["create", "-q", "-f", "raw"]).arg(&raw).arg("1M").output().unwrap());
+    let err = text(&kubenet(d, &["snapshot", "save", "s3"]));
+    assert!(err.contains("is raw, not qcow2"), "{err}");
+    assert_eq!(disk_snapshots(d, "worker0"), ["s1"]);
+    std::fs::rename(d.join("control2/disk.qcow2"), &raw).unwrap();
+
+    // Delete: gone from every disk that had it, and from the list.
+    let out = ok(kubenet(d, &["snapshot", "delete", "s1"]));
+    assert!(out.contains("worker1    snapshot s1 deleted"), "{out}");
+    for vm in vms {
+        assert!(disk_snapshots(d, vm).is_empty(), "{vm}");
+    }
+    assert!(ok(kubenet(d, &["snapshot", "list"])).contains("no snapshots yet"));
+}

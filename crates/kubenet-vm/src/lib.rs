@@ -12,6 +12,7 @@
 //!   the user's login key, and the live host-key check after boot.
 //! - [`qmp`]: a minimal QMP client (graceful power-down, status).
 //! - [`process`]: starting a VM from its argv, finding it again by pidfile, stopping it.
+//! - [`snapshot`]: lab snapshots, one name across the VMs' disks, all or nothing, with a manifest.
 //!
 //! Everything but `disk::create`, `seed::write`, `keys` file helpers, `qmp` and `process` is pure.
 
@@ -24,5 +25,6 @@ pub mod process;
 pub mod qemu;
 pub mod qmp;
 pub mod seed;
+pub mod snapshot;
 
 pub use files::{LabFiles, VmFiles};

@@ -93,6 +93,10 @@ pub enum Command {
         #[arg(required = true)]
         names: Vec<String>,
     },
+    /// Lab snapshots: the whole lab (or `--vm` VMs) at one step of the tutorial, and back to it
+    /// in seconds. VMs must be stopped.
+    #[command(subcommand)]
+    Snapshot(SnapshotAction),
     /// Remove everything of the lab but the base images and the lab definition: every VM's
     /// folder, the leases, known_hosts, ssh_config and the lab key. VMs must be stopped.
     Destroy {
@@ -145,6 +149,40 @@ pub enum ImageAction {
     Pull {
         /// VMs whose images to fetch.
         names: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotAction {
+    /// Take snapshot NAME of every VM's disk (an internal qcow2 snapshot), its UEFI variables
+    /// and its lease, all or nothing.
+    Save {
+        /// Letters, digits, `.`, `_` and `-`.
+        name: String,
+        /// Only these VMs.
+        #[arg(long = "vm", value_name = "NAME", num_args = 1..)]
+        vms: Vec<String>,
+    },
+    /// Every snapshot: name, age, kind, and per VM the disk it pins and the memory it saved.
+    List {
+        /// JSON instead of a table, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put the VMs back to snapshot NAME, all or nothing; refused, VM by VM, where the lab
+    /// changed since (a VM added or removed, readdressed, or its disk reset).
+    Restore {
+        name: String,
+        /// Only these VMs of the snapshot.
+        #[arg(long = "vm", value_name = "NAME", num_args = 1..)]
+        vms: Vec<String>,
+    },
+    /// Delete snapshot NAME from every disk (or only `--vm` ones).
+    Delete {
+        name: String,
+        /// Only these VMs of the snapshot.
+        #[arg(long = "vm", value_name = "NAME", num_args = 1..)]
+        vms: Vec<String>,
     },
 }
 

@@ -20,7 +20,7 @@ fn home() -> anyhow::Result<PathBuf> {
     std::env::home_dir().context("cannot tell your home directory (set HOME)")
 }
 
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
@@ -498,7 +498,7 @@ pub fn status(lab: &Lab, json_out: bool, out: &mut impl Write) -> anyhow::Result
 }
 
 /// "3h12m", "4m05s", "9s".
-fn short(secs: u64) -> String {
+pub(crate) fn short(secs: u64) -> String {
     match secs {
         s if s >= 3600 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
         s if s >= 60 => format!("{}m{:02}s", s / 60, s % 60),
@@ -526,7 +526,7 @@ pub fn require_running(lab: &Lab, vm: &Vm) -> anyhow::Result<u32> {
         .with_context(|| format!("{} is not running: start it with `kubenet up {}`", vm.name, vm.name))
 }
 
-fn refuse_running(lab: &Lab, vms: &[&Vm], what: &str) -> anyhow::Result<()> {
+pub(crate) fn refuse_running(lab: &Lab, vms: &[&Vm], what: &str) -> anyhow::Result<()> {
     let running: Vec<&str> = vms
         .iter()
         .filter(|vm| kubenet_vm::process::running(&VmFiles::new(lab, vm)).is_some())
@@ -570,6 +570,7 @@ pub fn destroy(lab: &Lab, yes: bool, out: &mut impl Write) -> anyhow::Result<()>
         files.ssh_config(),
         files.lab_key(),
         files.lab_key().with_extension("pub"),
+        crate::snapshot::folder(lab),
     ]);
     doomed.retain(|p| p.exists());
     if doomed.is_empty() {

@@ -10,6 +10,7 @@ mod host_resolver;
 mod hostnet;
 mod lifecycle;
 mod serve;
+mod snapshot;
 mod table;
 mod tmux;
 mod vms;
@@ -250,6 +251,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Ssh { name, command } => lifecycle::ssh(&load_lab(&cli, None)?, name, command)?,
         Command::Console { name } => console::attach(&load_lab(&cli, None)?, name)?,
         Command::Reset { names } => lifecycle::reset(&load_lab(&cli, None)?, names, &mut stdout)?,
+        Command::Snapshot(action) => snapshot::run(&load_lab(&cli, None)?, action, &mut stdout)?,
         Command::Destroy { yes } => lifecycle::destroy(&load_lab(&cli, None)?, *yes, &mut stdout)?,
         Command::Tmux { session } => {
             let lab = load_lab(&cli, None)?;

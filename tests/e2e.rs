@@ -315,6 +315,37 @@ fn e2e_a_real_lab_boots_resolves_and_answers_ssh() {
     assert_eq!(lab.ssh("worker1", "sudo ping -c 1 -W 5 worker0 >/dev/null && echo reached"), "reached");
     assert_eq!(lab.ssh("worker0", "sudo ping -c 1 -W 5 worker1 >/dev/null && echo reached"), "reached");
 
+    // A live snapshot of the running lab, one consistent point: files written before it are
+    // deleted after it, and the restore brings them back on every VM, with SSH (strict host
+    // keys) working and each guest's clock set to the host's again.
+    for (name, _) in VMS {
+        lab.ssh(name, &format!("echo before > /home/kube/snap-{name} && sync"));
+    }
+    let start = Instant::now();
+    let out = lab.ok(&["snapshot", "save", "s1", "--live"]);
+    eprintln!("--- `kubenet snapshot save s1 --live` took {:.1} s ---\n{out}", start.elapsed().as_secs_f64());
+    assert!(out.contains("snapshot s1: 4 VMs live in"), "{out}");
+    for (name, _) in VMS {
+        lab.ssh(name, &format!("rm /home/kube/snap-{name} && sync"));
+    }
+    // Long enough for a clock left alone to show it.
+    std::thread::sleep(std::time::Duration::from_secs(10));
+    let start = Instant::now();
+    let out = lab.ok(&["snapshot", "restore", "s1"]);
+    eprintln!("--- `kubenet snapshot restore s1` took {:.1} s ---\n{out}", start.elapsed().as_secs_f64());
+    let epoch = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    for (name, _) in VMS {
+        assert!(out.contains(&format!("{name:<10} restored live; its clock was ")), "{out}");
+        assert_eq!(lab.ssh(name, &format!("cat /home/kube/snap-{name}")), "before", "{name}");
+        let before = epoch();
+        let guest: i64 = lab.ssh(name, "date +%s").parse().unwrap();
+        let after = epoch();
+        assert!(guest >= before - 3 && guest <= after + 3, "{name}: guest clock {guest}, host {before}..{after}");
+    }
+    let list = lab.ok(&["snapshot", "list"]);
+    eprintln!("{list}");
+    assert!(list.contains("live"), "{list}");
+
     // Down: every QEMU gone, status agrees.
     let pids: Vec<u64> = lab.status().iter().map(|r| r["pid"].as_u64().unwrap()).collect();
     let start = Instant::now();

@@ -913,3 +913,98 @@ fn snapshots_take_the_lab_back_all_or_nothing() {
     }
     assert!(ok(kubenet(d, &["snapshot", "list"])).contains("no snapshots yet"));
 }
+
+/// What QEMU says it is doing (`query-status`), asked over its QMP socket.
+fn qemu_run_state(qmp: &Path) -> String {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut q = kubenet_vm::qmp::Qmp::connect(qmp).await.unwrap();
+        q.execute("query-status").await.unwrap()["status"].as_str().unwrap().to_owned()
+    })
+}
+
+/// Live snapshots through `serve`, of QEMUs running under TCG with no guest OS (the firmware
+/// runs): the memory lands in each disk, the VMs run on afterwards, `delete` reaches into
+/// running VMs, and a restore starts the stopped ones and loads them. (The guest-side proof,
+/// files back and clocks set, is in tests/e2e.rs.)
+#[test]
+fn live_snapshots_pause_save_and_load_running_qemu() {
+    if prerequisites(&["qemu-system-x86_64", "qemu-img"]).is_some() {
+        return;
+    }
+    let ns = Netns::new("snap");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let lab = support::test_lab()
+        .replace("accelerator = \"auto\"", "accelerator = \"tcg\"")
+        .replace("memory = \"2G\"", "memory = \"256M\"")
+        .replace("memory = \"8G\"", "memory = \"256M\"");
+    lab_dir(d, &d.join("state"), &lab);
+    let agent = serve(&ns, d, &[]);
+    let cli = |args: &[&str]| kubenet_cmd(ns.cmd(kubenet_bin()), d, &[&["--dir", "state"][..], args].concat());
+    let state = d.join("state");
+    // Started; no OS, so `up` gives up waiting at once.
+    assert!(!cli(&["up", "gateway", "worker0", "--timeout", "1"]).status.success());
+    let pids: Vec<u64> = status(&ns, d).as_array().unwrap().iter().filter_map(|r| r["pid"].as_u64()).collect();
+    assert_eq!(pids.len(), 2);
+
+    let err = text(&cli(&["snapshot", "save", "s1", "--vm", "gateway"]));
+    assert!(err.contains("gateway still running") && err.contains("add --live"), "{err}");
+    let err = text(&cli(&["snapshot", "save", "s1", "--live"]));
+    assert!(
+        err.contains("control0, control1, control2, worker1, worker2 not running: a live snapshot is of running VMs"),
+        "{err}"
+    );
+
+    let out = ok(cli(&["snapshot", "save", "s1", "--live", "--vm", "gateway", "worker0"]));
+    eprintln!("{out}");
+    assert!(out.contains("gateway    saved live (memory ") && out.contains("snapshot s1: 2 VMs live in"), "{out}");
+    for vm in ["gateway", "worker0"] {
+        let info = ok(Command::new("qemu-img")
+            .args(["info", "-U", "--output=json"])
+            .arg(state.join(vm).join("disk.img"))
+            .output()
+            .unwrap());
+        let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+        let snap = &info["snapshots"][0];
+        assert_eq!(snap["name"], "s1", "{vm}: {info}");
+        assert!(snap["vm-state-size"].as_u64().unwrap() > 100_000, "{vm}: the memory was saved: {snap}");
+        assert_eq!(qemu_run_state(&state.join(vm).join("qmp.sock")), "running", "{vm} resumed");
+    }
+    let list = ok(cli(&["snapshot", "list"]));
+    assert!(list.contains("live") && list.lines().nth(1).unwrap().split_whitespace().last() != Some("-"), "{list}");
+    let err = text(&cli(&["snapshot", "save", "s1", "--live", "--vm", "gateway"]));
+    assert!(err.contains("a snapshot named `s1` exists already"), "{err}");
+
+    // Restore: worker0 stopped first; serve starts it and loads both.
+    ok(cli(&["down", "worker0", "--grace", "1"]));
+    let out = ok(cli(&["snapshot", "restore", "s1"]));
+    eprintln!("{out}");
+    assert!(out.contains("snapshot s1 (taken ") && out.contains("live) restored on 2 VMs"), "{out}");
+    // No guest, no sshd: the clock could not be set, and the way to do it by hand is shown.
+    assert!(out.contains("worker0    restored live; its clock is behind and could not be set"), "{out}");
+    let rows = status(&ns, d);
+    assert_eq!(rows[0]["pid"].as_u64(), Some(pids[0]), "gateway kept running, the same QEMU");
+    assert_eq!(rows[4]["state"], "running", "worker0 started for the restore");
+    for vm in ["gateway", "worker0"] {
+        assert_eq!(qemu_run_state(&state.join(vm).join("qmp.sock")), "running", "{vm} resumed after the load");
+    }
+    let log = std::fs::read_to_string(&agent.log).unwrap();
+    assert!(log.contains("live snapshot") && log.contains("Load"), "{log}");
+
+    // Delete from running VMs, through serve.
+    let out = ok(cli(&["snapshot", "delete", "s1"]));
+    assert!(out.contains("worker0    snapshot s1 deleted"), "{out}");
+    let info = ok(Command::new("qemu-img").args(["info", "-U"]).arg(state.join("worker0/disk.img")).output().unwrap());
+    assert!(!info.contains("Snapshot list"), "{info}");
+
+    // Without serve, a live restore says what it needs.
+    ok(cli(&["snapshot", "save", "s2", "--live", "--vm", "gateway"]));
+    ok(cli(&["down", "--grace", "1"]));
+    agent.stop();
+    let err = text(&cli(&["snapshot", "restore", "s2"]));
+    assert!(
+        err.contains("restoring the live snapshot s2 needs kubenet serve") && err.contains("sudo kubenet serve"),
+        "{err}"
+    );
+}

@@ -11,6 +11,7 @@
 //! - [`keys`]: SSH host keys generated ahead of boot, the lab's `known_hosts` and `ssh_config`,
 //!   the user's login key, and the live host-key check after boot.
 //! - [`qmp`]: a minimal QMP client (graceful power-down, status).
+//! - [`live`]: live snapshots over QMP: every VM paused, saved (or loaded), resumed.
 //! - [`process`]: starting a VM from its argv, finding it again by pidfile, stopping it.
 //! - [`snapshot`]: lab snapshots, one name across the VMs' disks, all or nothing, with a manifest.
 //!
@@ -20,6 +21,7 @@ pub mod disk;
 pub mod files;
 pub mod image;
 pub mod keys;
+pub mod live;
 pub mod prepare;
 pub mod process;
 pub mod qemu;

@@ -1,5 +1,6 @@
 //! A minimal QMP client: connect, leave capabilities negotiation, run a command, skip the
-//! asynchronous events in between. Enough for `system_powerdown` and `query-status`; I/O.
+//! asynchronous events in between. Enough for `system_powerdown`, `stop`/`cont` and the
+//! snapshot jobs; I/O.
 
 use std::io;
 use std::path::Path;
@@ -34,7 +35,12 @@ impl Qmp {
 
     /// Runs `command` and returns its `return` value; a QMP error becomes an io::Error.
     pub async fn execute(&mut self, command: &str) -> io::Result<Value> {
-        let mut line = json!({ "execute": command }).to_string();
+        self.execute_with(command, json!({})).await
+    }
+
+    /// Runs `command` with `arguments` (an object).
+    pub async fn execute_with(&mut self, command: &str, arguments: Value) -> io::Result<Value> {
+        let mut line = json!({ "execute": command, "arguments": arguments }).to_string();
         line.push('\n');
         self.writer.write_all(line.as_bytes()).await?;
         loop {
@@ -43,7 +49,8 @@ impl Qmp {
                 return Ok(r.clone());
             }
             if let Some(e) = v.get("error") {
-                return Err(io::Error::other(format!("QMP {command}: {e}")));
+                let why = e.get("desc").and_then(Value::as_str).map_or_else(|| e.to_string(), str::to_owned);
+                return Err(io::Error::other(format!("QMP {command}: {why}")));
             }
             // An event ({"event": ...}): not our answer.
         }

@@ -285,6 +285,16 @@ impl<'a> Store<'a> {
         run(vm, &img_command(op, tag, &VmFiles::new(self.lab, vm).disk())).map(drop)
     }
 
+    /// The lease file's text now (none yet: empty).
+    pub fn leases(&self) -> Result<String, SnapshotError> {
+        read_leases(&self.lab.lease_file())
+    }
+
+    /// Writes the manifest of a snapshot whose disks are done: from here on it exists.
+    pub fn finish(&self, m: &Manifest) -> Result<(), SnapshotError> {
+        self.write_manifest(m)
+    }
+
     /// Takes snapshot `name` of the stopped `vms`, all or nothing: a failure removes what this
     /// call made before it returns. `each` hears of every VM done.
     pub fn save(
@@ -297,7 +307,7 @@ impl<'a> Store<'a> {
         self.begin(name, vms)?;
         let mut done: Vec<&Vm> = Vec::new();
         let result = (|| {
-            let leases = read_leases(&self.lab.lease_file())?;
+            let leases = self.leases()?;
             let mut entries = Vec::new();
             for vm in vms {
                 done.push(vm);
@@ -350,8 +360,9 @@ impl<'a> Store<'a> {
         } else {
             0
         };
+        // A running QEMU owns its variable store, and a live restore cannot put one back.
         let efi = files.efi_vars();
-        let efi_vars = efi.exists();
+        let efi_vars = !live && efi.exists();
         if efi_vars {
             let copy = self.efi_copy(name, &vm.name);
             std::fs::copy(&efi, &copy).map_err(io(&copy))?;

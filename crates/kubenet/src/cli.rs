@@ -94,7 +94,7 @@ pub enum Command {
         names: Vec<String>,
     },
     /// Lab snapshots: the whole lab (or `--vm` VMs) at one step of the tutorial, and back to it
-    /// in seconds. VMs must be stopped.
+    /// in seconds.
     #[command(subcommand)]
     Snapshot(SnapshotAction),
     /// Remove everything of the lab but the base images and the lab definition: every VM's
@@ -154,11 +154,15 @@ pub enum ImageAction {
 
 #[derive(Debug, Subcommand)]
 pub enum SnapshotAction {
-    /// Take snapshot NAME of every VM's disk (an internal qcow2 snapshot), its UEFI variables
-    /// and its lease, all or nothing.
+    /// Take snapshot NAME of every stopped VM's disk (an internal qcow2 snapshot), its UEFI
+    /// variables and its lease, all or nothing; or of the running lab with --live.
     Save {
         /// Letters, digits, `.`, `_` and `-`.
         name: String,
+        /// Of the running VMs, with their memory: `serve` pauses them all, saves, resumes (QEMU
+        /// 6.0 or later). Restoring it starts stopped VMs and sets the guests' clocks.
+        #[arg(long)]
+        live: bool,
         /// Only these VMs.
         #[arg(long = "vm", value_name = "NAME", num_args = 1..)]
         vms: Vec<String>,

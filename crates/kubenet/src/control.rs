@@ -12,11 +12,14 @@
 //! {"cmd":"vms"}     -> {"ok":true,"vms":[{"name":"gateway","state":"running","pid":..,"since":..},..]}
 //! {"cmd":"start","vms":["worker0"]}  -> {"ok":true,"vms":[{"name":"worker0","result":"started","pid":..}]}
 //! {"cmd":"stop","vms":[],"grace_secs":60} -> {"ok":true,"vms":[{"name":..,"result":"powerdown"},..]}
+//! {"cmd":"snapshot","op":"save","tag":"s1","vms":["worker0"]} -> {"ok":true,"vms":["worker0"]}
 //! ```
 //!
 //! `start` and `stop` take VM names (none: every VM); the command line QEMU runs is always
 //! built from the lab definition, never from the request. A VM that fails has an `error` in its
-//! entry; the request itself fails only for an unknown name.
+//! entry; the request itself fails only for an unknown name. `snapshot` (op `save`, `load` or
+//! `delete`) works on running VMs over QMP, all paused, then all resumed; a save that fails on
+//! one VM is deleted again from the others, and the request fails.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -50,6 +53,11 @@ enum Request {
         vms: Vec<String>,
         #[serde(default)]
         grace_secs: Option<u64>,
+    },
+    Snapshot {
+        op: kubenet_vm::live::LiveOp,
+        tag: String,
+        vms: Vec<String>,
     },
 }
 
@@ -164,6 +172,10 @@ async fn connection(stream: UnixStream, shared: &Shared) -> io::Result<()> {
                     Err(e) => json!({"ok": false, "error": e}),
                 }
             }
+            Ok(Request::Snapshot { op, tag, vms }) => match shared.vms.snapshot(op, &tag, &vms).await {
+                Ok(done) => json!({"ok": true, "vms": done}),
+                Err(e) => json!({"ok": false, "error": e}),
+            },
             Ok(Request::Reload) => {
                 let (tx, rx) = oneshot::channel();
                 match shared.reloads.send(tx).ok().map(|()| rx) {

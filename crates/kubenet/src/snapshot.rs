@@ -1,40 +1,38 @@
 //! `kubenet snapshot save|list|restore|delete`: the whole lab (or `--vm` VMs) at one step of
-//! the tutorial, and back to it. The work is [`kubenet_vm::snapshot::Store`]'s; here are the
-//! checks against running VMs and `serve`, and what the user reads.
+//! the tutorial, and back to it. Stopped VMs are the work of [`kubenet_vm::snapshot::Store`]
+//! (qemu-img on the disks); running VMs (`--live`) are `serve`'s, over QMP, since it owns their
+//! QEMUs. Here: which path, the checks against running VMs and `serve`, progress, and the
+//! guests' clocks after a live restore.
 
-use std::io::Write;
-use std::time::Instant;
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use kubenet_cluster::{Lab, Vm};
+use kubenet_vm::VmFiles;
 use kubenet_vm::snapshot::{Manifest, Store, VmEntry};
+use serde_json::json;
 
 use crate::cli::SnapshotAction;
+use crate::control;
 use crate::lifecycle::{now, refuse_running, short};
 
 pub fn run(lab: &Lab, action: &SnapshotAction, out: &mut impl Write) -> anyhow::Result<()> {
     let store = Store::new(lab);
     match action {
-        SnapshotAction::Save { name, vms } => save(lab, &store, name, vms, out),
+        SnapshotAction::Save { name, vms, live: false } => save(lab, &store, name, vms, out),
+        SnapshotAction::Save { name, vms, live: true } => save_live(lab, &store, name, vms, out),
         SnapshotAction::List { json } => list(&store, *json, out),
         SnapshotAction::Restore { name, vms } => restore(lab, &store, name, vms, out),
-        SnapshotAction::Delete { name, vms } => {
-            let m = store.get(name)?;
-            let targets = store.targets(&m, vms)?;
-            let running: Vec<&Vm> = targets.iter().filter_map(|e| lab.vm_by_name(&e.name)).collect();
-            refuse_running(lab, &running, &format!("delete snapshot {name}"))?;
-            store.delete(&m, &targets, &mut |e| {
-                let _ = writeln!(out, "{:<10} snapshot {name} deleted", e.name);
-            })?;
-            Ok(())
-        }
+        SnapshotAction::Delete { name, vms } => delete(lab, &store, name, vms, out),
     }
 }
 
 fn save(lab: &Lab, store: &Store, name: &str, names: &[String], out: &mut impl Write) -> anyhow::Result<()> {
     kubenet_vm::snapshot::check_name(name)?;
     let vms = lab.select(names).map_err(crate::cli::unknown_vm)?;
-    refuse_running(lab, &vms, &format!("snapshot save {name}"))?;
+    refuse_running(lab, &vms, &format!("snapshot save {name} (or keep them running and add --live)"))?;
     let start = Instant::now();
     let m = store
         .save(name, &vms, now(), &mut |e| {
@@ -45,17 +43,130 @@ fn save(lab: &Lab, store: &Store, name: &str, names: &[String], out: &mut impl W
     Ok(())
 }
 
-fn restore(lab: &Lab, store: &Store, name: &str, names: &[String], out: &mut impl Write) -> anyhow::Result<()> {
+fn running(lab: &Lab, vm: &Vm) -> bool {
+    kubenet_vm::process::running(&VmFiles::new(lab, vm)).is_some()
+}
+
+fn names(vms: &[&Vm]) -> Vec<String> {
+    vms.iter().map(|vm| vm.name.clone()).collect()
+}
+
+/// `serve` answers on its control socket, or an error saying why `what` needs it.
+fn require_serve(lab: &Lab, what: &str) -> anyhow::Result<()> {
+    control::request(&lab.state_dir, &json!({"cmd": "status"}))
+        .with_context(|| format!("{what} needs kubenet serve"))?;
+    Ok(())
+}
+
+/// `save --live`: `serve` pauses every VM, saves each one's disk and memory into its disk, and
+/// resumes them all; a bar follows the bytes landing in the disks against the guests' memory.
+fn save_live(lab: &Lab, store: &Store, name: &str, names_asked: &[String], out: &mut impl Write) -> anyhow::Result<()> {
+    kubenet_vm::snapshot::check_name(name)?;
+    let vms = lab.select(names_asked).map_err(crate::cli::unknown_vm)?;
+    let stopped: Vec<&str> = vms.iter().filter(|vm| !running(lab, vm)).map(|vm| vm.name.as_str()).collect();
+    if !stopped.is_empty() {
+        bail!(
+            "{} not running: a live snapshot is of running VMs; start with `kubenet up {}`, or stop the rest with `kubenet down` and save without --live",
+            stopped.join(", "),
+            stopped.join(" ")
+        );
+    }
+    require_serve(lab, "a live snapshot")?;
+    store.begin(name, &vms)?;
+    let disks: Vec<PathBuf> = vms.iter().map(|vm| VmFiles::new(lab, vm).disk()).collect();
+    let before = allocated(&disks);
+    let memory: u64 = vms.iter().map(|vm| vm.memory.0).sum();
+    let start = Instant::now();
+    let req = json!({"cmd": "snapshot", "op": "save", "tag": name, "vms": names(&vms)});
+    let saved = with_progress(
+        Some(memory),
+        || allocated(&disks).saturating_sub(before),
+        || control::request(&lab.state_dir, &req),
+    );
+    let took = start.elapsed();
+    let written = allocated(&disks).saturating_sub(before);
+    let finish = || -> anyhow::Result<Manifest> {
+        saved?;
+        let leases = store.leases()?;
+        let entries = vms.iter().map(|vm| store.entry(vm, name, true, &leases)).collect::<Result<Vec<_>, _>>()?;
+        let m = store.manifest(name, now(), true, entries);
+        store.finish(&m)?;
+        Ok(m)
+    };
+    let m = match finish() {
+        Ok(m) => m,
+        Err(e) => {
+            // serve already took back a save that failed; one that worked but cannot be recorded
+            // goes too.
+            let req = json!({"cmd": "snapshot", "op": "delete", "tag": name, "vms": names(&vms)});
+            let _ = control::request(&lab.state_dir, &req);
+            store.abandon(name, &[]);
+            return Err(e.context(format!("snapshot {name} not taken, and nothing of it kept")));
+        }
+    };
+    for e in &m.vms {
+        writeln!(
+            out,
+            "{:<10} saved live (memory {}, disk {} allocated)",
+            e.name,
+            size(e.state_bytes),
+            size(e.disk_bytes)
+        )?;
+    }
+    let secs = took.as_secs_f64();
+    writeln!(
+        out,
+        "snapshot {name}: {} VMs live in {secs:.1} s (paused meanwhile), {} written ({:.0} MiB/s)",
+        m.vms.len(),
+        size(written),
+        written as f64 / (1 << 20) as f64 / secs.max(0.001)
+    )?;
+    Ok(())
+}
+
+/// The disks' allocated bytes, summed.
+fn allocated(disks: &[PathBuf]) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    disks.iter().filter_map(|d| std::fs::metadata(d).ok()).map(|m| m.blocks() * 512).sum()
+}
+
+/// Runs `work` on a thread of its own while a bar on standard error (a terminal only) shows
+/// `done()` against `total`, or a spinner with the time when there is no total.
+fn with_progress<T: Send>(total: Option<u64>, done: impl Fn() -> u64, work: impl FnOnce() -> T + Send) -> T {
+    let bar = indicatif::ProgressBar::with_draw_target(total, indicatif::ProgressDrawTarget::stderr());
+    let template = if total.is_some() {
+        "{bar:40} {bytes}/~{total_bytes} {bytes_per_sec} {elapsed}"
+    } else {
+        "{spinner} {elapsed}"
+    };
+    bar.set_style(indicatif::ProgressStyle::with_template(template).expect("a valid template"));
+    let result = std::thread::scope(|s| {
+        let worker = s.spawn(work);
+        while !worker.is_finished() {
+            bar.set_position(done());
+            bar.tick();
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        worker.join().expect("the request thread does not panic")
+    });
+    bar.finish_and_clear();
+    result
+}
+
+fn restore(lab: &Lab, store: &Store, name: &str, names_asked: &[String], out: &mut impl Write) -> anyhow::Result<()> {
     let m = store.get(name)?;
-    let targets = store.targets(&m, names)?;
+    let targets = store.targets(&m, names_asked)?;
+    if m.live {
+        return restore_live(lab, store, &m, &targets, names_asked.is_empty(), out);
+    }
     let vms: Vec<&Vm> = targets.iter().filter_map(|e| lab.vm_by_name(&e.name)).collect();
     refuse_running(lab, &vms, &format!("snapshot restore {name}"))?;
     // The lease file is serve's while it runs; the VMs' fixed addresses come back at their next
     // DHCP exchange either way.
-    let serve = crate::control::request(&lab.state_dir, &serde_json::json!({"cmd": "status"})).is_ok();
+    let serve = control::request(&lab.state_dir, &json!({"cmd": "status"})).is_ok();
     let start = Instant::now();
     store
-        .restore(&m, &targets, names.is_empty(), !serve, &mut |e| {
+        .restore(&m, &targets, names_asked.is_empty(), !serve, &mut |e| {
             let _ = writeln!(out, "{:<10} restored", e.name);
         })
         .with_context(|| format!("snapshot {name} not restored: every disk is as it was"))?;
@@ -67,6 +178,112 @@ fn restore(lab: &Lab, store: &Store, name: &str, names: &[String], out: &mut imp
         start.elapsed().as_secs_f64(),
         if serve { "; leases left to the running kubenet serve" } else { "" }
     )?;
+    Ok(())
+}
+
+/// A live snapshot goes back into running VMs: `serve` starts the stopped ones, then pauses
+/// them all, loads, resumes; then each guest's clock, which stood still since the save, is set
+/// to the host's over SSH.
+fn restore_live(
+    lab: &Lab,
+    store: &Store,
+    m: &Manifest,
+    targets: &[&VmEntry],
+    whole: bool,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let name = &m.name;
+    require_serve(lab, &format!("restoring the live snapshot {name}"))?;
+    let vms = store.check_restorable(m, targets, whole)?;
+    let start = Instant::now();
+    let stopped: Vec<&Vm> = vms.iter().copied().filter(|vm| !running(lab, vm)).collect();
+    if !stopped.is_empty() {
+        let answer = control::request(&lab.state_dir, &json!({"cmd": "start", "vms": names(&stopped)}))?;
+        if let Some(failed) = answer["vms"].as_array().and_then(|a| a.iter().find(|v| v.get("error").is_some())) {
+            bail!(
+                "{}: {}",
+                failed["name"].as_str().unwrap_or("?"),
+                failed["error"].as_str().unwrap_or("did not start")
+            );
+        }
+    }
+    let req = json!({"cmd": "snapshot", "op": "load", "tag": name, "vms": names(&vms)});
+    with_progress(None, || 0, || control::request(&lab.state_dir, &req))
+        .with_context(|| format!("snapshot {name} not restored"))?;
+    let loaded = start.elapsed();
+    let config = kubenet_vm::LabFiles::new(lab).ssh_config();
+    let clocks: Vec<(String, Result<i64, String>)> = std::thread::scope(|s| {
+        let tasks: Vec<_> = vms.iter().map(|vm| (vm.name.clone(), s.spawn(|| set_clock(&config, &vm.name)))).collect();
+        tasks.into_iter().map(|(n, t)| (n, t.join().expect("no panic"))).collect()
+    });
+    for (vm, clock) in clocks {
+        match clock {
+            Ok(behind) => writeln!(out, "{vm:<10} restored live; its clock was {behind} s behind, now the host's")?,
+            Err(e) => writeln!(
+                out,
+                "{vm:<10} restored live; its clock is behind and could not be set ({e}): `kubenet ssh {vm} -- sudo date -s @$(date +%s)`"
+            )?,
+        }
+    }
+    writeln!(
+        out,
+        "snapshot {name} (taken {} ago, live) restored on {} VMs in {:.1} s",
+        short(now().saturating_sub(m.taken)),
+        vms.len(),
+        loaded.as_secs_f64()
+    )?;
+    Ok(())
+}
+
+/// Sets `vm`'s clock to the host's over SSH; how many seconds behind it was. The guest says
+/// when it is ready, so the time sent is the host's at that moment, not before the handshake.
+fn set_clock(config: &std::path::Path, vm: &str) -> Result<i64, String> {
+    use std::process::{Command, Stdio};
+    let script = r#"echo ready; read t; before=$(date +%s); sudo -n date -u -s "@$t" >/dev/null && echo "$before""#;
+    let mut child = Command::new("ssh")
+        .arg("-F")
+        .arg(config)
+        .args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=20", vm, script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run ssh: {e}"))?;
+    let mut lines = std::io::BufReader::new(child.stdout.take().expect("piped")).lines();
+    let ready = lines.next().and_then(Result::ok);
+    let host = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let before = if ready.as_deref() == Some("ready") {
+        let mut stdin = child.stdin.take().expect("piped");
+        let _ = writeln!(stdin, "{}.{:03}", host.as_secs(), host.subsec_millis());
+        drop(stdin);
+        lines.next().and_then(Result::ok)
+    } else {
+        None
+    };
+    let done = child.wait_with_output().map_err(|e| e.to_string())?;
+    match before.and_then(|b| b.trim().parse::<i64>().ok()) {
+        Some(b) => Ok(host.as_secs() as i64 - b),
+        None => Err(String::from_utf8_lossy(&done.stderr).trim().lines().last().unwrap_or("ssh failed").to_owned()),
+    }
+}
+
+fn delete(lab: &Lab, store: &Store, name: &str, names_asked: &[String], out: &mut impl Write) -> anyhow::Result<()> {
+    let m = store.get(name)?;
+    let targets = store.targets(&m, names_asked)?;
+    // Running QEMUs hold their disks: serve deletes there, qemu-img elsewhere.
+    let running_now: Vec<String> = targets
+        .iter()
+        .filter_map(|e| lab.vm_by_name(&e.name))
+        .filter(|vm| running(lab, vm))
+        .map(|vm| vm.name.clone())
+        .collect();
+    if !running_now.is_empty() {
+        require_serve(lab, &format!("deleting snapshot {name} from running VMs ({})", running_now.join(", ")))?;
+        control::request(&lab.state_dir, &json!({"cmd": "snapshot", "op": "delete", "tag": name, "vms": running_now}))?;
+    }
+    store.delete(&m, &targets, &mut |e| {
+        let _ = writeln!(out, "{:<10} snapshot {name} deleted", e.name);
+    })?;
     Ok(())
 }
 
@@ -100,15 +317,11 @@ fn list_rows(all: &[Manifest], now: u64) -> Vec<Vec<String>> {
                 cell(if m.live { "live" } else { "stopped" }.into()),
                 e.name.clone(),
                 size(e.disk_bytes),
-                memory(e),
+                if e.state_bytes == 0 { "-".into() } else { size(e.state_bytes) },
             ]);
         }
     }
     rows
-}
-
-fn memory(e: &VmEntry) -> String {
-    if e.state_bytes == 0 { "-".into() } else { size(e.state_bytes) }
 }
 
 /// "1.2G", "310M", "12K".
@@ -121,7 +334,7 @@ fn size(bytes: u64) -> String {
 }
 
 /// For `kubenet destroy`: the snapshots' folder (the snapshots themselves live in the disks).
-pub fn folder(lab: &Lab) -> std::path::PathBuf {
+pub fn folder(lab: &Lab) -> PathBuf {
     Store::new(lab).dir().to_path_buf()
 }
 

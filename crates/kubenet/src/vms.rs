@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use kubenet_cluster::Lab;
 use kubenet_vm::VmFiles;
+use kubenet_vm::live::LiveOp;
 use kubenet_vm::qemu::{DropTo, HostProfile};
 use serde_json::{Value, json};
 
@@ -172,6 +173,40 @@ impl Supervisor {
             });
         }
         Ok(collect(tasks).await)
+    }
+}
+
+impl Supervisor {
+    /// A live snapshot operation on the named running VMs (none: all): see
+    /// [`kubenet_vm::live::run`]. A save that fails is deleted again from the VMs it reached.
+    pub async fn snapshot(&self, op: LiveOp, tag: &str, names: &[String]) -> Result<Vec<String>, String> {
+        kubenet_vm::snapshot::check_name(tag).map_err(|e| e.to_string())?;
+        let lab = self.lab();
+        let mut targets = Vec::new();
+        for vm in lab.select(names)? {
+            let files = VmFiles::new(&lab, vm);
+            if kubenet_vm::process::running(&files).is_none() {
+                return Err(format!("{} is not running", vm.name));
+            }
+            targets.push((vm.name.clone(), files.qmp_socket()));
+        }
+        let start = std::time::Instant::now();
+        match kubenet_vm::live::run(op, tag, &targets).await {
+            Ok(done) => {
+                tracing::info!(?op, tag, vms = done.len(), secs = start.elapsed().as_secs_f64(), "live snapshot");
+                Ok(done)
+            }
+            Err((e, done)) => {
+                tracing::warn!(?op, tag, "live snapshot failed: {e}");
+                if op == LiveOp::Save && !done.is_empty() {
+                    let reached: Vec<_> = targets.into_iter().filter(|(n, _)| done.contains(n)).collect();
+                    if let Err((undo, _)) = kubenet_vm::live::run(LiveOp::Delete, tag, &reached).await {
+                        tracing::warn!(tag, "could not delete the failed snapshot again: {undo}");
+                    }
+                }
+                Err(e)
+            }
+        }
     }
 }
 

@@ -111,6 +111,14 @@ fn serve_builds_the_bridge_serves_its_ports_and_removes_it_on_sigterm() {
     let tap = l.lines().find(|l| l.contains(": kubenet0-7:")).unwrap_or_else(|| panic!("no tap for extra:\n{l}"));
     assert!(tap.contains("master kubenet0"), "{tap}");
     assert!(agent.log_text().contains("tap created for a VM added since serve started"));
+
+    // serve stops while that VM runs: its tap and the bridge stay (counted against the lab as
+    // reloaded, not as it was at the start), and a new serve takes them over.
+    let log = agent.stop();
+    assert!(log.contains("kept kubenet0 and its taps: 1 VMs still run on them"), "{log}");
+    let l = links(&server);
+    assert!(l.contains(": kubenet0:") && l.contains(": kubenet0-7:"), "extra lost its network:\n{l}");
+    let agent = serve_bridged(&server, d);
     assert!(cli(&["down", "extra", "--grace", "1"]).contains("extra"));
 
     let log = agent.stop();

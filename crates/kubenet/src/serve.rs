@@ -53,9 +53,13 @@ async fn serve(lab: Lab, args: &ServeArgs, reload: &dyn Fn() -> anyhow::Result<L
     } else {
         Some(crate::hostnet::HostNet::apply(crate::hostnet::plan(&lab, crate::control::owner().0)).await?)
     };
-    let result = servers(lab.clone(), args, reload).await;
+    // The lab as served, reloads included: the teardown below counts its VMs, not the ones
+    // there were at the start (a VM a reload added may still run on its tap).
+    let current = Arc::new(Mutex::new(lab.clone()));
+    let result = servers(current.clone(), args, reload).await;
     #[cfg(target_os = "linux")]
     if let Some(net) = net {
+        let lab = current.lock().expect("lab lock").clone();
         let running = crate::vms::states(&lab).iter().filter(|s| s["state"] == "running").count();
         if running == 0 {
             net.remove().await;
@@ -69,7 +73,12 @@ async fn serve(lab: Lab, args: &ServeArgs, reload: &dyn Fn() -> anyhow::Result<L
     result
 }
 
-async fn servers(lab: Lab, args: &ServeArgs, reload: &dyn Fn() -> anyhow::Result<Lab>) -> anyhow::Result<()> {
+async fn servers(
+    current: Arc<Mutex<Lab>>,
+    args: &ServeArgs,
+    reload: &dyn Fn() -> anyhow::Result<Lab>,
+) -> anyhow::Result<()> {
+    let lab = current.lock().expect("lab lock").clone();
     let shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
 
@@ -147,7 +156,6 @@ async fn servers(lab: Lab, args: &ServeArgs, reload: &dyn Fn() -> anyhow::Result
     tokio::spawn(stop_on_signal(shutdown.clone()));
     let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing the SIGHUP handler")?;
-    let current = Arc::new(Mutex::new(lab.clone()));
 
     // The control socket, for the user who ran sudo.
     let (owner_uid, owner_gid) = crate::control::owner();

@@ -111,6 +111,10 @@ pub enum Command {
         #[arg(default_value = "kubenet")]
         session: String,
     },
+    /// Run `kubenet serve` as a boot-time service for your lab: a systemd unit (Linux) or a
+    /// launchd daemon (macOS).
+    #[command(subcommand)]
+    Service(ServiceAction),
     /// Write the reference lab definition to DIR/kubenet.toml to edit (never overwrites).
     Init {
         /// Where to write kubenet.toml; created if missing.
@@ -150,6 +154,32 @@ pub enum ImageAction {
         /// VMs whose images to fetch.
         names: Vec<String>,
     },
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum ServiceManager {
+    /// A systemd unit (Linux).
+    Systemd,
+    /// A launchd daemon (macOS).
+    Launchd,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServiceAction {
+    /// Install and start the service for this lab (the config and state directory this command
+    /// picks), as the user who ran sudo: `sudo kubenet service install`.
+    Install {
+        /// Print the unit (or property list) and change nothing.
+        #[arg(long)]
+        print: bool,
+        /// With --print: the file for this service manager rather than this system's.
+        #[arg(long, value_enum, requires = "print")]
+        manager: Option<ServiceManager>,
+    },
+    /// Stop the service and remove it; running VMs are left running.
+    Uninstall,
+    /// The service manager's view of it and its last log lines.
+    Status,
 }
 
 #[derive(Debug, Subcommand)]

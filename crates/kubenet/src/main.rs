@@ -10,6 +10,7 @@ mod host_resolver;
 mod hostnet;
 mod lifecycle;
 mod serve;
+mod service;
 mod snapshot;
 mod table;
 mod tmux;
@@ -152,9 +153,8 @@ fn load_lab(cli: &Cli, file: Option<&Path>) -> Result<Lab, Failure> {
     Ok(lab)
 }
 
-/// How another process (a tmux pane) runs this kubenet on the same lab: this binary, the config
-/// file that was chosen (made absolute) and the state directory.
-fn pane_command(cli: &Cli, lab: &Lab) -> anyhow::Result<Vec<std::ffi::OsString>> {
+/// The lab definition the lookup order picks, as an absolute path; None: the built-in lab.
+fn chosen_config(cli: &Cli) -> anyhow::Result<Option<std::path::PathBuf>> {
     let cwd = std::env::current_dir().context("cannot read the current directory")?;
     let env = std::env::var_os(kubenet_cluster::CONFIG_ENV);
     let choice = kubenet_cluster::choose(
@@ -162,9 +162,19 @@ fn pane_command(cli: &Cli, lab: &Lab) -> anyhow::Result<Vec<std::ffi::OsString>>
         env.as_deref(),
         cwd.join(kubenet_cluster::CONFIG_FILE_NAME).is_file(),
     );
+    Ok(match choice {
+        kubenet_cluster::Choice::File(path) => Some(cwd.join(path)),
+        kubenet_cluster::Choice::Embedded => None,
+    })
+}
+
+/// How another process (a tmux pane) runs this kubenet on the same lab: this binary, the config
+/// file that was chosen (made absolute) and the state directory.
+fn pane_command(cli: &Cli, lab: &Lab) -> anyhow::Result<Vec<std::ffi::OsString>> {
+    let cwd = std::env::current_dir().context("cannot read the current directory")?;
     let mut argv = vec![std::env::current_exe().context("cannot tell where kubenet is")?.into_os_string()];
-    if let kubenet_cluster::Choice::File(path) = choice {
-        argv.extend(["--config".into(), cwd.join(path).into_os_string()]);
+    if let Some(path) = chosen_config(cli)? {
+        argv.extend(["--config".into(), path.into_os_string()]);
     }
     argv.extend(["--dir".into(), cwd.join(&lab.state_dir).into_os_string()]);
     Ok(argv)
@@ -194,6 +204,20 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 let lab = load_lab(&cli, file.as_deref())?;
                 writeln!(stdout, "{}: ok, {} VMs on {}", lab.source, lab.vms.len(), lab.network.subnet).ok();
             }
+        },
+        Command::Service(action) => match action {
+            cli::ServiceAction::Install { print, manager } => {
+                let lab = load_lab(&cli, None)?;
+                let spec = service::spec(chosen_config(&cli)?, &lab.state_dir)?;
+                let manager = match manager {
+                    Some(cli::ServiceManager::Systemd) => service::Manager::Systemd,
+                    Some(cli::ServiceManager::Launchd) => service::Manager::Launchd,
+                    None => service::Manager::current(),
+                };
+                service::install(&spec, *print, manager, &mut stdout)?;
+            }
+            cli::ServiceAction::Uninstall => service::uninstall(&mut stdout)?,
+            cli::ServiceAction::Status => service::status()?,
         },
         Command::Init { dir } => {
             std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;

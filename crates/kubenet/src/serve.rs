@@ -202,6 +202,12 @@ async fn servers(
         }
     }
 
+    // Under systemd (Type=notify): every port is bound. Elsewhere NOTIFY_SOCKET is unset and
+    // this does nothing.
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!("cannot tell the service manager we are ready: {e}");
+    }
+
     let reload_now = |current: &Mutex<Lab>| -> Result<String, String> {
         match reload() {
             Ok(new) => {

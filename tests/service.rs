@@ -1,0 +1,131 @@
+//! `kubenet service`: the systemd unit passes `systemd-analyze verify` and its ExecStart line,
+//! run in a namespace the test creates with NOTIFY_SOCKET pointing at a socket the test
+//! listens on, brings up a `serve` that says READY=1 once its ports are bound and answers DNS;
+//! the launchd property list reads back (Python's plistlib) with the same program arguments.
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use support::{Netns, kubenet_bin, prerequisites, tools};
+
+fn text(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
+}
+
+/// `kubenet --config d/kubenet.toml service install --print [--manager M]`, as if run with sudo
+/// by uid 65534.
+fn print(d: &Path, extra: &[&str]) -> String {
+    let out = Command::new(kubenet_bin())
+        .arg("--config")
+        .arg(d.join("kubenet.toml"))
+        .args(["--dir"])
+        .arg(d.join("state"))
+        .args(["service", "install", "--print"])
+        .args(extra)
+        .env("SUDO_UID", "65534")
+        .env("SUDO_GID", "65534")
+        .env("SUDO_USER", "nobody")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn lab(d: &Path) {
+    // NAT off: the namespace has nowhere to route to.
+    let lab = support::test_lab().replace("nat = true", "nat = false");
+    assert!(lab.contains("nat = false"));
+    std::fs::write(d.join("kubenet.toml"), lab).unwrap();
+}
+
+#[test]
+fn the_systemd_unit_verifies_and_its_exec_start_notifies_ready() {
+    if prerequisites(&["systemd-analyze", "dig"]).is_some() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    lab(d);
+    let unit = print(d, &[]);
+    let path = d.join("kubenet.service");
+    std::fs::write(&path, &unit).unwrap();
+    let out = Command::new("systemd-analyze").args(["verify", "--man=no"]).arg(&path).output().unwrap();
+    // verify exits 0 even for keys it ignores: every complaint counts.
+    assert!(out.status.success() && text(&out).trim().is_empty(), "systemd-analyze verify:\n{}", text(&out));
+
+    // The ExecStart line, as systemd would run it (the test's paths need no quoting), with the
+    // unit's environment and a notify socket of the test's own.
+    let exec = unit.lines().find_map(|l| l.strip_prefix("ExecStart=")).unwrap();
+    assert!(!exec.contains('"'), "{exec}");
+    let argv: Vec<&str> = exec.split_whitespace().collect();
+    assert_eq!(argv[0], std::fs::canonicalize(kubenet_bin()).unwrap().to_str().unwrap());
+    let env = unit.lines().find_map(|l| l.strip_prefix("Environment=")).unwrap();
+    let notify = d.join("notify.sock");
+    let listener = UnixDatagram::bind(&notify).unwrap();
+    listener.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let ns = Netns::new("svc");
+    let mut cmd = ns.cmd(argv[0]);
+    cmd.args(&argv[1..]).env("NOTIFY_SOCKET", &notify).env_remove("KUBENET_CONFIG");
+    for kv in env.split_whitespace() {
+        let (k, v) = kv.split_once('=').unwrap();
+        cmd.env(k, v);
+    }
+    let start = Instant::now();
+    let agent = support::Proc::spawn(cmd, &d.join("serve.log"));
+    let mut buf = [0u8; 512];
+    let n = listener.recv(&mut buf).unwrap_or_else(|e| panic!("no notification ({e}):\n{}", agent.log_text()));
+    let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+    eprintln!("READY after {:.0} ms", start.elapsed().as_secs_f64() * 1000.0);
+    assert_eq!(message.trim(), "READY=1");
+    // Ready means ready: DNS answers on the lab's bridge address at once.
+    let out =
+        ns.cmd("dig").args(["+short", "+time=2", "+tries=1", "@192.168.1.1", "worker0.kubevms"]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "192.168.1.14", "{}", text(&out));
+    let log = agent.stop();
+    assert!(log.contains("ready"), "{log}");
+}
+
+#[test]
+fn the_launchd_plist_reads_back_with_the_same_arguments() {
+    if tools(&["python3"]).is_some() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    lab(d);
+    let plist = print(d, &["--manager", "launchd"]);
+    let read = r#"
+import json, plistlib, sys
+p = plistlib.loads(sys.stdin.buffer.read())
+print(json.dumps({k: p[k] for k in ["Label", "ProgramArguments", "RunAtLoad", "KeepAlive", "EnvironmentVariables", "StandardErrorPath"]}))
+"#;
+    let mut child = Command::new("python3")
+        .args(["-c", read])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(plist.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "plistlib: {}\n{plist}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let exe = std::fs::canonicalize(kubenet_bin()).unwrap();
+    let want = serde_json::json!([exe, "--config", d.join("kubenet.toml"), "--dir", d.join("state"), "serve"]);
+    assert_eq!(v["ProgramArguments"], want);
+    assert_eq!(v["Label"], "dev.kubenet.serve");
+    assert_eq!(v["RunAtLoad"], true);
+    assert_eq!(v["KeepAlive"], true);
+    assert_eq!(v["EnvironmentVariables"]["SUDO_UID"], "65534");
+    assert_eq!(v["StandardErrorPath"], "/var/log/kubenet.log");
+
+    // Installing for another system's manager is refused; only printing is.
+    let out = Command::new(kubenet_bin()).args(["service", "install", "--manager", "launchd"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "--manager needs --print: {}", text(&out));
+}

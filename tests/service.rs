@@ -129,3 +129,36 @@ print(json.dumps({k: p[k] for k in ["Label", "ProgramArguments", "RunAtLoad", "K
     let out = Command::new(kubenet_bin()).args(["service", "install", "--manager", "launchd"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "--manager needs --print: {}", text(&out));
 }
+
+/// `kubenet man DIR`: a page per command, subcommands included, and `man -l` renders each
+/// without a complaint.
+#[test]
+fn man_pages_render_for_every_command() {
+    if tools(&["man"]).is_some() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(kubenet_bin()).arg("man").arg(dir.path()).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let mut pages: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    pages.sort();
+    for want in ["kubenet.1", "kubenet-serve.1", "kubenet-snapshot-restore.1", "kubenet-service-install.1", "kubenet-up.1"] {
+        assert!(pages.iter().any(|p| p == want), "{want} missing: {pages:?}");
+    }
+    assert!(text(&out).contains(&format!("wrote {} man pages", pages.len())), "{}", text(&out));
+    for page in &pages {
+        let out = Command::new("man")
+            .args(["-l", "-P", "cat"])
+            .arg(dir.path().join(page))
+            .env("MANWIDTH", "80")
+            .output()
+            .unwrap();
+        let name = page.trim_end_matches(".1");
+        let shown = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && out.stderr.is_empty(), "{page}: {}", text(&out));
+        assert!(shown.contains("NAME") && shown.contains("SYNOPSIS") && shown.contains(name), "{page}:\n{shown}");
+    }
+}

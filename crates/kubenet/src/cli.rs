@@ -121,6 +121,12 @@ pub enum Command {
         #[arg(default_value = ".")]
         dir: PathBuf,
     },
+    /// Write a man page for every command to DIR: kubenet.1, kubenet-serve.1,
+    /// kubenet-snapshot-save.1, ... (for packages: `man -l DIR/kubenet.1` reads one).
+    Man {
+        /// Where to write them; created if missing.
+        dir: PathBuf,
+    },
     /// Print a shell completion script, e.g. `kubenet completions bash > ~/.local/share/bash-completion/completions/kubenet`.
     Completions { shell: clap_complete::Shell },
 }

@@ -281,6 +281,15 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let lab = load_lab(&cli, None)?;
             tmux::run(&lab, session, &pane_command(&cli, &lab)?, &mut stdout)?;
         }
+        Command::Man { dir } => {
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            clap_mangen::generate_to(Cli::command(), dir)
+                .with_context(|| format!("cannot write the man pages to {}", dir.display()))?;
+            let n = std::fs::read_dir(dir)
+                .map(|d| d.filter_map(Result::ok).filter(|e| e.path().extension().is_some_and(|x| x == "1")).count())
+                .unwrap_or(0);
+            writeln!(stdout, "wrote {n} man pages to {}", dir.display()).map_err(output)?;
+        }
         Command::Completions { shell } => {
             // clap_complete panics when its writer fails (a closed pipe, a full disk): write
             // the script to memory, then to standard output like every other command.

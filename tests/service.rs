@@ -140,12 +140,12 @@ fn man_pages_render_for_every_command() {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(kubenet_bin()).arg("man").arg(dir.path()).output().unwrap();
     assert!(out.status.success(), "{}", text(&out));
-    let mut pages: Vec<String> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
+    let mut pages: Vec<String> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     pages.sort();
-    for want in ["kubenet.1", "kubenet-serve.1", "kubenet-snapshot-restore.1", "kubenet-service-install.1", "kubenet-up.1"] {
+    for want in
+        ["kubenet.1", "kubenet-serve.1", "kubenet-snapshot-restore.1", "kubenet-service-install.1", "kubenet-up.1"]
+    {
         assert!(pages.iter().any(|p| p == want), "{want} missing: {pages:?}");
     }
     assert!(text(&out).contains(&format!("wrote {} man pages", pages.len())), "{}", text(&out));

@@ -499,6 +499,20 @@ fn http_server(args: &[&str], log: &Path) -> (support::Proc, u16) {
 }
 
 /// The image file name as Ubuntu names them, for this CPU.
+/// The files in the lab's images folder, sorted.
+fn image_files(d: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(d.join("images"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+fn file_of(p: &Path) -> String {
+    p.file_name().unwrap().to_string_lossy().into_owned()
+}
+
 fn published_name() -> String {
     format!("noble-server-cloudimg-{}.img", kubenet_cluster::Arch::HOST.cloud_name())
 }
@@ -547,6 +561,10 @@ fn image_pull_verifies_against_the_publishers_sums() {
     assert!(out.contains("downloaded 2.9 MiB, SHA-256 verified"), "{out}");
     assert_eq!(std::fs::read(&target).unwrap(), image);
     assert!(ok(kubenet(d, &["image", "pull"])).contains("up to date"));
+    // The hash it verified, beside the image in sha256sum's format (for `kubenet doctor`).
+    let sums = format!("{}.sha256", file_of(&target));
+    let check = Command::new("sha256sum").args(["-c", &sums]).current_dir(target.parent().unwrap()).output().unwrap();
+    assert!(check.status.success() && text(&check).contains(": OK"), "{}", text(&check));
 
     // A sums file that disagrees: refused, the image in place untouched, no partial file left.
     std::fs::write(site.join("SHA256SUMS"), format!("{} *{file}\n", "0".repeat(64))).unwrap();
@@ -555,8 +573,7 @@ fn image_pull_verifies_against_the_publishers_sums() {
     assert!(!out.status.success() && err.contains("does not match the expected 0000"), "{err}");
     assert!(err.contains("SHA256SUMS") && err.contains("left as it was"), "{err}");
     assert_eq!(std::fs::read(&target).unwrap(), image, "a failed pull changes nothing");
-    let left: Vec<_> = std::fs::read_dir(d.join("images")).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(image_files(d), [file_of(&target), file_of(&target) + ".sha256"]);
 
     // Not listed at all, and a server that is not there: clear errors.
     std::fs::write(site.join("SHA256SUMS"), format!("{} *other.img\n", "0".repeat(64))).unwrap();
@@ -648,8 +665,7 @@ fn image_pull_resumes_a_cut_download() {
     assert!(out.contains("downloaded 2.9 MiB (resumed at 1.0 MiB), SHA-256 verified"), "{out}");
     assert_eq!(std::fs::read(&target).unwrap(), image);
     assert_eq!(image_requests().last().unwrap(), &format!("GET /{file} range bytes=1000000-"));
-    let left: Vec<_> = std::fs::read_dir(d.join("images")).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert_eq!(left.len(), 1, "no .part or stamp left: {left:?}");
+    assert_eq!(image_files(d), [file_of(&target), file_of(&target) + ".sha256"], "no .part or stamp left");
 
     // A part left by an image the publisher has since replaced is not resumed.
     publish(2, "cut 500000");

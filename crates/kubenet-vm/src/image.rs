@@ -209,6 +209,27 @@ pub fn expected(p: &Pull) -> Result<(String, String), ImageError> {
         .ok_or_else(|| ImageError::NotListed { sums_url: p.sums_url.clone(), file: file.into() })
 }
 
+/// Where `pull` records the hash it verified an image against: `IMAGE.sha256`, in
+/// sha256sum's format, so `kubenet doctor` (and `sha256sum -c`) can check the image later
+/// without the network.
+pub fn sum_file(image: &Path) -> PathBuf {
+    let mut name = image.file_name().unwrap_or_default().to_os_string();
+    name.push(".sha256");
+    image.with_file_name(name)
+}
+
+fn record_sum(image: &Path, sha256: &str) -> std::io::Result<()> {
+    let name = image.file_name().map_or("image".into(), |n| n.to_string_lossy().into_owned());
+    kubenet_cluster::state::write_atomic(&sum_file(image), format!("{sha256}  {name}\n").as_bytes(), 0o644)
+}
+
+/// The hash recorded by an earlier pull of `image`, if any.
+pub fn recorded_sum(image: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(sum_file(image)).ok()?;
+    let name = image.file_name()?.to_string_lossy().into_owned();
+    find_sum(&text, &name)
+}
+
 /// Makes sure `p.path` holds the image with the expected hash: kept if it does, else
 /// downloaded (reporting `(bytes so far, total if known)` to `progress`), verified, and renamed
 /// into place.
@@ -219,6 +240,7 @@ pub fn pull(p: &Pull, mut progress: impl FnMut(u64, Option<u64>)) -> Result<Pull
     };
     let (want, from) = expected(p)?;
     if p.path.is_file() && file_sha256(&p.path).map_err(io(&p.path))? == want {
+        record_sum(&p.path, &want).map_err(io(&sum_file(&p.path)))?;
         return Ok(Pulled::UpToDate);
     }
     let dir = p.path.parent().unwrap_or(Path::new("."));
@@ -282,6 +304,7 @@ pub fn pull(p: &Pull, mut progress: impl FnMut(u64, Option<u64>)) -> Result<Pull
     }
     std::fs::rename(&part, &p.path).map_err(io(&p.path))?;
     let _ = std::fs::remove_file(&stamp);
+    record_sum(&p.path, &want).map_err(io(&sum_file(&p.path)))?;
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }

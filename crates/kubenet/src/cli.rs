@@ -111,6 +111,14 @@ pub enum Command {
         #[arg(default_value = "kubenet")]
         session: String,
     },
+    /// Check every prerequisite of the lab on this host (QEMU, firmware, accelerator, ports 53
+    /// and 67, serve, base images, SSH key, state directory, host resolver, disk space, tmux):
+    /// ok, warn or fail with the fix; exit 1 when anything fails.
+    Doctor {
+        /// JSON instead of text, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run `kubenet serve` as a boot-time service for your lab: a systemd unit (Linux) or a
     /// launchd daemon (macOS).
     #[command(subcommand)]

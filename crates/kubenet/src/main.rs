@@ -4,6 +4,7 @@
 mod cli;
 mod console;
 mod control;
+mod doctor;
 mod host_resolver;
 // Linux only: on macOS vmnet-shared makes the bridge and QEMU the interfaces.
 #[cfg(target_os = "linux")]
@@ -205,6 +206,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 writeln!(stdout, "{}: ok, {} VMs on {}", lab.source, lab.vms.len(), lab.network.subnet).ok();
             }
         },
+        Command::Doctor { json } => {
+            if !doctor::run(&load_lab(&cli, None)?, *json, &mut stdout)? {
+                return Err(Failure::Other(anyhow::anyhow!("doctor found problems: each FAIL above says what to do")));
+            }
+        }
         Command::Service(action) => match action {
             cli::ServiceAction::Install { print, manager } => {
                 let lab = load_lab(&cli, None)?;

@@ -168,6 +168,7 @@ async fn servers(
             let lab = current.lock().expect("lab lock");
             let f = dns.forwarder().stats();
             serde_json::json!({
+                "version": env!("CARGO_PKG_VERSION"),
                 "config": lab.source, "state_dir": lab.state_dir, "vms": lab.vms.len(),
                 "leases": leases.load(Relaxed),
                 "dns": {"queries": dns.counters.queries.load(Relaxed), "local": dns.counters.local.load(Relaxed),

@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 
 use support::{Netns, Proc, prerequisites, tools, veth};
 
-/// A fake upstream resolver: answers every A question with 203.0.113.7 (TEST-NET-3) and counts
-/// the queries it saw. Stops when dropped.
+/// A fake upstream resolver: answers every A question with 203.0.113.7 (TEST-NET-3), a name
+/// starting with "big" with 40 addresses from there on, and counts the queries it saw. Stops
+/// when dropped.
 struct FakeUpstream {
     addr: SocketAddr,
     seen: Arc<AtomicUsize>,
@@ -41,10 +42,14 @@ impl FakeUpstream {
                 // The question ends at the name's zero byte plus type and class.
                 let qend = 12 + buf[12..n].iter().position(|&b| b == 0).unwrap() + 5;
                 let mut r = Vec::new();
+                // A name starting with "big" gets 40 addresses: more than 512 bytes.
+                let answers: u8 = if buf[13..16] == *b"big" { 40 } else { 1 };
                 r.extend_from_slice(&buf[..2]); // id
-                r.extend_from_slice(&[0x81, 0x80, 0, 1, 0, 1, 0, 0, 0, 0]); // QR RD RA, 1 question, 1 answer
+                r.extend_from_slice(&[0x81, 0x80, 0, 1, 0, answers, 0, 0, 0, 0]); // QR RD RA, 1 question
                 r.extend_from_slice(&buf[12..qend]);
-                r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0x01, 0x2c, 0, 4, 203, 0, 113, 7]);
+                for i in 0..answers {
+                    r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0x01, 0x2c, 0, 4, 203, 0, 113, 7 + i]);
+                }
                 let _ = sock.send_to(&r, from);
             }
         });
@@ -112,6 +117,75 @@ fn lab_names_over_udp_and_tcp() {
     // None of that was the upstream's business.
     assert_eq!(up.seen.load(Ordering::Relaxed), 0, "a lab query was forwarded");
     drop(server);
+}
+
+/// The lines of dig's report that say what came back: header, flags, OPT, counts.
+fn header(port: u16, args: &[&str]) -> String {
+    dig(port, args)
+        .lines()
+        .filter(|l| {
+            l.starts_with(";; ->>HEADER")
+                || l.starts_with(";; flags")
+                || l.starts_with("; EDNS")
+                || l.contains("COOKIE")
+                || l.contains("MBZ")
+                || l.starts_with(";; Truncated")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// dig's OPT PSEUDOSECTION: the reply's EDNS version, flags, size and options.
+fn opt_section(out: &str) -> String {
+    out.lines()
+        .skip_while(|l| !l.starts_with(";; OPT PSEUDOSECTION"))
+        .skip(1)
+        .take_while(|l| !l.is_empty() && !l.starts_with(";; QUESTION"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// EDNS and header rules as RFC 6891, RFC 1035 4.1.1, RFC 3225 and RFC 7873 write them (not as
+/// dnsmasq does them): BADVERS for an unknown EDNS version, NOTIMP without AA or RA for an
+/// unknown opcode, unknown options and cookies ignored and not echoed, unknown flags zero and DO
+/// copied, TC for a small buffer and a working TCP retry, the SOA with AA every way.
+#[test]
+fn edns_and_header_rules_follow_the_rfcs() {
+    if tools(&["dig"]).is_some() {
+        return;
+    }
+    let up = FakeUpstream::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (_p, port) = serve_dns(dir.path(), &up.addr.to_string());
+
+    let h = header(port, &["+edns=1", "+noednsneg", "kubevms", "SOA"]);
+    assert!(h.contains("status: BADVERS") && h.contains("; EDNS: version: 0,"), "{h}");
+    assert!(dig(port, &["+edns=1", "+noednsneg", "kubevms", "SOA"]).contains("ANSWER: 0,"), "no answer with BADVERS");
+
+    let h = header(port, &["+opcode=15", "kubevms", "SOA"]);
+    assert!(h.contains("status: NOTIMP") && h.contains(";; flags: qr rd;"), "RD copied, neither AA nor RA: {h}");
+
+    let out = dig(port, &["+ednsopt=65001:abcd", "+cookie", "kubevms", "SOA"]);
+    let opt = opt_section(&out);
+    assert!(out.contains("status: NOERROR") && opt.starts_with("; EDNS: version: 0"), "{out}");
+    assert!(!opt.contains("COOKIE") && !opt.contains("65001"), "options echoed: {opt}");
+    let h = header(port, &["+ednsflags=0x7f00", "+dnssec", "kubevms", "SOA"]);
+    assert!(h.contains("; EDNS: version: 0, flags: do;") && !h.contains("MBZ"), "{h}");
+    // The same for a forwarded answer: our OPT, not the client's or the upstream's.
+    let h = header(port, &["+ednsflags=0x7f00", "+dnssec", "+cookie", "elsewhere.example", "A"]);
+    assert!(h.contains("; EDNS: version: 0, flags: do;") && !h.contains("MBZ") && !h.contains("COOKIE"), "{h}");
+
+    for how in [&["+noedns"][..], &["+tcp"], &["+edns=0"], &["+tcp", "+edns=0"]] {
+        let out = dig(port, &[how, &["kubevms", "SOA"]].concat());
+        assert!(out.contains(";; flags: qr aa rd ra;") && out.contains("ANSWER: 1,"), "{how:?}: {out}");
+        assert!(out.contains("kubevms.\t\t0\tIN\tSOA\tvmhost.kubevms. hostmaster.kubevms."), "{how:?}: {out}");
+    }
+
+    // 40 addresses do not fit 512 bytes: TC over UDP, and dig's retry over TCP gets them all.
+    let h = header(port, &["+bufsize=512", "+ignore", "big.example", "A"]);
+    assert!(h.contains(" tc ") || h.contains(" tc;"), "{h}");
+    let out = dig(port, &["+bufsize=512", "big.example", "A"]);
+    assert!(out.contains("Truncated, retrying in TCP mode") && out.contains("ANSWER: 40,"), "{out}");
 }
 
 #[test]

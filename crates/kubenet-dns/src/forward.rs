@@ -112,6 +112,13 @@ impl Forwarder {
         let mut q = query.clone();
         let id = self.next_id();
         q.metadata.id = id;
+        // Our own OPT record upstream: the client's options (its cookie) are for us, and our
+        // payload size is what we can take.
+        q.edns = query.edns.as_ref().map(|e| {
+            let mut ours = crate::zone::reply_edns(e);
+            ours.set_max_payload(crate::server::EDNS_PAYLOAD);
+            ours
+        });
         let bytes = q.to_vec().map_err(io::Error::other)?;
         let raw = if tcp { ask_tcp(up, &bytes).await? } else { ask_udp(up, &bytes, id).await? };
         let resp = Message::from_vec(&raw).map_err(io::Error::other)?;
@@ -166,9 +173,12 @@ fn cache_ttl(resp: &Message) -> Option<u32> {
 }
 
 /// The upstream's answer, under the client's id, with RA set.
+/// The upstream's answer as ours to `query`: its id, RA, and our own OPT record in place of the
+/// upstream's (whose options, a cookie say, were made for us, not for the client).
 fn finish(query: &Message, mut resp: Message) -> Message {
     resp.metadata.id = query.metadata.id;
     resp.metadata.recursion_available = true;
+    resp.edns = query.edns.as_ref().map(crate::zone::reply_edns);
     resp
 }
 

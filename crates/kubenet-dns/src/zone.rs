@@ -150,6 +150,11 @@ impl Zone {
 
     /// Decides a query. `msg` is a parsed request with exactly one question.
     pub fn decide(&self, msg: &Message) -> Decision {
+        // RFC 6891 6.1.3: an EDNS version this server does not speak gets BADVERS, with our
+        // version (0) in the OPT record and nothing else answered.
+        if msg.edns.as_ref().is_some_and(|e| e.version() > 0) {
+            return Decision::Answer(response(msg, ResponseCode::BADVERS, false));
+        }
         let Some(q) = msg.queries.first().filter(|_| msg.queries.len() == 1) else {
             return Decision::Answer(response(msg, ResponseCode::FormErr, false));
         };
@@ -264,22 +269,33 @@ impl Zone {
     }
 }
 
-/// A response skeleton for `msg`: id, opcode, question, RD copied; EDNS echoed; RA set, since
-/// kubenet recurses for the lab's clients and resolvers treat a missing RA as "this server does
-/// not".
+/// A response skeleton for `msg`: id, opcode, question, RD copied; our own OPT record when the
+/// query had one ([`reply_edns`]); RA set, since kubenet recurses for the lab's clients and
+/// resolvers treat a missing RA as "this server does not". AA and RA mean something only for
+/// QUERY (RFC 1035 4.1.1), so any other opcode gets neither.
 pub fn response(msg: &Message, rcode: ResponseCode, authoritative: bool) -> Message {
+    let query = msg.metadata.op_code == OpCode::Query;
     let mut m = Message::new(msg.metadata.id, MessageType::Response, msg.metadata.op_code);
     m.metadata.response_code = rcode;
-    m.metadata.authoritative = authoritative;
+    m.metadata.authoritative = authoritative && query;
     m.metadata.recursion_desired = msg.metadata.recursion_desired;
-    m.metadata.recursion_available = true;
+    m.metadata.recursion_available = query;
     m.add_queries(msg.queries.iter().cloned());
     if let Some(e) = &msg.edns {
-        let mut edns = hickory_proto::op::Edns::new();
-        edns.set_max_payload(crate::server::EDNS_PAYLOAD.min(e.max_payload().max(512)));
-        m.set_edns(edns);
+        m.set_edns(reply_edns(e));
     }
     m
+}
+
+/// The OPT record of a reply to a query that carried `asked` (RFC 6891): version 0, our UDP
+/// payload size (no more than theirs, no less than 512), DO copied (RFC 3225), every other flag
+/// zero, and no options: options this server does not implement (cookies, RFC 7873 5.2, among
+/// them) are ignored, never echoed.
+pub fn reply_edns(asked: &hickory_proto::op::Edns) -> hickory_proto::op::Edns {
+    let mut edns = hickory_proto::op::Edns::new();
+    edns.set_max_payload(crate::server::EDNS_PAYLOAD.min(asked.max_payload().max(512)));
+    edns.set_dnssec_ok(asked.flags().dnssec_ok);
+    edns
 }
 
 #[cfg(test)]
@@ -464,6 +480,35 @@ mod tests {
         let mut notify = query("kubevms.", RecordType::SOA);
         notify.metadata.op_code = OpCode::Notify;
         assert!(matches!(z.decide(&notify), Decision::Answer(m) if m.metadata.response_code == ResponseCode::NotImp));
+    }
+
+    #[test]
+    fn an_unknown_edns_version_is_badvers_with_ours_and_no_answer() {
+        let z = zone();
+        let mut q = query("worker0.kubevms.", RecordType::A);
+        let mut e = Edns::new();
+        e.set_version(1);
+        e.set_dnssec_ok(true);
+        q.set_edns(e);
+        let Decision::Answer(m) = z.decide(&q) else { panic!("forwarded") };
+        assert_eq!(m.metadata.response_code, ResponseCode::BADVERS);
+        assert!(m.answers.is_empty() && !m.metadata.authoritative);
+        let ours = m.edns.as_ref().unwrap();
+        assert_eq!((ours.version(), ours.flags().dnssec_ok), (0, true));
+        // Encoded, the high bits of 16 travel in the OPT record and the header says 0. (16 reads
+        // back as BADSIG, the code's other name.)
+        let wire = m.to_vec().unwrap();
+        assert_eq!(wire[3] & 0x0f, 0);
+        assert_eq!(u16::from(Message::from_vec(&wire).unwrap().metadata.response_code), 16);
+    }
+
+    #[test]
+    fn other_opcodes_get_notimp_without_aa_or_ra() {
+        let mut q = query("worker0.kubevms.", RecordType::A);
+        q.metadata.op_code = OpCode::Unknown(15);
+        let Decision::Answer(m) = zone().decide(&q) else { panic!("forwarded") };
+        assert_eq!(m.metadata.response_code, ResponseCode::NotImp);
+        assert!(!m.metadata.authoritative && !m.metadata.recursion_available);
     }
 
     #[test]

@@ -41,7 +41,8 @@ fn without_an_agent_the_client_says_how_to_start_one() {
 #[test]
 fn requests_bad_requests_and_reload() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start(dir.path());
+    let port = support::free_port();
+    let server = support::serve_dns_only(dir.path(), port);
     let sock = dir.path().join("kubenet.sock");
     assert_eq!(std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777, 0o600);
 
@@ -62,6 +63,27 @@ fn requests_bad_requests_and_reload() {
     let out = kubenet(dir.path()).arg("reload").output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "reloaded kubenet.toml");
+
+    // A second serve for the same lab, on the same port: named as what it is, with the first
+    // one's pid, before it tries a port.
+    let out = kubenet(dir.path())
+        .args(["serve", "--dns-only", "--no-bridge", "--dns-listen", "127.0.0.1", "--dns-port", &port.to_string()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let want = format!("kubenet serve is already running for {} (pid {})", dir.path().display(), server.child.id());
+    assert!(err.contains(&want), "{want}\n{err}");
+
+    // What a reload cannot change live comes back to the client, not only to serve's log.
+    let toml = std::fs::read_to_string(dir.path().join("kubenet.toml")).unwrap();
+    let moved = toml.replace("upstream = [\"127.0.0.1:9\"]", "upstream = [\"127.0.0.1:10\"]");
+    assert_ne!(moved, toml);
+    std::fs::write(dir.path().join("kubenet.toml"), &moved).unwrap();
+    let out = kubenet(dir.path()).arg("reload").output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("warning: network.upstream changed: it takes effect when kubenet serve restarts"), "{said}");
     // A broken definition: the client itself stops at it (exit 2, as `config check`), and the
     // agent, asked directly, refuses the reload and keeps serving.
     std::fs::write(dir.path().join("kubenet.toml"), "colour = 1\n").unwrap();
@@ -74,7 +96,9 @@ fn requests_bad_requests_and_reload() {
     );
     let refused = ask(&mut conn, r#"{"cmd":"reload"}"#);
     assert_eq!(refused["ok"], false);
-    assert!(refused["error"].as_str().unwrap().contains("colour: unknown field"), "{refused}");
+    let why = refused["error"].as_str().unwrap();
+    assert!(why.starts_with("reload refused, still serving the previous definition: "), "{refused}");
+    assert!(why.contains("colour: unknown field"), "{refused}");
     assert_eq!(ask(&mut conn, r#"{"cmd":"status"}"#)["status"]["vms"], 7);
 
     drop(conn);

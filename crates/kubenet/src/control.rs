@@ -8,7 +8,7 @@
 //! ```text
 //! {"cmd":"status"}  -> {"ok":true,"status":{"config":..,"vms":7,"leases":3,"dns":{..}}}
 //! {"cmd":"leases"}  -> {"ok":true,"leases":[{"mac":..,"ip":..,"hostname":..,"expires":..}]}
-//! {"cmd":"reload"}  -> {"ok":true,"reloaded":"<config>"} or {"ok":false,"error":".."}
+//! {"cmd":"reload"}  -> {"ok":true,"reloaded":"<config>","warnings":[..]} or {"ok":false,"error":".."}
 //! {"cmd":"vms"}     -> {"ok":true,"vms":[{"name":"gateway","state":"running","pid":..,"since":..},..]}
 //! {"cmd":"start","vms":["worker0"]}  -> {"ok":true,"vms":[{"name":"worker0","result":"started","pid":..}]}
 //! {"cmd":"stop","vms":[],"grace_secs":60} -> {"ok":true,"vms":[{"name":..,"result":"powerdown"},..]}
@@ -64,8 +64,12 @@ enum Request {
 /// How long `stop` waits for a guest to power off before SIGTERM, unless the request says.
 const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// A reload's outcome: the definition now served and what waits for a restart, or why it was
+/// refused.
+pub type ReloadResult = Result<(String, Vec<String>), String>;
+
 /// A reload asked for over the socket; the agent's main loop answers it.
-pub type ReloadRequest = oneshot::Sender<Result<String, String>>;
+pub type ReloadRequest = oneshot::Sender<ReloadResult>;
 
 /// What the agent shares with the socket.
 pub struct Shared {
@@ -180,7 +184,7 @@ async fn connection(stream: UnixStream, shared: &Shared) -> io::Result<()> {
                 let (tx, rx) = oneshot::channel();
                 match shared.reloads.send(tx).ok().map(|()| rx) {
                     Some(rx) => match rx.await {
-                        Ok(Ok(source)) => json!({"ok": true, "reloaded": source}),
+                        Ok(Ok((source, later))) => json!({"ok": true, "reloaded": source, "warnings": later}),
                         Ok(Err(e)) => json!({"ok": false, "error": e}),
                         Err(_) => json!({"ok": false, "error": "the agent is stopping"}),
                     },

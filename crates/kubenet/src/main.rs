@@ -267,7 +267,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Reload => {
             let lab = load_lab(&cli, None)?;
             let v = control::request(&lab.state_dir, &serde_json::json!({"cmd": "reload"}))?;
-            writeln!(stdout, "reloaded {}", v["reloaded"].as_str().unwrap_or("?")).ok();
+            writeln!(stdout, "reloaded {}", v["reloaded"].as_str().unwrap_or("?")).map_err(output)?;
+            for w in v["warnings"].as_array().into_iter().flatten().filter_map(|w| w.as_str()) {
+                writeln!(stdout, "warning: {w}").map_err(output)?;
+            }
         }
         Command::Image(cli::ImageAction::Pull { names }) => {
             lifecycle::image_pull(&load_lab(&cli, None)?, names, &mut stdout)?;

@@ -42,6 +42,15 @@ fn upstreams(lab: &Lab, listen: SocketAddr) -> Vec<SocketAddr> {
 }
 
 async fn serve(lab: Lab, args: &ServeArgs, reload: &dyn Fn() -> anyhow::Result<Lab>) -> anyhow::Result<()> {
+    // Before any port: a second agent for the same lab would otherwise fail on port 53 and blame
+    // some other DNS server.
+    if let Ok(v) = crate::control::request(&lab.state_dir, &serde_json::json!({"cmd": "status"})) {
+        let pid = v["status"]["pid"].as_u64().map_or_else(|| "pid unknown".to_owned(), |p| format!("pid {p}"));
+        anyhow::bail!(
+            "kubenet serve is already running for {} ({pid}): use that one, or stop it first",
+            lab.state_dir.display()
+        );
+    }
     std::fs::create_dir_all(&lab.state_dir)
         .with_context(|| format!("cannot create the state directory {}", lab.state_dir.display()))?;
     // Linux: the bridge and taps vmnet-shared gives macOS. Built first, so that the lab's host
@@ -168,7 +177,7 @@ async fn servers(
             let lab = current.lock().expect("lab lock");
             let f = dns.forwarder().stats();
             serde_json::json!({
-                "version": env!("CARGO_PKG_VERSION"),
+                "version": env!("CARGO_PKG_VERSION"), "pid": std::process::id(),
                 "config": lab.source, "state_dir": lab.state_dir, "vms": lab.vms.len(),
                 "leases": leases.load(Relaxed),
                 "dns": {"queries": dns.counters.queries.load(Relaxed), "local": dns.counters.local.load(Relaxed),
@@ -209,19 +218,19 @@ async fn servers(
         tracing::warn!("cannot tell the service manager we are ready: {e}");
     }
 
-    let reload_now = |current: &Mutex<Lab>| -> Result<String, String> {
+    let reload_now = |current: &Mutex<Lab>| -> crate::control::ReloadResult {
         match reload() {
             Ok(new) => {
                 let mut cur = current.lock().expect("lab lock");
-                apply_reload(&cur, &new, &dns, dhcp_configs.as_ref());
+                let later = apply_reload(&cur, &new, &dns, dhcp_configs.as_ref());
                 let source = new.source.clone();
                 *cur = new;
-                Ok(source)
+                Ok((source, later))
             }
             // A broken edit must not take the lab down: keep serving what was loaded.
             Err(e) => {
                 tracing::error!("reload failed, still serving the previous configuration:\n{e:#}");
-                Err(format!("{e:#}"))
+                Err(format!("reload refused, still serving the previous definition: {e:#}"))
             }
         }
     };
@@ -280,22 +289,48 @@ async fn servers(
 
 /// Swaps in a reloaded lab: the zone at once, the DHCP engine's config through its channel
 /// (whose lease hook then puts the clients' names back into the new zone). Sockets, leases and
-/// the forwarder stay; what only a restart can change is named.
+/// the forwarder stay. Returns what only a restart can change ([`needs_restart`]), also logged.
 fn apply_reload(
     old: &Lab,
     new: &Lab,
     dns: &Dns,
     dhcp: Option<&tokio::sync::mpsc::UnboundedSender<kubenet_dhcp::Config>>,
-) {
+) -> Vec<String> {
     dns.update_zone(|z| *z = Zone::from_lab(new, new.dns.local_ttl));
     if let Some(tx) = dhcp {
         let _ = tx.send(kubenet_dhcp::Config::from_lab(new));
     }
-    let n = (&old.network, &new.network);
-    if n.0.upstream != n.1.upstream || old.dns.allow != new.dns.allow || old.state_dir != new.state_dir {
-        tracing::warn!("upstream, dns.allow and state_dir take effect at the next start of kubenet serve");
+    let later = needs_restart(old, new);
+    for w in &later {
+        tracing::warn!("{w}");
     }
     tracing::info!(vms = new.vms.len(), hosts = new.network.hosts.len(), "reloaded {}", new.source);
+    later
+}
+
+/// The changes between `old` and `new` a reload cannot make while `serve` runs, one message per
+/// field: what binds sockets, builds the host network, picks the forwarder's upstreams or the
+/// VMs' host profile at start. Names, addresses and VMs (the zone, the leases) do change live.
+pub fn needs_restart(old: &Lab, new: &Lab) -> Vec<String> {
+    let (o, n) = (&old.network, &new.network);
+    let fields = [
+        ("state_dir", old.state_dir != new.state_dir),
+        ("network.subnet", o.subnet != n.subnet),
+        ("network.host_address", o.host_address != n.host_address),
+        ("network.bridge", o.bridge != n.bridge),
+        ("network.nat", o.nat != n.nat),
+        ("network.upstream", o.upstream != n.upstream),
+        ("dns.allow", old.dns.allow != new.dns.allow),
+        ("accelerator", old.accelerator != new.accelerator),
+        ("firmware", old.firmware != new.firmware),
+    ];
+    fields
+        .iter()
+        .filter(|(_, changed)| *changed)
+        .map(|(name, _)| {
+            format!("{name} changed: it takes effect when kubenet serve restarts (until then the old value holds)")
+        })
+        .collect()
 }
 
 async fn stop_on_signal(token: CancellationToken) {
@@ -310,4 +345,26 @@ async fn stop_on_signal(token: CancellationToken) {
     }
     tracing::info!("stopping");
     token.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reload_names_what_waits_for_a_restart() {
+        let old = kubenet_cluster::load(&kubenet_cluster::Choice::Embedded, std::path::Path::new("/lab")).unwrap();
+        let mut new = old.clone();
+        assert!(needs_restart(&old, &new).is_empty());
+        new.network.hosts.clear();
+        new.vms.pop();
+        assert!(needs_restart(&old, &new).is_empty(), "names and VMs change live");
+        new.network.upstream = vec!["192.0.2.53:53".parse().unwrap()];
+        new.network.nat = !old.network.nat;
+        new.accelerator = kubenet_cluster::Accelerator::Tcg;
+        let later = needs_restart(&old, &new);
+        let names: Vec<&str> = later.iter().map(|w| w.split(' ').next().unwrap()).collect();
+        assert_eq!(names, ["network.nat", "network.upstream", "accelerator"]);
+        assert!(later[0].ends_with("it takes effect when kubenet serve restarts (until then the old value holds)"));
+    }
 }

@@ -690,7 +690,7 @@ fn image_pull_resumes_a_cut_download() {
 
 #[test]
 fn tmux_builds_the_tutorials_layout_headless() {
-    if tools(&["tmux"]).is_some() {
+    if tools(&["tmux", "python3"]).is_some() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -715,6 +715,18 @@ fn tmux_builds_the_tutorials_layout_headless() {
         c.env("TMUX_TMPDIR", &sockets).env_remove("TMUX");
         ok(kubenet_cmd(c, d, &["tmux", "lab"]))
     };
+    // Nothing set up, nothing running: no session of 14 empty panes, but why and what to do.
+    let mut c = Command::new(kubenet_bin());
+    c.env("TMUX_TMPDIR", &sockets).env_remove("TMUX");
+    let err = text(&kubenet_cmd(c, d, &["tmux", "lab"]));
+    assert!(err.contains("nothing of the lab is set up yet: the layout would be 14 panes with nothing in them; start the lab with `kubenet up`"), "{err}");
+    // One VM "running" (a stand-in that holds its pidfile, as QEMU does): the layout is built,
+    // and the panes of the VMs that do not run stay, showing why.
+    std::fs::create_dir_all(d.join("gateway")).unwrap();
+    let mut cmd = Command::new("python3");
+    cmd.args(["-u", "-c", FAKE_SERIAL]).arg(d.join("gateway/qemu.pid")).arg(d.join("gateway/serial.sock"));
+    let mut serial = support::Proc::spawn(cmd, &d.join("serial.log"));
+    serial.wait_for("listening", Duration::from_secs(10));
     let out = run();
     assert!(out.contains("not on a terminal: attach with `tmux attach -t lab`"), "{out}");
 
@@ -729,7 +741,7 @@ fn tmux_builds_the_tutorials_layout_headless() {
     assert!(active.trim().trim_matches('"').ends_with("ssh worker0"), "the first pane is active: {active}");
     let consoles = tmux(&["list-panes", "-t", "lab:qemu", "-F", "#{pane_start_command}"]);
     assert!(consoles.lines().next().unwrap().trim_matches('"').ends_with(" console gateway"), "{consoles}");
-    // No VM runs, so every pane's command has ended: the panes stay, showing why.
+    // The panes whose command ended stay, showing why.
     assert_eq!(tmux(&["show-options", "-w", "-v", "-t", "lab:qemu", "remain-on-exit"]), "on\n");
 
     // Again: the session is there; it is not built twice.

@@ -107,6 +107,23 @@ pub fn run(lab: &Lab, session: &str, kubenet: &[OsString], out: &mut impl Write)
             "tmux session {session} exists; attaching to it as it is (`tmux kill-session -t {session}` to rebuild)"
         )?;
     } else {
+        // A pane per VM twice over, each with nothing to show: say so instead.
+        let running = lab
+            .vms
+            .iter()
+            .filter(|vm| kubenet_vm::process::running(&kubenet_vm::VmFiles::new(lab, vm)).is_some())
+            .count();
+        if running == 0 {
+            let what = if kubenet_vm::LabFiles::new(lab).ssh_config().exists() {
+                "no VM of the lab is running"
+            } else {
+                "nothing of the lab is set up yet"
+            };
+            bail!(
+                "{what}: the layout would be {} panes with nothing in them; start the lab with `kubenet up`, then `kubenet tmux`",
+                lab.vms.len() * 2
+            );
+        }
         // One tmux invocation, commands separated by ";": the server runs them all before it
         // notices a pane's command ending, so remain-on-exit is set before any pane can close.
         let plan = plan(session, &windows(lab, kubenet));

@@ -150,6 +150,46 @@ fn setup_writes_files_real_tools_accept() {
     assert!(d.join("images").is_dir() && d.join("kubenet.toml").is_file());
 }
 
+/// A setup (or up) that cannot succeed makes nothing first: no host keys, no lab key, no
+/// folders, not even the state directory.
+#[test]
+fn a_failed_setup_leaves_nothing_behind() {
+    if tools(&["qemu-img"]).is_some() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("kubenet.toml"), support::test_lab()).unwrap();
+    let listing = || {
+        let mut v: Vec<String> =
+            std::fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        v.sort();
+        v
+    };
+    for cmd in [&["setup"][..], &["up", "--timeout", "1"]] {
+        let out = kubenet(d, &[&["--dir", "."][..], cmd].concat());
+        let err = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains("does not exist: run `kubenet image pull`"), "{err}");
+        assert_eq!(listing(), ["kubenet.toml"], "{cmd:?} left files behind");
+    }
+    // A VM that asks for more memory than any host has: `up` warns before anything starts.
+    std::fs::write(d.join("kubenet.toml"), support::test_lab().replace("memory = \"8G\"", "memory = \"4T\"")).unwrap();
+    let err = text(&kubenet(d, &["--dir", ".", "up", "worker0", "--timeout", "1"]));
+    assert!(err.contains("warning: worker0 asks for 4096.0 GiB of memory, more than this host's "), "{err}");
+    assert_eq!(listing(), ["kubenet.toml"]);
+    // One VM of several with an image that is too small for it: still nothing made.
+    lab_dir(d, d, &support::test_lab().replace("disk = \"20G\"", "disk = \"10M\""));
+    let err = text(&kubenet(d, &["setup"]));
+    assert!(err.contains("is smaller than its base image"), "{err}");
+    assert_eq!(listing(), ["images", "kubenet.toml"]);
+    // A state directory that does not exist is not made on the way to failing.
+    let nowhere = d.join("not/yet/here");
+    let out = kubenet(d, &["--dir", nowhere.to_str().unwrap(), "setup"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(!d.join("not").exists(), "{}", text(&out));
+}
+
 #[test]
 fn the_host_key_fetch_sees_what_sshd_presents() {
     if prerequisites(&["sshd", "ssh-keygen"]).is_some() {

@@ -53,23 +53,16 @@ pub fn overlay_command(backing: &Path, backing_format: &str, disk: &Path, size: 
     v
 }
 
-/// Creates the VM's overlay unless it exists. Returns whether it made one.
-pub fn create(lab: &Lab, vm: &Vm) -> Result<bool, DiskError> {
-    let files = VmFiles::new(lab, vm);
-    let disk = files.disk();
-    if disk.exists() {
-        return Ok(false);
-    }
+/// The base image `vm`'s overlay will sit on: its path, format and virtual size, checked
+/// against the VM's disk size. Reads the image's header only; makes nothing.
+pub fn base_of(lab: &Lab, vm: &Vm) -> Result<(PathBuf, &'static str, Bytes), DiskError> {
     let base = crate::files::base_image(lab, vm, Arch::HOST);
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| DiskError::Io { path, source }
-    };
+    let io = |source| DiskError::Io { path: base.clone(), source };
     let mut header = Vec::with_capacity(32);
     let base_size = match std::fs::File::open(&base) {
         Ok(f) => {
-            let len = f.metadata().map_err(io(&base))?.len();
-            f.take(32).read_to_end(&mut header).map_err(io(&base))?;
+            let len = f.metadata().map_err(io)?.len();
+            f.take(32).read_to_end(&mut header).map_err(io)?;
             virtual_size(&header, len)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -79,15 +72,32 @@ pub fn create(lab: &Lab, vm: &Vm) -> Result<bool, DiskError> {
             };
             return Err(DiskError::NoBaseImage { path: base, hint });
         }
-        Err(e) => return Err(io(&base)(e)),
+        Err(e) => return Err(io(e)),
     };
     if vm.disk < base_size {
         return Err(DiskError::SmallerThanImage { vm: vm.name.clone(), disk: vm.disk, base, base_size });
     }
-    std::fs::create_dir_all(&files.dir).map_err(io(&files.dir))?;
+    Ok((base, image_format(&header), base_size))
+}
+
+/// What [`create`] would refuse, found without making anything: a VM whose overlay exists
+/// passes; else its base image must be there and fit.
+pub fn check(lab: &Lab, vm: &Vm) -> Result<(), DiskError> {
+    if VmFiles::new(lab, vm).disk().exists() { Ok(()) } else { base_of(lab, vm).map(drop) }
+}
+
+/// Creates the VM's overlay unless it exists. Returns whether it made one.
+pub fn create(lab: &Lab, vm: &Vm) -> Result<bool, DiskError> {
+    let files = VmFiles::new(lab, vm);
+    let disk = files.disk();
+    if disk.exists() {
+        return Ok(false);
+    }
+    let (base, format, _) = base_of(lab, vm)?;
+    std::fs::create_dir_all(&files.dir).map_err(|source| DiskError::Io { path: files.dir.clone(), source })?;
     let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
     let backing = relative_to(&abs(&base), &abs(&files.dir));
-    let cmd = overlay_command(&backing, image_format(&header), Path::new("disk.img"), vm.disk);
+    let cmd = overlay_command(&backing, format, Path::new("disk.img"), vm.disk);
     let out = std::process::Command::new(&cmd[0])
         .args(&cmd[1..])
         .current_dir(&files.dir)

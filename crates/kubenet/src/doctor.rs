@@ -48,6 +48,7 @@ pub fn run(lab: &Lab, json: bool, out: &mut impl Write) -> anyhow::Result<bool> 
     all.extend(state_dir(lab));
     all.push(host_resolver(lab));
     all.push(disk_space(lab));
+    all.push(memory(lab));
     all.push(tmux());
     if json {
         serde_json::to_writer_pretty(&mut *out, &all).map_err(std::io::Error::from)?;
@@ -520,6 +521,60 @@ pub fn space_verdict(dir: &Path, available: u64, needed: u64) -> Check {
     }
 }
 
+/// This host's memory: /proc/meminfo's MemTotal on Linux, `sysctl hw.memsize` on macOS.
+pub fn host_memory() -> Option<u64> {
+    if cfg!(target_os = "macos") {
+        let out = std::process::Command::new("sysctl").args(["-n", "hw.memsize"]).output().ok()?;
+        return String::from_utf8_lossy(&out.stdout).trim().parse().ok();
+    }
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 =
+        info.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Warnings for `vms` on a host with `host` bytes of memory: each VM that asks for more than
+/// the host has, and the VMs together asking for more (QEMU starts them anyway; the guests
+/// then swap or are killed by the host).
+pub fn memory_warnings(vms: &[&kubenet_cluster::Vm], host: u64) -> Vec<String> {
+    let gib = |b: u64| format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64);
+    let mut out: Vec<String> = vms
+        .iter()
+        .filter(|vm| vm.memory.0 > host)
+        .map(|vm| format!("{} asks for {} of memory, more than this host's {}", vm.name, gib(vm.memory.0), gib(host)))
+        .collect();
+    let total: u64 = vms.iter().map(|vm| vm.memory.0).sum();
+    if out.is_empty() && total > host {
+        out.push(format!(
+            "the {} VMs together ask for {} of memory, more than this host's {}: start fewer, or lower their `memory`",
+            vms.len(),
+            gib(total),
+            gib(host)
+        ));
+    }
+    out
+}
+
+fn memory(lab: &Lab) -> Check {
+    let Some(host) = host_memory() else { return check("memory", Level::Warn, "cannot tell this host's memory", None) };
+    let vms: Vec<&kubenet_cluster::Vm> = lab.vms.iter().collect();
+    let total: u64 = vms.iter().map(|vm| vm.memory.0).sum();
+    match memory_warnings(&vms, host).as_slice() {
+        [] => check(
+            "memory",
+            Level::Ok,
+            format!("the VMs ask for {} MiB of this host's {} MiB", total >> 20, host >> 20),
+            None,
+        ),
+        warnings => check(
+            "memory",
+            Level::Warn,
+            warnings.join("; "),
+            Some("lower the groups' `memory`, or `kubenet up` only some VMs".into()),
+        ),
+    }
+}
+
 fn tmux() -> Check {
     match std::process::Command::new("tmux").arg("-V").output() {
         Ok(o) if o.status.success() => {
@@ -580,6 +635,23 @@ mod tests {
         assert_eq!(space_verdict(p, 1 << 30, 1 << 40).level, Level::Fail);
         assert_eq!(space_verdict(p, 50 << 30, 140 << 30).level, Level::Warn);
         assert_eq!(space_verdict(p, 500 << 30, 140 << 30).level, Level::Ok);
+    }
+
+    #[test]
+    fn memory_beyond_the_host_is_named() {
+        let lab = kubenet_cluster::load(&kubenet_cluster::Choice::Embedded, Path::new("/lab")).unwrap();
+        let vms: Vec<&kubenet_cluster::Vm> = lab.vms.iter().collect();
+        // The reference lab: 4 x 2 GiB + 3 x 8 GiB = 32 GiB.
+        assert!(memory_warnings(&vms, 64 << 30).is_empty());
+        assert_eq!(
+            memory_warnings(&vms, 24 << 30),
+            [
+                "the 7 VMs together ask for 32.0 GiB of memory, more than this host's 24.0 GiB: start fewer, or lower their `memory`"
+            ]
+        );
+        let w = memory_warnings(&vms, 4 << 30);
+        assert_eq!(w.len(), 3, "each worker alone: {w:?}");
+        assert_eq!(w[0], "worker0 asks for 8.0 GiB of memory, more than this host's 4.0 GiB");
     }
 
     #[test]

@@ -27,6 +27,11 @@ pub(crate) fn now() -> u64 {
 /// `kubenet setup`: prepares the VMs and writes the lab's SSH files. Returns the login key.
 pub fn setup(lab: &Lab, args: &SetupArgs, out: &mut impl Write) -> anyhow::Result<LoginKey> {
     let vms = lab.select(&args.names).map_err(crate::cli::unknown_vm)?;
+    // Every VM's disk can be made (its base image is there and fits) before anything is made:
+    // a failed setup leaves no host keys, lab key or folders behind.
+    for vm in &vms {
+        kubenet_vm::disk::check(lab, vm)?;
+    }
     let login = keys::login_key(lab, &home()?)?;
     for vm in &vms {
         let made = kubenet_vm::prepare::vm(lab, vm, &login)?;
@@ -119,6 +124,11 @@ pub fn up(lab: &Lab, args: &UpArgs, out: &mut impl Write) -> anyhow::Result<()> 
     }
     for w in vms.iter().filter_map(|vm| kubenet_vm::qemu::emulation_warning(vm, Arch::HOST)) {
         eprintln!("warning: {w}");
+    }
+    if let Some(host) = crate::doctor::host_memory() {
+        for w in crate::doctor::memory_warnings(&vms, host) {
+            eprintln!("warning: {w}");
+        }
     }
     setup(lab, &args.setup, out)?;
     let names: Vec<&str> = vms.iter().map(|v| v.name.as_str()).collect();

@@ -54,7 +54,7 @@ pub struct RawDns {
 pub struct RawLogin {
     pub user: Option<Spanned<String>>,
     pub password: Option<String>,
-    pub ssh_public_key: Option<String>,
+    pub ssh_public_key: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -69,10 +69,10 @@ pub struct RawGroup {
     pub disk: Option<Spanned<String>>,
     pub arch: Option<Spanned<String>>,
     pub image: Option<String>,
-    pub image_url: Option<String>,
+    pub image_url: Option<Spanned<String>>,
     pub image_sha256: Option<Spanned<String>>,
-    pub user_data: Option<String>,
-    pub network_config: Option<String>,
+    pub user_data: Option<Spanned<String>>,
+    pub network_config: Option<Spanned<String>>,
     pub address: Option<Spanned<Ipv4Addr>>,
     #[serde(default)]
     pub addresses: BTreeMap<String, Spanned<Ipv4Addr>>,

@@ -50,11 +50,6 @@ impl Ctx<'_> {
         self.problems.push(Problem { line, column, key: key.into(), message: message.into() });
     }
 
-    /// A problem with the file as a whole.
-    fn whole(&mut self, key: impl Into<String>, message: impl Into<String>) {
-        self.problems.push(Problem { line: 0, column: 0, key: key.into(), message: message.into() });
-    }
-
     /// Parses a spanned string, reporting the error at its place.
     fn parse<T>(&mut self, v: &Spanned<String>, key: &str, f: impl FnOnce(&str) -> Result<T, String>) -> Option<T> {
         match f(v.get_ref()) {
@@ -106,6 +101,57 @@ fn parse_subnet(s: &str) -> Result<Ipv4Net, String> {
         return Err(format!("`{s}` has host bits set: did you mean \"{}\"?", net.trunc()));
     }
     Ok(net)
+}
+
+/// A download address kubenet can fetch: http or https.
+fn check_url(s: &str) -> Result<String, String> {
+    match s.split_once("://") {
+        Some((scheme, rest))
+            if matches!(scheme.to_ascii_lowercase().as_str(), "http" | "https") && !rest.is_empty() =>
+        {
+            Ok(s.to_owned())
+        }
+        _ => Err(format!("`{s}` is not an http:// or https:// address (kubenet image pull downloads over HTTP)")),
+    }
+}
+
+/// cloud-init YAML that must be a mapping (of cloud-config keys, or network-config's).
+fn check_yaml_mapping(s: &str, what: &str) -> Result<String, String> {
+    match serde_yaml_ng::from_str::<serde_yaml_ng::Value>(s) {
+        Ok(serde_yaml_ng::Value::Mapping(_) | serde_yaml_ng::Value::Null) => Ok(s.to_owned()),
+        Ok(other) => {
+            let found = match other {
+                serde_yaml_ng::Value::Sequence(_) => "a list",
+                serde_yaml_ng::Value::String(_) => "a string",
+                _ => "a single value",
+            };
+            Err(format!("{what} must be a YAML mapping (`key: value` lines), but this is {found}"))
+        }
+        Err(e) => Err(format!("{what} is not YAML: {e}")),
+    }
+}
+
+/// The login key file `path` (`~` is `home`, a relative path the config folder's): there, and
+/// an OpenSSH public key ("TYPE BASE64 [comment]"), since every VM's seed carries it.
+pub fn check_public_key_file(path: &str, home: Option<&Path>, base_dir: &Path) -> Result<PathBuf, String> {
+    let full = match (path.strip_prefix("~/"), home) {
+        (Some(rest), Some(h)) => h.join(rest),
+        _ => base_dir.join(path),
+    };
+    let text = std::fs::read_to_string(&full).map_err(|e| format!("cannot read {}: {e}", full.display()))?;
+    let mut words = text.split_whitespace();
+    let kind = words.next().unwrap_or("");
+    let key = words.next().unwrap_or("");
+    let known = kind.starts_with("ssh-") || kind.starts_with("ecdsa-sha2-") || kind.starts_with("sk-");
+    let base64 = key.len() >= 16 && key.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='));
+    if known && base64 {
+        // `~` stays for the reader to expand; a relative path is the config's folder's.
+        Ok(if path.starts_with("~/") { PathBuf::from(path) } else { full })
+    } else if text.contains("PRIVATE KEY") {
+        Err(format!("{} is a private key: name the public one (usually the same path with .pub)", full.display()))
+    } else {
+        Err(format!("{} is not an OpenSSH public key (`ssh-ed25519 AAAA... comment`)", full.display()))
+    }
 }
 
 fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
@@ -193,6 +239,19 @@ pub(crate) fn resolve(raw: RawLab, text: &str, source: String, base_dir: &Path) 
     .unwrap_or_default();
 
     let ip_offset = n.ip_offset.as_ref().map_or(IP_OFFSET, |v| *v.get_ref());
+    if let Some(v) = &n.ip_offset {
+        let hosts = u32::from(subnet.broadcast()).saturating_sub(u32::from(subnet.network()));
+        if ip_offset == 0 || ip_offset >= hosts {
+            cx.at(
+                v.span(),
+                "network.ip_offset",
+                format!(
+                    "{ip_offset} puts the VMs outside {subnet}: VM id 0 gets the subnet's address number ip_offset, so use 1 to {}",
+                    hosts.saturating_sub(1)
+                ),
+            );
+        }
+    }
 
     let mac_prefix = match &n.mac_prefix {
         Some(v) => cx.parse(v, "network.mac_prefix", |s| {
@@ -292,17 +351,37 @@ pub(crate) fn resolve(raw: RawLab, text: &str, source: String, base_dir: &Path) 
         }
         .unwrap_or_default(),
         password: raw.login.password,
-        ssh_public_key: raw.login.ssh_public_key.map(PathBuf::from),
+        ssh_public_key: raw.login.ssh_public_key.as_ref().and_then(|v| {
+            // Under sudo (`sudo kubenet serve`) `~` is not the user's home, and serve never reads
+            // the key: only the user's own commands, which do, check a `~` path.
+            if v.get_ref().starts_with("~/") && std::env::var_os("SUDO_USER").is_some() {
+                return Some(PathBuf::from(v.get_ref()));
+            }
+            let home = std::env::var_os("HOME").map(PathBuf::from);
+            cx.parse(v, "login.ssh_public_key", |s| check_public_key_file(s, home.as_deref(), base_dir))
+        }),
     };
 
     // Expand groups into VMs; ids run in file order across groups.
     let mut vms: Vec<Vm> = Vec::new();
     // (group index, span of the address override) for VMs whose address was given.
     let mut overridden: Vec<Option<Range<usize>>> = Vec::new();
+    // Each VM's group, to point at when a rule across VMs (a name or address taken twice) fails.
+    let mut group_of: Vec<Range<usize>> = Vec::new();
     for (gi, g) in raw.groups.iter().enumerate() {
         let gspan = g.span();
         let key = format!("group[{gi}]");
         let expanded = expand_group(&mut cx, g.get_ref(), gspan.clone(), &key);
+        let gr = g.get_ref();
+        let image_url = gr.image_url.as_ref().and_then(|v| cx.parse(v, &format!("{key}.image_url"), check_url));
+        let user_data = gr
+            .user_data
+            .as_ref()
+            .and_then(|v| cx.parse(v, &format!("{key}.user_data"), |s| check_yaml_mapping(s, "user_data")));
+        let network_config = gr
+            .network_config
+            .as_ref()
+            .and_then(|v| cx.parse(v, &format!("{key}.network_config"), |s| check_yaml_mapping(s, "network_config")));
         // The guests' architecture; "auto" (None) is decided on the host at launch.
         let arch = match &g.get_ref().arch {
             Some(v) if v.get_ref().eq_ignore_ascii_case("auto") => None,
@@ -379,19 +458,19 @@ pub(crate) fn resolve(raw: RawLab, text: &str, source: String, base_dir: &Path) 
                 arch,
                 image: PathBuf::from(gr.image.as_deref().unwrap_or(IMAGE)),
                 // The default image comes from Ubuntu unless the group says otherwise.
-                image_url: gr
-                    .image_url
+                image_url: image_url
                     .clone()
                     .or_else(|| (gr.image.as_deref().unwrap_or(IMAGE) == IMAGE).then(|| IMAGE_URL.to_owned())),
                 image_sha256: image_sha256.clone(),
-                user_data: gr.user_data.clone(),
-                network_config: gr.network_config.clone(),
+                user_data: user_data.clone(),
+                network_config: network_config.clone(),
             });
             overridden.push(addr.map(|a| a.span()));
+            group_of.push(gspan.clone());
         }
     }
     if vms.is_empty() && raw.groups.is_empty() {
-        cx.whole("group", "the lab has no VMs: add a [[group]] with a `name` or a `prefix` and `count`");
+        cx.at(0..0, "group", "the lab has no VMs: add a [[group]] with a `name` or a `prefix` and `count`");
     }
 
     // Capacity first: with too many VMs, per-VM errors would only repeat it hundreds of times.
@@ -401,8 +480,17 @@ pub(crate) fn resolve(raw: RawLab, text: &str, source: String, base_dir: &Path) 
     let needed = overridden.iter().filter(|o| o.is_none()).count() as u32;
     if needed > free {
         let first_ip = Ipv4Addr::from(first.min(last + 1));
-        cx.whole(
-            "group",
+        // Blame the subnet (or the offset) where the file sets it, else the last group.
+        let (span, key) = match (&n.subnet, &n.ip_offset) {
+            (Some(v), _) => (v.span(), "network.subnet".to_owned()),
+            (None, Some(v)) => (v.span(), "network.ip_offset".to_owned()),
+            (None, None) => {
+                (raw.groups.last().map_or(0..0, |g| g.span()), format!("group[{}]", raw.groups.len().saturating_sub(1)))
+            }
+        };
+        cx.at(
+            span,
+            key,
             format!(
                 "the lab has {needed} VMs without an address override but {subnet} has only {free} free addresses from {first_ip} (network.ip_offset = {ip_offset}) to {}: use a larger subnet, a smaller ip_offset or fewer VMs",
                 Ipv4Addr::from(last)
@@ -411,31 +499,35 @@ pub(crate) fn resolve(raw: RawLab, text: &str, source: String, base_dir: &Path) 
         return Err(cx.problems);
     }
 
-    for (vm, ovr) in vms.iter_mut().zip(&overridden) {
+    for ((vm, ovr), group) in vms.iter_mut().zip(&overridden).zip(&group_of) {
         let key = format!("VM {}", vm.name);
-        let span = ovr.clone();
-        if span.is_none() {
+        if ovr.is_none() {
             vm.ip = Ipv4Addr::from(first + vm.id);
         }
-        let at = span.unwrap_or(0..0);
+        // The address override if there is one, else the group that made the VM.
+        let at = ovr.clone().unwrap_or_else(|| group.clone());
         if let Some(m) = usable_message(&subnet, vm.ip) {
-            cx.at(at.clone(), &key, m);
+            cx.at(at, &key, m);
         } else if let Some(prev) = addrs.get(&vm.ip) {
-            let m = format!("{} of {} is already taken by {prev}", vm.ip, vm.name);
-            if ovr.is_some() { cx.at(at, &key, m) } else { cx.whole(&key, m) }
+            cx.at(at, &key, format!("{} of {} is already taken by {prev}", vm.ip, vm.name));
         }
         addrs.insert(vm.ip, format!("VM {}", vm.name));
     }
     // Names: VMs against each other, the host and the extra entries.
     let mut vm_names: HashMap<&str, u32> = HashMap::new();
-    for vm in &vms {
+    for (vm, group) in vms.iter().zip(&group_of) {
         if let Some(prev) = vm_names.insert(&vm.name, vm.id) {
-            cx.whole(
+            cx.at(
+                group.clone(),
                 format!("VM {}", vm.name),
                 format!("the name `{}` is used by VM ids {prev} and {}", vm.name, vm.id),
             );
         } else if let Some(prev) = names.get(&vm.name) {
-            cx.whole(format!("VM {}", vm.name), format!("the name `{}` is already used by {prev}", vm.name));
+            cx.at(
+                group.clone(),
+                format!("VM {}", vm.name),
+                format!("the name `{}` is already used by {prev}", vm.name),
+            );
         }
     }
 

@@ -207,14 +207,49 @@ const BROKEN: &[(&str, &str, usize, &str)] = &[
     ("[[group]]\nprefix = \"w\"\n", "group[0].count", 2, "needs `count`"),
     ("[[group]]\nname = \"a\"\nprefix = \"w\"\ncount = 2\n", "group[0].name", 2, "not both"),
     ("[[group]]\nname = \"a\"\naddress = \"192.168.1.1\"\n", "VM a", 3, "already taken by network.host_address"),
+    // Rules across VMs point at the group that made the later VM.
     (
         "[[group]]\nname = \"a\"\naddress = \"192.168.1.11\"\n[[group]]\nname = \"b\"\n",
         "VM b",
-        0,
+        4,
         "already taken by VM a",
     ),
-    ("[[group]]\nname = \"vmhost\"\n", "VM vmhost", 0, "already used by network.host_name"),
-    ("[[group]]\nprefix = \"w\"\ncount = 2\n[[group]]\nname = \"w1\"\n", "VM w1", 0, "used by VM ids 1 and 2"),
+    ("[[group]]\nname = \"vmhost\"\n", "VM vmhost", 1, "already used by network.host_name"),
+    ("[[group]]\nprefix = \"w\"\ncount = 2\n[[group]]\nname = \"w1\"\n", "VM w1", 4, "used by VM ids 1 and 2"),
+    ("# nothing\n", "group", 1, "the lab has no VMs"),
+    // What `setup` would refuse later, refused here.
+    (
+        "[[group]]\nname = \"a\"\nimage_url = \"ftp://mirror/x.img\"\n",
+        "group[0].image_url",
+        3,
+        "not an http:// or https:// address",
+    ),
+    (
+        "[[group]]\nname = \"a\"\nuser_data = \"[1, 2]\"\n",
+        "group[0].user_data",
+        3,
+        "must be a YAML mapping (`key: value` lines), but this is a list",
+    ),
+    (
+        "[[group]]\nname = \"a\"\nnetwork_config = \"dhcp please\"\n",
+        "group[0].network_config",
+        3,
+        "but this is a string",
+    ),
+    ("[[group]]\nname = \"a\"\nuser_data = \"a: [\"\n", "group[0].user_data", 3, "user_data is not YAML"),
+    (
+        "[login]\nssh_public_key = \"/nonexistent/key.pub\"\n[[group]]\nname = \"a\"\n",
+        "login.ssh_public_key",
+        2,
+        "cannot read /nonexistent/key.pub",
+    ),
+    (
+        "[network]\nip_offset = 0\n[[group]]\nname = \"a\"\n",
+        "network.ip_offset",
+        2,
+        "0 puts the VMs outside 192.168.1.0/24",
+    ),
+    ("[network]\nip_offset = 255\n[[group]]\nname = \"a\"\n", "network.ip_offset", 2, "use 1 to 254"),
     (
         "[network.hosts]\nregistry = \"192.168.9.5\"\n[[group]]\nname = \"a\"\n",
         "network.hosts.registry",
@@ -247,8 +282,8 @@ const BROKEN: &[(&str, &str, usize, &str)] = &[
     ("[dns]\nlocal_ttl = -1\n", "dns.local_ttl", 2, "invalid value"),
     (
         "[network]\nip_offset = 250\n[[group]]\nprefix = \"w\"\ncount = 6\n",
-        "group",
-        0,
+        "network.ip_offset",
+        2,
         "6 VMs without an address override but 192.168.1.0/24 has only 5 free addresses",
     ),
 ];
@@ -318,4 +353,30 @@ fn dns_access_list_and_ttl() {
     let allow: Vec<String> = custom.dns.allow.iter().map(ToString::to_string).collect();
     assert_eq!(allow, ["10.1.2.3/32", "172.16.5.0/24"]);
     assert_eq!(custom.dns.local_ttl, 30);
+}
+
+/// `login.ssh_public_key` is read at `config check`, as `setup` reads it: a relative path is the
+/// config folder's, a private key is named as such.
+#[test]
+fn the_login_key_is_checked_where_the_config_lives() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let text = "[login]\nssh_public_key = \"keys/me.pub\"\n[[group]]\nname = \"a\"\n";
+    std::fs::create_dir(d.join("keys")).unwrap();
+    std::fs::write(
+        d.join("keys/me.pub"),
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl me@laptop\n",
+    )
+    .unwrap();
+    let lab = kubenet_cluster::parse(text, Source::Embedded, d).unwrap();
+    assert_eq!(lab.login.ssh_public_key, Some(d.join("keys/me.pub")));
+    std::fs::write(
+        d.join("keys/me.pub"),
+        "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let err = kubenet_cluster::parse(text, Source::Embedded, d).unwrap_err();
+    let p = &err.problems()[0];
+    assert_eq!((p.key.as_str(), p.line), ("login.ssh_public_key", 2));
+    assert!(p.message.ends_with("is a private key: name the public one (usually the same path with .pub)"), "{p:?}");
 }

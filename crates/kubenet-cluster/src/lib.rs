@@ -33,8 +33,9 @@ pub const CONFIG_ENV: &str = "KUBENET_CONFIG";
 /// The file name looked for in the current directory, third in the lookup order.
 pub const CONFIG_FILE_NAME: &str = "kubenet.toml";
 
-/// Parses and validates a config. `base_dir` is where relative paths (the state directory) are
-/// taken from: the directory holding the file. Pure: nothing on the host is looked at.
+/// Parses and validates a config. `base_dir` is where relative paths (the state directory, the
+/// login key) are taken from: the directory holding the file. Reads one file besides the text:
+/// the login key, when the config names one (so `config check` refuses what `setup` would).
 pub fn parse(text: &str, source: Source, base_dir: &Path) -> Result<Lab, ConfigError> {
     let index = error::LineIndex::new(text);
     let invalid = |problems| ConfigError::Invalid { file: source.clone(), problems };
@@ -49,7 +50,7 @@ pub fn parse(text: &str, source: Source, base_dir: &Path) -> Result<Lab, ConfigE
         // `Spanned` adds a private segment of its own to the path; users never wrote it.
         let path = e.path().to_string().replace(".$__serde_spanned_private_value", "");
         let inner = e.into_inner();
-        let message = inner.message().trim().to_string();
+        let message = plain_types(inner.message().trim());
         // At the top level the path is "."; an unknown key there is named only in the message.
         let key = match message.strip_prefix("unknown field `").and_then(|m| m.split_once('`')) {
             Some((field, _)) if path == "." => field.to_string(),
@@ -59,6 +60,22 @@ pub fn parse(text: &str, source: Source, base_dir: &Path) -> Result<Lab, ConfigE
         invalid(vec![Problem { line, column, key, message }])
     })?;
     resolve::resolve(raw, text, source.to_string(), base_dir).map_err(invalid)
+}
+
+/// serde's messages name Rust types ("expected u32"); the user wrote TOML, so say what fits.
+fn plain_types(message: &str) -> String {
+    let mut m = message.to_owned();
+    for (rust, plain) in [
+        ("u8", "a whole number from 0 to 255"),
+        ("u16", "a whole number from 0 to 65535"),
+        ("u32", "a whole number from 0 to 4294967295"),
+        ("u64", "a whole number of 0 or more"),
+        ("usize", "a whole number of 0 or more"),
+        ("i64", "a whole number"),
+    ] {
+        m = m.replace(&format!("expected {rust}"), &format!("expected {plain}"));
+    }
+    m
 }
 
 /// Which config the lookup order picked.

@@ -279,7 +279,18 @@ const BROKEN: &[(&str, &str, usize, &str)] = &[
         2,
         "not an address or a network",
     ),
-    ("[dns]\nlocal_ttl = -1\n", "dns.local_ttl", 2, "invalid value"),
+    (
+        "[dns]\nlocal_ttl = -1\n",
+        "dns.local_ttl",
+        2,
+        "invalid value: integer `-1`, expected a whole number from 0 to 4294967295",
+    ),
+    (
+        "[[group]]\nname = \"a\"\nvcpus = \"two\"\n",
+        "group[0].vcpus",
+        3,
+        "invalid type: string \"two\", expected a whole number from 0",
+    ),
     (
         "[network]\nip_offset = 250\n[[group]]\nprefix = \"w\"\ncount = 6\n",
         "network.ip_offset",

@@ -39,14 +39,36 @@ pub const CONFIG_FILE_NAME: &str = "kubenet.toml";
 pub fn parse(text: &str, source: Source, base_dir: &Path) -> Result<Lab, ConfigError> {
     let index = error::LineIndex::new(text);
     let invalid = |problems| ConfigError::Invalid { file: source.clone(), problems };
-    let locate = |span: Option<std::ops::Range<usize>>| span.map_or((0, 0), |s| index.locate(s.start));
+    let raw = read_raw(text, &index).map_err(invalid)?;
+    resolve::resolve(raw, text, source.to_string(), base_dir).map_err(invalid)
+}
 
-    let de = toml::Deserializer::parse(text).map_err(|e| {
-        let (line, column) = locate(e.span());
-        let key = e.span().and_then(|s| index.key_on_line(s.start)).unwrap_or_else(|| "(syntax)".into());
-        invalid(vec![Problem { line, column, key, message: e.message().trim().to_string() }])
-    })?;
-    let raw: raw::RawLab = serde_path_to_error::deserialize(de).map_err(|e| {
+/// The most type errors one `config check` reports.
+const MAX_TYPE_ERRORS: usize = 50;
+
+/// The file as serde structs. serde stops at the first value of the wrong type, so to report
+/// them all in one pass the line of each is blanked (spaces, so every other span stays where it
+/// was) and the file read again, until it reads or a syntax error ends the search.
+fn read_raw(text: &str, index: &error::LineIndex) -> Result<raw::RawLab, Vec<Problem>> {
+    let locate = |span: Option<std::ops::Range<usize>>| span.map_or((0, 0), |s| index.locate(s.start));
+    let mut text = text.to_owned();
+    let mut problems: Vec<Problem> = Vec::new();
+    loop {
+        let de = match toml::Deserializer::parse(&text) {
+            Ok(de) => de,
+            // A syntax error of the file as written; one made by blanking ends the search.
+            Err(_) if !problems.is_empty() => break,
+            Err(e) => {
+                let (line, column) = locate(e.span());
+                let key = e.span().and_then(|s| index.key_on_line(s.start)).unwrap_or_else(|| "(syntax)".into());
+                return Err(vec![Problem { line, column, key, message: e.message().trim().to_string() }]);
+            }
+        };
+        let e = match serde_path_to_error::deserialize::<_, raw::RawLab>(de) {
+            Ok(raw) if problems.is_empty() => return Ok(raw),
+            Ok(_) => break,
+            Err(e) => e,
+        };
         // `Spanned` adds a private segment of its own to the path; users never wrote it.
         let path = e.path().to_string().replace(".$__serde_spanned_private_value", "");
         let inner = e.into_inner();
@@ -56,10 +78,29 @@ pub fn parse(text: &str, source: Source, base_dir: &Path) -> Result<Lab, ConfigE
             Some((field, _)) if path == "." => field.to_string(),
             _ => path,
         };
-        let (line, column) = locate(inner.span());
-        invalid(vec![Problem { line, column, key, message }])
-    })?;
-    resolve::resolve(raw, text, source.to_string(), base_dir).map_err(invalid)
+        let span = inner.span();
+        let (line, column) = locate(span.clone());
+        problems.push(Problem { line, column, key, message });
+        match span {
+            Some(span) if problems.len() < MAX_TYPE_ERRORS && blank_lines(&mut text, span.clone()) => {}
+            _ => break,
+        }
+    }
+    problems.sort_by_key(|p| (p.line, p.column));
+    problems.dedup();
+    Err(problems)
+}
+
+/// Replaces the lines `span` touches with spaces (newlines kept); false when they were blank.
+fn blank_lines(text: &mut String, span: std::ops::Range<usize>) -> bool {
+    let start = text[..span.start.min(text.len())].rfind('\n').map_or(0, |i| i + 1);
+    let end = text[span.end.min(text.len())..].find('\n').map_or(text.len(), |i| span.end + i);
+    if text[start..end].trim().is_empty() {
+        return false;
+    }
+    let blank: String = text[start..end].chars().map(|c| if c == '\n' { c } else { ' ' }).collect();
+    text.replace_range(start..end, &blank);
+    true
 }
 
 /// serde's messages name Rust types ("expected u32"); the user wrote TOML, so say what fits.

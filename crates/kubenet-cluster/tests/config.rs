@@ -391,3 +391,25 @@ fn the_login_key_is_checked_where_the_config_lives() {
     assert_eq!((p.key.as_str(), p.line), ("login.ssh_public_key", 2));
     assert!(p.message.ends_with("is a private key: name the public one (usually the same path with .pub)"), "{p:?}");
 }
+
+/// Every value of the wrong type in one pass, in file order, in words a TOML writer knows.
+#[test]
+fn every_type_error_comes_at_once() {
+    let text = "[network]\nnat = \"yes\"\nip_offset = -3\n[[group]]\nname = \"a\"\nvcpus = \"two\"\n[[group]]\nprefix = \"w\"\ncount = \"x\"\nmemory = 4\ncolour = \"red\"\n";
+    let p = problems(text);
+    let got: Vec<(&str, usize)> = p.iter().map(|p| (p.key.as_str(), p.line)).collect();
+    assert_eq!(
+        got,
+        [
+            ("network.nat", 2),
+            ("network.ip_offset", 3),
+            ("group[0].vcpus", 6),
+            ("group[1].count", 9),
+            ("group[1].memory", 10),
+            ("group[1].colour", 11),
+        ],
+        "{p:?}"
+    );
+    assert!(p.iter().all(|p| !p.message.contains("u32")), "{p:?}");
+    assert!(p[5].message.starts_with("unknown field `colour`"), "{p:?}");
+}

@@ -26,13 +26,14 @@
 #   nftables         nft, for `serve`'s NAT rule, tested inside a namespace of the test's own
 #   systemd          systemd-analyze verify, for the unit `kubenet service install` writes
 #   man-db           man -l, to render the man pages `kubenet man` writes
+#   ruby             ruby -c, the Homebrew formula's syntax check
 #   debootstrap, grub-efi-amd64-bin, grub-pc-bin, dosfstools, mtools, gdisk
 #                    scripts/build-test-image.sh: the end-to-end test's Debian image, its UEFI and
 #                    BIOS GRUB, its ESP and its GPT
 set -euo pipefail
 
 packages=(dnsmasq-base isc-dhcp-client udhcpc bind9-dnsutils iproute2 kea-admin dnsperf
-    qemu-system-x86 ovmf qemu-system-arm qemu-efi-aarch64 qemu-user-static file genisoimage cloud-init openssh-server openssh-client tmux nftables systemd man-db
+    qemu-system-x86 ovmf qemu-system-arm qemu-efi-aarch64 qemu-user-static file genisoimage cloud-init openssh-server openssh-client tmux nftables systemd man-db ruby
     debootstrap grub-efi-amd64-bin grub-pc-bin dosfstools mtools gdisk)
 
 missing=()

@@ -162,3 +162,103 @@ fn man_pages_render_for_every_command() {
         assert!(shown.contains("NAME") && shown.contains("SYNOPSIS") && shown.contains(name), "{page}:\n{shown}");
     }
 }
+
+/// The packaging script, run from the workspace.
+fn package(args: &[&str], out: &Path) -> Output {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/package");
+    Command::new(script).args(args).env("OUT", out).env("KUBENET_PACKAGE_PROFILE", "dev").output().unwrap()
+}
+
+/// The Homebrew formula, rendered for a source archive of this checkout, is valid Ruby and
+/// names that archive's SHA-256.
+#[test]
+fn the_homebrew_formula_is_valid_ruby_for_the_source_archive() {
+    if tools(&["ruby", "git", "sha256sum"]).is_some() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = package(&["homebrew", "https://example.invalid/kubenet-0.1.0.tar.gz"], dir.path());
+    assert!(out.status.success(), "{}", text(&out));
+    let formula = dir.path().join("kubenet.rb");
+    let check = Command::new("ruby").arg("-c").arg(&formula).output().unwrap();
+    assert!(check.status.success() && text(&check).contains("Syntax OK"), "{}", text(&check));
+    let archive = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "gz"))
+        .unwrap();
+    let sums = Command::new("sha256sum").arg(&archive).output().unwrap();
+    let sum = String::from_utf8_lossy(&sums.stdout).split_whitespace().next().unwrap().to_owned();
+    let text = std::fs::read_to_string(&formula).unwrap();
+    assert!(
+        text.contains(&format!("sha256 \"{sum}\""))
+            && text.contains("url \"https://example.invalid/kubenet-0.1.0.tar.gz\""),
+        "{text}"
+    );
+    assert!(text.contains("std_cargo_args(path: \"crates/kubenet\")"), "{text}");
+    let listing = Command::new("tar").arg("tzf").arg(&archive).output().unwrap();
+    assert!(String::from_utf8_lossy(&listing.stdout).lines().any(|l| l.ends_with("/crates/kubenet/Cargo.toml")));
+}
+
+/// The Debian package (cargo-deb) installs with dpkg, its kubenet runs, its man pages render,
+/// and dpkg -r leaves nothing. Into a root of the test's own (`dpkg --root`), so the machine's
+/// own packages are not touched; its dependencies (libc6, QEMU) are not in that root's database,
+/// hence --force-depends.
+#[test]
+fn the_deb_installs_runs_and_removes_cleanly() {
+    if tools(&["dpkg", "dpkg-deb", "man"]).is_some() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = package(&["deb"], dir.path());
+    assert!(out.status.success(), "{}", text(&out));
+    let deb = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .unwrap();
+    let root = dir.path().join("root");
+    for d in ["var/lib/dpkg/info", "var/lib/dpkg/updates"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::write(root.join("var/lib/dpkg/status"), "").unwrap();
+    let dpkg = |args: &[&str]| {
+        let o = Command::new("dpkg").arg(format!("--root={}", root.display())).args(args).output().unwrap();
+        assert!(o.status.success(), "dpkg {args:?}: {}", text(&o));
+        text(&o)
+    };
+    dpkg(&["--force-depends", "-i", deb.to_str().unwrap()]);
+    let v = Command::new(root.join("usr/bin/kubenet")).arg("--version").output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&v.stdout).trim(), format!("kubenet {}", env!("CARGO_PKG_VERSION")));
+    for f in [
+        "usr/share/man/man1/kubenet-snapshot-save.1.gz",
+        "usr/share/bash-completion/completions/kubenet",
+        "usr/share/kubenet/kubenet.toml",
+    ] {
+        assert!(root.join(f).is_file(), "{f} not installed");
+    }
+    let man = Command::new("man")
+        .args(["-l", "-P", "cat"])
+        .arg(root.join("usr/share/man/man1/kubenet-up.1.gz"))
+        .output()
+        .unwrap();
+    assert!(man.status.success() && String::from_utf8_lossy(&man.stdout).contains("kubenet-up"), "{}", text(&man));
+
+    dpkg(&["-r", "kubenet"]);
+    let left: Vec<String> = walk(&root)
+        .into_iter()
+        .filter(|p| !p.starts_with(root.join("var/lib/dpkg")))
+        .map(|p| p.display().to_string())
+        .collect();
+    assert!(left.is_empty(), "left after dpkg -r: {left:?}");
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() { out.extend(walk(&p)) } else { out.push(p) }
+    }
+    out
+}

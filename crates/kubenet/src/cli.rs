@@ -22,6 +22,41 @@ pub fn unknown_vm(message: String) -> anyhow::Error {
 }
 
 use clap::{Args, Parser, Subcommand};
+use clap_complete::engine::{ArgValueCompleter, CompletionCandidate};
+
+/// The lab a completion is for: the one the lookup order finds from here (`$KUBENET_CONFIG`,
+/// ./kubenet.toml, the built-in lab). A `--config` on the line being completed is not seen.
+fn lab_here() -> Option<kubenet_cluster::Lab> {
+    let cwd = std::env::current_dir().ok()?;
+    let env = std::env::var_os(kubenet_cluster::CONFIG_ENV);
+    let choice = kubenet_cluster::choose(None, env.as_deref(), cwd.join(kubenet_cluster::CONFIG_FILE_NAME).is_file());
+    kubenet_cluster::load(&choice, &cwd).ok()
+}
+
+/// The lab's VM names that start with what is typed, each with its role and address.
+pub fn vm_names(current: &std::ffi::OsStr) -> Vec<CompletionCandidate> {
+    let typed = current.to_string_lossy();
+    let Some(lab) = lab_here() else { return Vec::new() };
+    lab.vms
+        .iter()
+        .filter(|vm| vm.name.starts_with(typed.as_ref()))
+        .map(|vm| CompletionCandidate::new(&vm.name).help(Some(format!("{} {}", vm.role, vm.ip).into())))
+        .collect()
+}
+
+/// The lab's snapshot names that start with what is typed.
+pub fn snapshot_names(current: &std::ffi::OsStr) -> Vec<CompletionCandidate> {
+    let typed = current.to_string_lossy();
+    let Some(lab) = lab_here() else { return Vec::new() };
+    let Ok(all) = kubenet_vm::snapshot::Store::new(&lab).list() else { return Vec::new() };
+    all.iter()
+        .filter(|m| m.name.starts_with(typed.as_ref()))
+        .map(|m| {
+            CompletionCandidate::new(&m.name)
+                .help(Some(format!("{} VMs{}", m.vms.len(), if m.live { ", live" } else { "" }).into()))
+        })
+        .collect()
+}
 
 #[derive(Debug, Parser)]
 #[command(name = "kubenet", version, about = "A reproducible N-VM lab for Kubernetes-the-hard-way clusters")]
@@ -79,18 +114,22 @@ pub enum Command {
     /// SSH to a VM with the lab's ssh_config (strict host-key checking), e.g.
     /// `kubenet ssh worker0 -- uptime`.
     Ssh {
+        #[arg(add = ArgValueCompleter::new(vm_names))]
         name: String,
         /// A command to run instead of a login shell.
         #[arg(last = true)]
         command: Vec<String>,
     },
     /// Attach to a VM's serial console; Ctrl-] detaches.
-    Console { name: String },
+    Console {
+        #[arg(add = ArgValueCompleter::new(vm_names))]
+        name: String,
+    },
     /// Give VMs a fresh disk and seed, so cloud-init runs again at their next start (they must
     /// be stopped). Their host keys stay.
     Reset {
         /// The VMs to reset (at least one).
-        #[arg(required = true)]
+        #[arg(required = true, add = ArgValueCompleter::new(vm_names))]
         names: Vec<String>,
     },
     /// Lab snapshots: the whole lab (or `--vm` VMs) at one step of the tutorial, and back to it
@@ -135,7 +174,9 @@ pub enum Command {
         /// Where to write them; created if missing.
         dir: PathBuf,
     },
-    /// Print a shell completion script, e.g. `kubenet completions bash > ~/.local/share/bash-completion/completions/kubenet`.
+    /// Print a shell completion script that completes subcommands, options, the lab's VM names
+    /// and snapshot names (asking `kubenet` itself as you type), e.g.
+    /// `kubenet completions bash > ~/.local/share/bash-completion/completions/kubenet`.
     Completions { shell: clap_complete::Shell },
 }
 
@@ -166,6 +207,7 @@ pub enum ImageAction {
     /// SHA256SUMS beside it) and put it in place; an image already there and matching is kept.
     Pull {
         /// VMs whose images to fetch.
+        #[arg(add = ArgValueCompleter::new(vm_names))]
         names: Vec<String>,
     },
 }
@@ -208,7 +250,7 @@ pub enum SnapshotAction {
         #[arg(long)]
         live: bool,
         /// Only these VMs.
-        #[arg(long = "vm", value_name = "NAME", num_args = 1..)]
+        #[arg(long = "vm", value_name = "NAME", num_args = 1.., add = ArgValueCompleter::new(vm_names))]
         vms: Vec<String>,
     },
     /// Every snapshot: name, age, kind, and per VM the disk it pins and the memory it saved.
@@ -220,16 +262,18 @@ pub enum SnapshotAction {
     /// Put the VMs back to snapshot NAME, all or nothing; refused, VM by VM, where the lab
     /// changed since (a VM added or removed, readdressed, or its disk reset).
     Restore {
+        #[arg(add = ArgValueCompleter::new(snapshot_names))]
         name: String,
         /// Only these VMs of the snapshot.
-        #[arg(long = "vm", value_name = "NAME", num_args = 1..)]
+        #[arg(long = "vm", value_name = "NAME", num_args = 1.., add = ArgValueCompleter::new(vm_names))]
         vms: Vec<String>,
     },
     /// Delete snapshot NAME from every disk (or only `--vm` ones).
     Delete {
+        #[arg(add = ArgValueCompleter::new(snapshot_names))]
         name: String,
         /// Only these VMs of the snapshot.
-        #[arg(long = "vm", value_name = "NAME", num_args = 1..)]
+        #[arg(long = "vm", value_name = "NAME", num_args = 1.., add = ArgValueCompleter::new(vm_names))]
         vms: Vec<String>,
     },
 }
@@ -275,6 +319,7 @@ pub struct ServeArgs {
 #[derive(Debug, Args)]
 pub struct SetupArgs {
     /// The VMs to prepare; none: all.
+    #[arg(add = ArgValueCompleter::new(vm_names))]
     pub names: Vec<String>,
 
     /// Also put the lab's host keys into ~/.ssh/known_hosts (under a lock), replacing older
@@ -305,6 +350,7 @@ pub struct UpArgs {
 #[derive(Debug, Args)]
 pub struct DownArgs {
     /// The VMs to stop; none: all.
+    #[arg(add = ArgValueCompleter::new(vm_names))]
     pub names: Vec<String>,
 
     /// Seconds a guest gets to power off before QEMU is stopped.

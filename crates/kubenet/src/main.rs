@@ -98,6 +98,8 @@ impl From<ConfigError> for Failure {
 }
 
 fn main() -> ExitCode {
+    // A shell asking for completions (COMPLETE=bash kubenet -- ...): answer and exit.
+    clap_complete::CompleteEnv::with_factory(Cli::command).complete();
     let cli = Cli::parse();
     init_tracing(cli.verbose, cli.quiet);
     match run(cli) {
@@ -179,6 +181,21 @@ fn pane_command(cli: &Cli, lab: &Lab) -> anyhow::Result<Vec<std::ffi::OsString>>
     }
     argv.extend(["--dir".into(), cwd.join(&lab.state_dir).into_os_string()]);
     Ok(argv)
+}
+
+/// The registration script for `shell` of clap_complete's dynamic completion: the shell calls
+/// `COMPLETE=<shell> kubenet -- <words>` for candidates.
+fn completion_script(shell: clap_complete::Shell, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    use clap_complete::env::{Bash, Elvish, EnvCompleter, Fish, Powershell, Zsh};
+    let completer: &dyn EnvCompleter = match shell {
+        clap_complete::Shell::Bash => &Bash,
+        clap_complete::Shell::Elvish => &Elvish,
+        clap_complete::Shell::Fish => &Fish,
+        clap_complete::Shell::PowerShell => &Powershell,
+        clap_complete::Shell::Zsh => &Zsh,
+        other => return Err(std::io::Error::other(format!("no completions for {other}"))),
+    };
+    completer.write_registration("COMPLETE", "kubenet", "kubenet", "kubenet", buf)
 }
 
 /// A failed write to standard output: a closed pipe (marked by [`Out`]) is the reader's choice,
@@ -300,10 +317,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
             writeln!(stdout, "wrote {n} man pages to {}", dir.display()).map_err(output)?;
         }
         Command::Completions { shell } => {
-            // clap_complete panics when its writer fails (a closed pipe, a full disk): write
-            // the script to memory, then to standard output like every other command.
+            // The dynamic script: it asks `kubenet` (from PATH) for candidates as you type, so
+            // VM and snapshot names come from the lab of the moment. Written to memory first,
+            // then to standard output like every other command's.
             let mut script = Vec::new();
-            clap_complete::generate(*shell, &mut Cli::command(), "kubenet", &mut script);
+            completion_script(*shell, &mut script).map_err(output)?;
             stdout.write_all(&script).and_then(|()| stdout.flush()).map_err(output)?;
         }
     }

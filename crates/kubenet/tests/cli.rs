@@ -139,7 +139,7 @@ fn completions_and_version() {
     let dir = tempfile::tempdir().unwrap();
     let o = kubenet(dir.path(), &["completions", "bash"]);
     assert!(o.status.success());
-    assert!(stdout(&o).contains("_kubenet()"), "not a bash completion script");
+    assert!(stdout(&o).contains("_clap_complete_kubenet()"), "not a bash completion script");
     let o = kubenet(dir.path(), &["--version"]);
     assert_eq!(stdout(&o).trim(), format!("kubenet {}", env!("CARGO_PKG_VERSION")));
 }
@@ -294,4 +294,41 @@ fn first_contact_messages_say_what_to_do() {
     );
     let o = kubenet(d, &["--config", "my lab/kubenet.toml", "status"]);
     assert_eq!(stderr(&o), "", "a lab from a file needs no note");
+}
+
+/// The bash script `kubenet completions bash` prints, sourced in a real bash with this kubenet
+/// first in PATH: subcommands, and the lab's own VM names (from ./kubenet.toml, here a lab with
+/// other names than the built-in one) where a VM is asked for.
+#[test]
+fn bash_completes_subcommands_and_the_labs_vm_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let lab = "[[group]]\nprefix = \"node\"\ncount = 3\n[[group]]\nname = \"nfs\"\n";
+    std::fs::write(d.join("kubenet.toml"), lab).unwrap();
+    let script = stdout(&kubenet(d, &["completions", "bash"]));
+    std::fs::write(d.join("kubenet.bash"), &script).unwrap();
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_kubenet")).parent().unwrap();
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let complete = |words: &[&str]| -> Vec<String> {
+        let cword = words.len() - 1;
+        let program = format!(
+            "source kubenet.bash; COMP_WORDS=({}); COMP_CWORD={cword}; COMP_TYPE=9; _clap_complete_kubenet kubenet '{}' '{}'; printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+            words.iter().map(|w| format!("'{w}'")).collect::<Vec<_>>().join(" "),
+            words[cword],
+            words[cword - 1],
+        );
+        let o = Command::new("bash")
+            .args(["-c", &program])
+            .current_dir(d)
+            .env("PATH", &path)
+            .env_remove("KUBENET_CONFIG")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        stdout(&o).lines().map(|l| l.trim().to_owned()).filter(|l| !l.is_empty()).collect()
+    };
+    assert_eq!(complete(&["kubenet", "ssh", "no"]), ["node0", "node1", "node2"]);
+    assert_eq!(complete(&["kubenet", "down", "n"]), ["node0", "node1", "node2", "nfs"]);
+    assert_eq!(complete(&["kubenet", "snapshot", "save", "s1", "--vm", "nf"]), ["nfs"]);
+    assert!(complete(&["kubenet", "snaps"]).contains(&"snapshot".to_owned()));
 }

@@ -4,6 +4,12 @@
 use std::io::Write;
 use std::path::Path;
 
+/// Seconds since the Unix epoch (0 on a clock set before it): the time lease files, snapshot
+/// manifests and VM states are written in.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
 /// Replaces `path` with `contents` atomically; the file gets `mode` (less the umask), whatever
 /// the mode of the file it replaces or of a temporary one a crash left.
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {

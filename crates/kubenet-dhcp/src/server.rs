@@ -18,7 +18,7 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
 use tokio::io::Interest;
@@ -38,37 +38,26 @@ const EXPIRY_TICK: Duration = Duration::from_secs(60);
 /// How long an interface lookup is trusted before the interface list is read again.
 const IFACE_TTL: Duration = Duration::from_secs(5);
 
-/// A bind failure, worded for the person who ran `kubenet serve`.
-#[derive(Debug, thiserror::Error)]
-pub enum BindError {
-    #[error(
-        "UDP port {port} is already in use: another DHCP server holds it (macOS: bootpd, started by Internet Sharing; Linux: dnsmasq, e.g. libvirt's or NetworkManager's, or isc-dhcp-server). Stop it (macOS: `sudo launchctl unload -w /System/Library/LaunchDaemons/bootps.plist`; Linux: `sudo ss -ulpn 'sport = :{port}'` shows which) and run kubenet serve again"
-    )]
-    InUse { port: u16 },
-    #[error("binding UDP port {port} needs root: run `sudo kubenet serve`")]
-    Permission { port: u16 },
-    #[error("cannot open the DHCP socket on {addr}: {source}")]
-    Other { addr: SocketAddrV4, source: io::Error },
-}
+pub use kubenet_udp::BindError;
 
 /// Binds the DHCP socket: broadcast allowed, IP_PKTINFO on, and no SO_REUSEADDR/SO_REUSEPORT,
 /// so no other server can bind the port beside us.
 pub fn bind(addr: SocketAddrV4) -> Result<UdpSocket, BindError> {
-    let wrap = |source: io::Error| match source.kind() {
-        io::ErrorKind::AddrInUse => BindError::InUse { port: addr.port() },
-        io::ErrorKind::PermissionDenied => BindError::Permission { port: addr.port() },
-        _ => BindError::Other { addr, source },
-    };
+    let wrap = kubenet_udp::bind_error("DHCP", "UDP", addr.into(), |port| {
+        format!(
+            "another DHCP server holds it (macOS: bootpd, started by Internet Sharing; Linux: dnsmasq, e.g. libvirt's or NetworkManager's, or isc-dhcp-server). Stop it (macOS: `sudo launchctl unload -w /System/Library/LaunchDaemons/bootps.plist`; Linux: `sudo ss -ulpn 'sport = :{port}'` shows which, or `kubenet doctor`) and run kubenet serve again"
+        )
+    });
     let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))
-        .map_err(wrap)?;
-    s.set_broadcast(true).map_err(wrap)?;
+        .map_err(&wrap)?;
+    s.set_broadcast(true).map_err(&wrap)?;
     // Room for a burst (a whole lab booting at once) while a batch is being written to disk.
     // The kernel caps it at net.core.rmem_max; a smaller buffer is not an error.
     let _ = s.set_recv_buffer_size(RECV_BUFFER);
-    s.set_nonblocking(true).map_err(wrap)?;
-    kubenet_udp::enable_pktinfo(&s).map_err(wrap)?;
-    s.bind(&std::net::SocketAddr::V4(addr).into()).map_err(wrap)?;
-    UdpSocket::from_std(s.into()).map_err(wrap)
+    s.set_nonblocking(true).map_err(&wrap)?;
+    kubenet_udp::enable_pktinfo(&s).map_err(&wrap)?;
+    s.bind(&std::net::SocketAddr::V4(addr).into()).map_err(&wrap)?;
+    UdpSocket::from_std(s.into()).map_err(&wrap)
 }
 
 /// Why packets were dropped before the engine saw them, by kind.
@@ -149,9 +138,7 @@ async fn next<T>(rx: &mut Option<tokio::sync::mpsc::UnboundedReceiver<T>>) -> Op
     }
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
+use kubenet_cluster::state::unix_now;
 
 impl Server {
     pub fn new(socket: UdpSocket, engine: Engine, lease_file: PathBuf) -> Self {

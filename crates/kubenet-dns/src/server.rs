@@ -28,24 +28,15 @@ const TCP_IDLE: Duration = Duration::from_secs(10);
 /// The answer cache of local replies holds at most this many; when full it starts over.
 const ANSWER_CACHE_MAX: usize = 4096;
 
-#[derive(Debug, thiserror::Error)]
-pub enum BindError {
-    #[error(
-        "port {port} ({proto}) is already in use: another DNS server holds it (macOS: mDNSResponder only on 5353, but Internet Sharing starts one on 53; Linux: systemd-resolved, dnsmasq). Find it with `sudo ss -lpn 'sport = :{port}'` (Linux) or `sudo lsof -i :{port}` (macOS), stop it or bind kubenet's DNS elsewhere with --dns-listen"
-    )]
-    InUse { port: u16, proto: &'static str },
-    #[error("binding port {port} needs root: run `sudo kubenet serve`")]
-    Permission { port: u16 },
-    #[error("cannot open the DNS socket on {addr}: {source}")]
-    Other { addr: SocketAddr, source: io::Error },
-}
+pub use kubenet_udp::BindError;
 
+/// The DNS server's bind errors, with what to do about a busy port.
 fn wrap(addr: SocketAddr, proto: &'static str) -> impl Fn(io::Error) -> BindError {
-    move |source| match source.kind() {
-        io::ErrorKind::AddrInUse => BindError::InUse { port: addr.port(), proto },
-        io::ErrorKind::PermissionDenied => BindError::Permission { port: addr.port() },
-        _ => BindError::Other { addr, source },
-    }
+    kubenet_udp::bind_error("DNS", proto, addr, |port| {
+        format!(
+            "another DNS server holds it (macOS: mDNSResponder only on 5353, but Internet Sharing starts one on 53; Linux: systemd-resolved, dnsmasq). Find it with `sudo ss -lpn 'sport = :{port}'` (Linux) or `sudo lsof -i :{port}` (macOS), or run `kubenet doctor`; stop it or bind kubenet's DNS elsewhere with --dns-listen"
+        )
+    })
 }
 
 /// Binds UDP and TCP on `addr`, without SO_REUSEPORT so nothing can share the port.
@@ -371,6 +362,18 @@ pub fn host_addresses() -> Vec<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_busy_port_is_named_with_what_to_do() {
+        let (udp, _tcp) = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let taken = udp.local_addr().unwrap();
+        let err = bind(taken).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!("UDP port {} is already in use: another DNS server holds it", taken.port())),
+            "{err}"
+        );
+        assert!(err.contains("kubenet doctor") && err.contains("--dns-listen"), "{err}");
+    }
 
     #[test]
     fn upstreams_that_are_this_server_are_dropped() {

@@ -15,6 +15,33 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::os::fd::{AsFd, RawFd};
 
+/// A server socket that would not bind, worded for the person who ran `kubenet serve`: which
+/// port, and for a busy one who usually holds it and what to do (each server's own `advice`).
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("{proto} port {port} is already in use: {advice}")]
+    InUse { port: u16, proto: &'static str, advice: String },
+    #[error("binding {proto} port {port} needs root: run `sudo kubenet serve`")]
+    Permission { port: u16, proto: &'static str },
+    #[error("cannot open the {server} socket on {addr}: {source}")]
+    Other { server: &'static str, addr: std::net::SocketAddr, source: io::Error },
+}
+
+/// Turns the errors of binding `server`'s `proto` socket on `addr` into [`BindError`]s; `advice`
+/// says, for a busy port, who usually holds it and what to do.
+pub fn bind_error(
+    server: &'static str,
+    proto: &'static str,
+    addr: std::net::SocketAddr,
+    advice: impl Fn(u16) -> String,
+) -> impl Fn(io::Error) -> BindError {
+    move |source| match source.kind() {
+        io::ErrorKind::AddrInUse => BindError::InUse { port: addr.port(), proto, advice: advice(addr.port()) },
+        io::ErrorKind::PermissionDenied => BindError::Permission { port: addr.port(), proto },
+        _ => BindError::Other { server, addr, source },
+    }
+}
+
 /// One received datagram.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Datagram {

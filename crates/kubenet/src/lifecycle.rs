@@ -5,7 +5,7 @@
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use kubenet_cluster::{Arch, Lab, Vm};
@@ -20,9 +20,7 @@ fn home() -> anyhow::Result<PathBuf> {
     std::env::home_dir().context("cannot tell your home directory (set HOME)")
 }
 
-pub(crate) fn now() -> u64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
+pub(crate) use kubenet_cluster::state::unix_now as now;
 
 /// `kubenet setup`: prepares the VMs and writes the lab's SSH files. Returns the login key.
 pub fn setup(lab: &Lab, args: &SetupArgs, out: &mut impl Write) -> anyhow::Result<LoginKey> {

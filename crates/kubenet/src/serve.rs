@@ -3,7 +3,6 @@
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
 
 use anyhow::Context;
 use kubenet_cluster::Lab;
@@ -115,7 +114,7 @@ async fn servers(
     let mut dhcp_configs = None;
     if !args.dns_only {
         let lease_file = lab.lease_file();
-        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH)?.as_secs();
+        let now = kubenet_cluster::state::unix_now();
         let (leases, bad) = kubenet_dhcp::lease::load(&lease_file, now)
             .with_context(|| format!("cannot read the lease file {}", lease_file.display()))?;
         if bad > 0 {
@@ -128,7 +127,7 @@ async fn servers(
         let zone_dns = dns.clone();
         let count = active_leases.clone();
         server.on_leases(Box::new(move |table| {
-            let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            let now = kubenet_cluster::state::unix_now();
             count.store(table.iter().filter(|l| l.active(now)).count(), std::sync::atomic::Ordering::Relaxed);
             let names: Vec<(String, Ipv4Addr)> =
                 table.iter().filter(|l| l.active(now)).filter_map(|l| l.hostname.clone().map(|h| (h, l.ip))).collect();

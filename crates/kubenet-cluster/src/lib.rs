@@ -141,6 +141,13 @@ pub fn choose(flag: Option<&Path>, env: Option<&std::ffi::OsStr>, cwd_has_file: 
     }
 }
 
+/// [`choose`] for a command running in `cwd`: `$KUBENET_CONFIG` from the environment, and
+/// whether `cwd/kubenet.toml` exists. The one place every command (and completion) decides.
+pub fn choose_in(flag: Option<&Path>, cwd: &Path) -> Choice {
+    let env = std::env::var_os(CONFIG_ENV);
+    choose(flag, env.as_deref(), cwd.join(CONFIG_FILE_NAME).is_file())
+}
+
 /// Reads and resolves the chosen config. The embedded lab's state lives in `cwd`.
 pub fn load(choice: &Choice, cwd: &Path) -> Result<Lab, ConfigError> {
     match choice {

@@ -28,9 +28,7 @@ use clap_complete::engine::{ArgValueCompleter, CompletionCandidate};
 /// ./kubenet.toml, the built-in lab). A `--config` on the line being completed is not seen.
 fn lab_here() -> Option<kubenet_cluster::Lab> {
     let cwd = std::env::current_dir().ok()?;
-    let env = std::env::var_os(kubenet_cluster::CONFIG_ENV);
-    let choice = kubenet_cluster::choose(None, env.as_deref(), cwd.join(kubenet_cluster::CONFIG_FILE_NAME).is_file());
-    kubenet_cluster::load(&choice, &cwd).ok()
+    kubenet_cluster::load(&kubenet_cluster::choose_in(None, &cwd), &cwd).ok()
 }
 
 /// The lab's VM names that start with what is typed, each with its role and address.

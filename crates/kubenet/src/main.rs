@@ -142,12 +142,7 @@ fn init_tracing(verbose: u8, quiet: u8) {
 /// The lab the lookup order picks, with `--dir` applied.
 fn load_lab(cli: &Cli, file: Option<&Path>) -> Result<Lab, Failure> {
     let cwd = std::env::current_dir().context("cannot read the current directory")?;
-    let env = std::env::var_os(kubenet_cluster::CONFIG_ENV);
-    let choice = kubenet_cluster::choose(
-        file.or(cli.config.as_deref()),
-        env.as_deref(),
-        cwd.join(kubenet_cluster::CONFIG_FILE_NAME).is_file(),
-    );
+    let choice = kubenet_cluster::choose_in(file.or(cli.config.as_deref()), &cwd);
     tracing::debug!(?choice, "config");
     let mut lab = kubenet_cluster::load(&choice, &cwd)?;
     if let Some(dir) = &cli.dir {
@@ -159,13 +154,7 @@ fn load_lab(cli: &Cli, file: Option<&Path>) -> Result<Lab, Failure> {
 /// The lab definition the lookup order picks, as an absolute path; None: the built-in lab.
 fn chosen_config(cli: &Cli) -> anyhow::Result<Option<std::path::PathBuf>> {
     let cwd = std::env::current_dir().context("cannot read the current directory")?;
-    let env = std::env::var_os(kubenet_cluster::CONFIG_ENV);
-    let choice = kubenet_cluster::choose(
-        cli.config.as_deref(),
-        env.as_deref(),
-        cwd.join(kubenet_cluster::CONFIG_FILE_NAME).is_file(),
-    );
-    Ok(match choice {
+    Ok(match kubenet_cluster::choose_in(cli.config.as_deref(), &cwd) {
         kubenet_cluster::Choice::File(path) => Some(cwd.join(path)),
         kubenet_cluster::Choice::Embedded => None,
     })

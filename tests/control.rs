@@ -48,17 +48,22 @@ fn requests_bad_requests_and_reload() {
 
     let mut conn = UnixStream::connect(&sock).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // Every answer carries the protocol version; an error is {"v":2,"error":...}.
     let bad = ask(&mut conn, "this is not json");
-    assert_eq!(bad["ok"], false);
+    assert_eq!(bad["v"], 2, "{bad}");
     assert!(bad["error"].as_str().unwrap().starts_with("bad request"), "{bad}");
-    let unknown = ask(&mut conn, r#"{"cmd":"format-disk"}"#);
-    assert_eq!(unknown["ok"], false);
-    // The same connection still works after both.
-    let status = ask(&mut conn, r#"{"cmd":"status"}"#);
-    assert_eq!(status["ok"], true, "{status}");
-    assert_eq!(status["status"]["vms"], 7);
-    let leases = ask(&mut conn, r#"{"cmd":"leases"}"#);
-    assert_eq!(leases["leases"], serde_json::json!([]));
+    let unknown = ask(&mut conn, r#"{"v":2,"cmd":"format-disk"}"#);
+    assert!(unknown["error"].as_str().unwrap().starts_with("bad request"), "{unknown}");
+    // A client of the untyped protocol (no version) is told what is wrong, not "bad request".
+    let old = ask(&mut conn, r#"{"cmd":"status"}"#);
+    let why = old["error"].as_str().unwrap();
+    assert!(why.starts_with("version mismatch: this kubenet serve speaks control protocol 2, the client 1"), "{old}");
+    // The same connection still works after all three.
+    let status = ask(&mut conn, r#"{"v":2,"cmd":"status"}"#);
+    assert_eq!(status["ok"]["status"]["vms"], 7, "{status}");
+    assert_eq!(status["ok"]["status"]["pid"], server.child.id(), "{status}");
+    let leases = ask(&mut conn, r#"{"v":2,"cmd":"leases"}"#);
+    assert_eq!(leases["ok"]["leases"], serde_json::json!([]));
 
     let out = kubenet(dir.path()).arg("reload").output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -94,12 +99,12 @@ fn requests_bad_requests_and_reload() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let refused = ask(&mut conn, r#"{"cmd":"reload"}"#);
-    assert_eq!(refused["ok"], false);
+    let refused = ask(&mut conn, r#"{"v":2,"cmd":"reload"}"#);
+    assert!(refused.get("ok").is_none(), "{refused}");
     let why = refused["error"].as_str().unwrap();
     assert!(why.starts_with("reload refused, still serving the previous definition: "), "{refused}");
     assert!(why.contains("colour: unknown field"), "{refused}");
-    assert_eq!(ask(&mut conn, r#"{"cmd":"status"}"#)["status"]["vms"], 7);
+    assert_eq!(ask(&mut conn, r#"{"v":2,"cmd":"status"}"#)["ok"]["status"]["vms"], 7);
 
     drop(conn);
     server.stop();

@@ -89,7 +89,7 @@ pub fn start(name: &str, argv: &[OsString], files: &VmFiles, firmware: &Firmware
 }
 
 /// How a VM went down.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Stopped {
     /// It was not running.

@@ -2,31 +2,20 @@
 //! ran sudo, so that every other command runs as that user. Only root and that user get
 //! answers (checked again per connection with SO_PEERCRED).
 //!
-//! Protocol: JSON lines. Each request is one object with a `cmd`; each answer is one object with
-//! `ok` and either the result or `error`. A connection may carry several requests.
-//!
-//! ```text
-//! {"cmd":"status"}  -> {"ok":true,"status":{"config":..,"vms":7,"leases":3,"dns":{..}}}
-//! {"cmd":"leases"}  -> {"ok":true,"leases":[{"mac":..,"ip":..,"hostname":..,"expires":..}]}
-//! {"cmd":"reload"}  -> {"ok":true,"reloaded":"<config>","warnings":[..]} or {"ok":false,"error":".."}
-//! {"cmd":"vms"}     -> {"ok":true,"vms":[{"name":"gateway","state":"running","pid":..,"since":..},..]}
-//! {"cmd":"start","vms":["worker0"]}  -> {"ok":true,"vms":[{"name":"worker0","result":"started","pid":..}]}
-//! {"cmd":"stop","vms":[],"grace_secs":60} -> {"ok":true,"vms":[{"name":..,"result":"powerdown"},..]}
-//! {"cmd":"snapshot","op":"save","tag":"s1","vms":["worker0"]} -> {"ok":true,"vms":["worker0"]}
-//! ```
-//!
-//! `start` and `stop` take VM names (none: every VM); the command line QEMU runs is always
-//! built from the lab definition, never from the request. A VM that fails has an `error` in its
-//! entry; the request itself fails only for an unknown name. `snapshot` (op `save`, `load` or
-//! `delete`) works on running VMs over QMP, all paused, then all resumed; a save that fails on
-//! one VM is deleted again from the others, and the request fails.
+//! Protocol: [`proto`], JSON lines of typed requests and answers with a version. `start` and
+//! `stop` take VM names (none: every VM); the command line QEMU runs is always built from the
+//! lab definition, never from the request. A VM that fails has an error in its entry; the
+//! request itself fails only for an unknown name. `snapshot` (op `save`, `load` or `delete`)
+//! works on running VMs over QMP, all paused, then all resumed; a save that fails on one VM is
+//! deleted again from the others, and the request fails.
+
+pub mod proto;
 
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use serde::Deserialize;
-use serde_json::{Value, json};
+use proto::{Answer, Body, Request, Response};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
@@ -36,30 +25,6 @@ use tokio_util::sync::CancellationToken;
 pub const SOCKET: &str = "kubenet.sock";
 /// A request line longer than this is refused.
 const MAX_LINE: usize = 64 * 1024;
-
-#[derive(Debug, Deserialize)]
-#[serde(tag = "cmd", rename_all = "lowercase", deny_unknown_fields)]
-enum Request {
-    Status,
-    Leases,
-    Reload,
-    Vms,
-    Start {
-        #[serde(default)]
-        vms: Vec<String>,
-    },
-    Stop {
-        #[serde(default)]
-        vms: Vec<String>,
-        #[serde(default)]
-        grace_secs: Option<u64>,
-    },
-    Snapshot {
-        op: kubenet_vm::live::LiveOp,
-        tag: String,
-        vms: Vec<String>,
-    },
-}
 
 /// How long `stop` waits for a guest to power off before SIGTERM, unless the request says.
 const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
@@ -75,7 +40,7 @@ pub type ReloadRequest = oneshot::Sender<ReloadResult>;
 pub struct Shared {
     /// The user who may ask besides root.
     pub owner: u32,
-    pub status: Box<dyn Fn() -> Value + Send + Sync>,
+    pub status: Box<dyn Fn() -> proto::StatusReport + Send + Sync>,
     /// Asks the DHCP server for its active leases; None when it does not run (`--dns-only`).
     pub leases: Option<mpsc::UnboundedSender<kubenet_dhcp::server::LeaseQuery>>,
     pub reloads: mpsc::UnboundedSender<ReloadRequest>,
@@ -150,56 +115,51 @@ async fn connection(stream: UnixStream, shared: &Shared) -> io::Result<()> {
         let mut first = String::new();
         let _ =
             tokio::time::timeout(std::time::Duration::from_secs(2), BufReader::new(read).read_line(&mut first)).await;
-        let refusal = json!({"ok": false, "error": format!("permission denied: only root and uid {} may use this socket", shared.owner)});
-        return send(&mut write, &refusal).await;
+        let refusal = format!("permission denied: only root and uid {} may use this socket", shared.owner);
+        return send(&mut write, Body::Error(refusal)).await;
     }
     let mut lines = BufReader::new(read).lines();
     while let Some(line) = lines.next_line().await? {
         if line.len() > MAX_LINE {
-            return send(&mut write, &json!({"ok": false, "error": "request too long"})).await;
+            return send(&mut write, Body::Error("request too long".into())).await;
         }
-        let answer = match serde_json::from_str::<Request>(&line) {
-            Err(e) => {
-                json!({"ok": false, "error": format!("bad request: {e}; send one JSON object per line, e.g. {{\"cmd\":\"status\"}}")})
-            }
-            Ok(Request::Status) => json!({"ok": true, "status": (shared.status)()}),
-            Ok(Request::Leases) => json!({"ok": true, "leases": leases(shared).await}),
-            Ok(Request::Vms) => json!({"ok": true, "vms": shared.vms.states()}),
-            Ok(Request::Start { vms }) => match shared.vms.start(&vms).await {
-                Ok(v) => json!({"ok": true, "vms": v}),
-                Err(e) => json!({"ok": false, "error": e}),
+        let body = match proto::decode_request(&line) {
+            Err(e) => Body::Error(e),
+            Ok(req) => match answer(shared, req).await {
+                Ok(a) => Body::Ok(a),
+                Err(e) => Body::Error(e),
             },
-            Ok(Request::Stop { vms, grace_secs }) => {
-                let grace = grace_secs.map_or(STOP_GRACE, std::time::Duration::from_secs);
-                match shared.vms.stop(&vms, grace).await {
-                    Ok(v) => json!({"ok": true, "vms": v}),
-                    Err(e) => json!({"ok": false, "error": e}),
-                }
-            }
-            Ok(Request::Snapshot { op, tag, vms }) => match shared.vms.snapshot(op, &tag, &vms).await {
-                Ok(done) => json!({"ok": true, "vms": done}),
-                Err(e) => json!({"ok": false, "error": e}),
-            },
-            Ok(Request::Reload) => {
-                let (tx, rx) = oneshot::channel();
-                match shared.reloads.send(tx).ok().map(|()| rx) {
-                    Some(rx) => match rx.await {
-                        Ok(Ok((source, later))) => json!({"ok": true, "reloaded": source, "warnings": later}),
-                        Ok(Err(e)) => json!({"ok": false, "error": e}),
-                        Err(_) => json!({"ok": false, "error": "the agent is stopping"}),
-                    },
-                    None => json!({"ok": false, "error": "the agent is stopping"}),
-                }
-            }
         };
-        send(&mut write, &answer).await?;
+        send(&mut write, body).await?;
     }
     Ok(())
 }
 
+/// The agent's answer to one request.
+async fn answer(shared: &Shared, req: Request) -> Result<Answer, String> {
+    Ok(match req {
+        Request::Status => Answer::Status((shared.status)()),
+        Request::Leases => Answer::Leases(leases(shared).await),
+        Request::Vms => Answer::Vms(shared.vms.states()),
+        Request::Start { vms } => Answer::Started(shared.vms.start(&vms).await?),
+        Request::Stop { vms, grace_secs } => {
+            let grace = grace_secs.map_or(STOP_GRACE, std::time::Duration::from_secs);
+            Answer::Stopped(shared.vms.stop(&vms, grace).await?)
+        }
+        Request::Snapshot { op, tag, vms } => Answer::Snapshot(shared.vms.snapshot(op, &tag, &vms).await?),
+        Request::Reload => {
+            let (tx, rx) = oneshot::channel();
+            let stopping = || "the agent is stopping".to_owned();
+            shared.reloads.send(tx).map_err(|_| stopping())?;
+            let (source, warnings) = rx.await.map_err(|_| stopping())??;
+            Answer::Reloaded { source, warnings }
+        }
+    })
+}
+
 /// The active leases, asked of the DHCP server when the question comes (not kept up to date on
 /// every change, which would cost an allocation per lease per ACK).
-async fn leases(shared: &Shared) -> Vec<Value> {
+async fn leases(shared: &Shared) -> Vec<proto::LeaseRow> {
     let Some(tx) = &shared.leases else { return Vec::new() };
     let (reply, rx) = oneshot::channel();
     if tx.send(reply).is_err() {
@@ -208,19 +168,18 @@ async fn leases(shared: &Shared) -> Vec<Value> {
     rx.await
         .unwrap_or_default()
         .into_iter()
-        .map(|l| json!({"mac": l.mac.to_string(), "ip": l.ip, "hostname": l.hostname, "expires": l.expires}))
+        .map(|l| proto::LeaseRow { mac: l.mac.to_string(), ip: l.ip, hostname: l.hostname, expires: l.expires })
         .collect()
 }
 
-async fn send(w: &mut tokio::net::unix::OwnedWriteHalf, v: &Value) -> io::Result<()> {
-    let mut line = serde_json::to_vec(v).map_err(io::Error::other)?;
+async fn send(w: &mut tokio::net::unix::OwnedWriteHalf, body: Body) -> io::Result<()> {
+    let mut line = serde_json::to_vec(&Response { v: proto::VERSION, body }).map_err(io::Error::other)?;
     line.push(b'\n');
     w.write_all(&line).await
 }
 
-/// One request from a command-line client (`{"cmd": ...}` and its arguments); the agent's
-/// answer.
-pub fn request(state_dir: &Path, req: &Value) -> anyhow::Result<Value> {
+/// One request from a command-line client; the agent's answer.
+pub fn request(state_dir: &Path, req: &Request) -> anyhow::Result<Answer> {
     use std::io::{BufRead, Write};
     let path = state_dir.join(SOCKET);
     let mut s = match std::os::unix::net::UnixStream::connect(&path) {
@@ -234,7 +193,7 @@ pub fn request(state_dir: &Path, req: &Value) -> anyhow::Result<Value> {
     };
     // Read an answer even if the write failed: the agent may have answered (a refusal) and
     // closed first.
-    let written = writeln!(s, "{req}");
+    let written = writeln!(s, "{}", proto::encode_request(req));
     let mut line = String::new();
     let read = std::io::BufReader::new(s).read_line(&mut line);
     if line.is_empty() {
@@ -242,10 +201,21 @@ pub fn request(state_dir: &Path, req: &Value) -> anyhow::Result<Value> {
         read?;
         anyhow::bail!("kubenet serve closed the connection without an answer");
     }
-    let v: Value = serde_json::from_str(&line)
-        .map_err(|e| anyhow::anyhow!("kubenet serve answered something that is not JSON ({e}): {line:?}"))?;
-    if v["ok"] != true {
-        anyhow::bail!("kubenet serve: {}", v["error"].as_str().unwrap_or("request failed"));
+    match proto::decode_response(&line).map_err(anyhow::Error::msg)? {
+        Body::Ok(answer) => Ok(answer),
+        Body::Error(e) => anyhow::bail!("kubenet serve: {e}"),
     }
-    Ok(v)
+}
+
+/// The answer a request of that kind must get, or an error naming what came instead.
+pub fn unexpected(answer: Answer) -> anyhow::Error {
+    anyhow::anyhow!("kubenet serve answered with something else than asked: {answer:?}")
+}
+
+/// `serve`'s status, if it runs for this lab.
+pub fn status(state_dir: &Path) -> anyhow::Result<proto::StatusReport> {
+    match request(state_dir, &Request::Status)? {
+        Answer::Status(s) => Ok(s),
+        other => Err(unexpected(other)),
+    }
 }

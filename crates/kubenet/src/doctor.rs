@@ -300,19 +300,19 @@ fn holders(port: u16) -> Vec<Holder> {
 }
 
 fn serve_answers(lab: &Lab) -> bool {
-    crate::control::request(&lab.state_dir, &serde_json::json!({"cmd": "status"})).is_ok()
+    crate::control::status(&lab.state_dir).is_ok()
 }
 
 /// `serve` running for this lab, and of this version.
 fn serve(lab: &Lab) -> Check {
-    match crate::control::request(&lab.state_dir, &serde_json::json!({"cmd": "status"})) {
+    match crate::control::status(&lab.state_dir) {
         Err(_) => check(
             "serve",
             Level::Warn,
             "not running for this lab: `up` needs it",
             Some("`sudo kubenet serve` in a terminal, or `sudo kubenet service install` for good".into()),
         ),
-        Ok(v) => serve_verdict(v["status"]["version"].as_str(), env!("CARGO_PKG_VERSION")),
+        Ok(s) => serve_verdict(Some(&s.version), env!("CARGO_PKG_VERSION")),
     }
 }
 

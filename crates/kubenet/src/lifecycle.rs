@@ -11,10 +11,11 @@ use anyhow::{Context, bail};
 use kubenet_cluster::{Arch, Lab, Vm};
 use kubenet_vm::keys::{self, LoginKey};
 use kubenet_vm::{LabFiles, VmFiles};
-use serde_json::{Value, json};
 
 use crate::cli::{DownArgs, SetupArgs, UpArgs};
 use crate::control;
+use crate::control::proto::{Answer, Request, RunState, StartOutcome};
+use kubenet_vm::process::Stopped;
 
 fn home() -> anyhow::Result<PathBuf> {
     std::env::home_dir().context("cannot tell your home directory (set HOME)")
@@ -131,15 +132,20 @@ pub fn up(lab: &Lab, args: &UpArgs, out: &mut impl Write) -> anyhow::Result<()> 
     setup(lab, &args.setup, out)?;
     let names: Vec<&str> = vms.iter().map(|v| v.name.as_str()).collect();
     let started = Instant::now();
-    let answer = control::request(&lab.state_dir, &json!({"cmd": "start", "vms": names}))?;
+    let vms_asked = names.iter().map(|n| (*n).to_owned()).collect();
+    let results = match control::request(&lab.state_dir, &Request::Start { vms: vms_asked })? {
+        Answer::Started(r) => r,
+        other => return Err(control::unexpected(other)),
+    };
     let mut failed = Vec::new();
-    for v in answer["vms"].as_array().into_iter().flatten() {
-        let name = v["name"].as_str().unwrap_or("?");
-        match (v["result"].as_str(), v["error"].as_str()) {
-            (Some(r), _) => writeln!(out, "{name:<10} {r} (pid {})", v["pid"])?,
-            (None, e) => {
-                writeln!(out, "{name:<10} failed: {}", e.unwrap_or("?"))?;
-                failed.push(name.to_owned());
+    for r in results {
+        let name = r.name;
+        match r.outcome {
+            StartOutcome::Started { pid } => writeln!(out, "{name:<10} started (pid {pid})")?,
+            StartOutcome::Running { pid } => writeln!(out, "{name:<10} running (pid {pid})")?,
+            StartOutcome::Failed { error } => {
+                writeln!(out, "{name:<10} failed: {error}")?;
+                failed.push(name);
             }
         }
     }
@@ -402,24 +408,82 @@ fn cloud_init_verdict(code: Option<i32>, stdout: &str, stderr: &str) -> CloudIni
 /// `kubenet down`.
 pub fn down(lab: &Lab, args: &DownArgs, out: &mut impl Write) -> anyhow::Result<()> {
     lab.select(&args.names).map_err(crate::cli::unknown_vm)?;
-    let answer =
-        control::request(&lab.state_dir, &json!({"cmd": "stop", "vms": args.names, "grace_secs": args.grace}))?;
-    for v in answer["vms"].as_array().into_iter().flatten() {
-        let how = match v["result"].as_str() {
-            Some("notrunning") => "not running",
-            Some("powerdown") => "powered off",
-            Some("terminated") => "stopped (SIGTERM after the grace time)",
-            Some("killed") => "killed",
-            _ => "?",
+    let req = Request::Stop { vms: args.names.clone(), grace_secs: Some(args.grace) };
+    let results = match control::request(&lab.state_dir, &req)? {
+        Answer::Stopped(r) => r,
+        other => return Err(control::unexpected(other)),
+    };
+    for r in results {
+        let how = match r.result {
+            Stopped::NotRunning => "not running",
+            Stopped::Powerdown => "powered off",
+            Stopped::Terminated => "stopped (SIGTERM after the grace time)",
+            Stopped::Killed => "killed",
         };
-        writeln!(out, "{:<10} {how}", v["name"].as_str().unwrap_or("?"))?;
+        writeln!(out, "{:<10} {how}", r.name)?;
     }
     Ok(())
 }
 
-/// One row of `kubenet status`, read from the VM's folder and the lease file: works whether or
-/// not `kubenet serve` runs.
-pub fn status_rows(lab: &Lab) -> Vec<Value> {
+/// One row of `kubenet status` (and its `--json`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct StatusRow {
+    pub name: String,
+    pub role: String,
+    /// "running" or "stopped".
+    pub state: &'static str,
+    pub pid: Option<u32>,
+    pub mac: String,
+    pub ip: std::net::Ipv4Addr,
+    pub lease: Option<LeaseCell>,
+    /// Port 22 answers.
+    pub ssh: bool,
+    pub uptime_secs: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct LeaseCell {
+    pub ip: std::net::Ipv4Addr,
+    pub expires: Option<u64>,
+}
+
+/// The rows of `kubenet status` from the VMs' states, the lease table, which VMs answer on port
+/// 22, and the time. Pure.
+pub fn status_rows(
+    lab: &Lab,
+    states: &[crate::control::proto::VmState],
+    leases: Option<&kubenet_dhcp::lease::LeaseTable>,
+    ssh: &[bool],
+    now: u64,
+) -> Vec<StatusRow> {
+    lab.vms
+        .iter()
+        .zip(states)
+        .zip(ssh)
+        .map(|((vm, s), &ssh)| {
+            let lease = leases.and_then(|l| l.iter().find(|l| l.mac == vm.mac && l.active(now)));
+            let (state, pid, since) = match s.run {
+                RunState::Running { pid, since } => ("running", Some(pid), since),
+                RunState::Stopped => ("stopped", None, None),
+            };
+            StatusRow {
+                name: vm.name.clone(),
+                role: vm.role.clone(),
+                state,
+                pid,
+                mac: vm.mac.to_string(),
+                ip: vm.ip,
+                lease: lease.map(|l| LeaseCell { ip: l.ip, expires: l.expires }),
+                ssh,
+                uptime_secs: since.map(|since| now.saturating_sub(since)),
+            }
+        })
+        .collect()
+}
+
+/// What `kubenet status` reads: the VM folders, the lease file and port 22 of each running VM.
+/// Works whether or not `kubenet serve` runs.
+fn read_status(lab: &Lab) -> Vec<StatusRow> {
     let t = now();
     let leases = kubenet_dhcp::lease::load(&lab.lease_file(), t).map(|(l, _)| l).ok();
     let states = crate::vms::states(lab);
@@ -430,39 +494,18 @@ pub fn status_rows(lab: &Lab) -> Vec<Value> {
             .iter()
             .zip(&lab.vms)
             .map(|(s, vm)| {
-                let running = s["state"] == "running";
+                let running = s.run.pid().is_some();
                 let addr = SocketAddr::new(vm.ip.into(), 22);
                 scope.spawn(move || running && TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok())
             })
             .collect();
         probes.into_iter().map(|p| p.join().unwrap_or(false)).collect()
     });
-    states
-        .into_iter()
-        .zip(&lab.vms)
-        .zip(ssh)
-        .map(|((mut s, vm), ssh)| {
-            let lease = leases.as_ref().and_then(|l| l.iter().find(|l| l.mac == vm.mac && l.active(t)).cloned());
-            let uptime = s["since"].as_u64().map(|since| t.saturating_sub(since));
-            s["role"] = vm.role.clone().into();
-            s["mac"] = vm.mac.to_string().into();
-            s["ip"] = vm.ip.to_string().into();
-            s["lease"] = match &lease {
-                None => Value::Null,
-                Some(l) => json!({"ip": l.ip, "expires": l.expires}),
-            };
-            s["ssh"] = ssh.into();
-            s["uptime_secs"] = uptime.into();
-            if let Value::Object(m) = &mut s {
-                m.remove("since");
-            }
-            s
-        })
-        .collect()
+    status_rows(lab, &states, leases.as_ref(), &ssh, t)
 }
 
 pub fn status(lab: &Lab, json_out: bool, out: &mut impl Write) -> anyhow::Result<()> {
-    let rows = status_rows(lab);
+    let rows = read_status(lab);
     if json_out {
         serde_json::to_writer_pretty(&mut *out, &rows).map_err(std::io::Error::from)?;
         writeln!(out)?;
@@ -472,24 +515,21 @@ pub fn status(lab: &Lab, json_out: bool, out: &mut impl Write) -> anyhow::Result
     let cells: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
-            let s = |k: &str| r[k].as_str().unwrap_or("-").to_owned();
-            let lease = match &r["lease"] {
-                Value::Null => "-".to_owned(),
-                l => match l["expires"].as_u64() {
-                    None => format!("{} (infinite)", l["ip"].as_str().unwrap_or("?")),
-                    Some(e) => format!("{} ({} left)", l["ip"].as_str().unwrap_or("?"), short(e.saturating_sub(t))),
-                },
+            let lease = match &r.lease {
+                None => "-".to_owned(),
+                Some(LeaseCell { ip, expires: None }) => format!("{ip} (infinite)"),
+                Some(LeaseCell { ip, expires: Some(e) }) => format!("{ip} ({} left)", short(e.saturating_sub(t))),
             };
             vec![
-                s("name"),
-                s("role"),
-                s("state"),
-                r["pid"].as_u64().map_or("-".into(), |p| p.to_string()),
-                s("mac"),
-                s("ip"),
+                r.name.clone(),
+                r.role.clone(),
+                r.state.to_owned(),
+                r.pid.map_or("-".into(), |p| p.to_string()),
+                r.mac.clone(),
+                r.ip.to_string(),
                 lease,
-                if r["ssh"] == true { "yes".into() } else { "-".into() },
-                r["uptime_secs"].as_u64().map_or("-".into(), short),
+                if r.ssh { "yes".into() } else { "-".into() },
+                r.uptime_secs.map_or("-".into(), short),
             ]
         })
         .collect();
@@ -622,6 +662,56 @@ fn remove(p: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_rows_join_states_leases_and_ssh() {
+        use crate::control::proto::VmState;
+        let lab = kubenet_cluster::load(&kubenet_cluster::Choice::Embedded, Path::new("/lab")).unwrap();
+        let states: Vec<VmState> = lab
+            .vms
+            .iter()
+            .map(|vm| VmState {
+                name: vm.name.clone(),
+                run: if vm.name == "gateway" {
+                    RunState::Running { pid: 42, since: Some(100) }
+                } else {
+                    RunState::Stopped
+                },
+            })
+            .collect();
+        let mut leases = kubenet_dhcp::lease::LeaseTable::default();
+        let lease = |vm: &Vm, expires| kubenet_dhcp::lease::Lease {
+            ip: vm.ip,
+            mac: vm.mac,
+            client_id: None,
+            hostname: None,
+            expires,
+        };
+        leases.insert(lease(&lab.vms[0], Some(1000)));
+        leases.insert(lease(&lab.vms[1], Some(150)));
+        let ssh: Vec<bool> = lab.vms.iter().map(|vm| vm.name == "gateway").collect();
+        let rows = status_rows(&lab, &states, Some(&leases), &ssh, 200);
+        assert_eq!(
+            rows[0],
+            StatusRow {
+                name: "gateway".into(),
+                role: "gateway".into(),
+                state: "running",
+                pid: Some(42),
+                mac: "52:52:52:00:00:00".into(),
+                ip: "192.168.1.10".parse().unwrap(),
+                lease: Some(LeaseCell { ip: "192.168.1.10".parse().unwrap(), expires: Some(1000) }),
+                ssh: true,
+                uptime_secs: Some(100),
+            }
+        );
+        // control0's lease ran out at 150: not shown at 200.
+        assert_eq!((rows[1].state, rows[1].pid, rows[1].lease.clone(), rows[1].ssh), ("stopped", None, None, false));
+        assert_eq!(rows.len(), 7);
+        let json = serde_json::to_value(&rows[0]).unwrap();
+        assert_eq!(json["lease"]["ip"], "192.168.1.10");
+        assert_eq!(json["uptime_secs"], 100);
+    }
 
     #[test]
     fn cloud_init_status_exits_are_read() {

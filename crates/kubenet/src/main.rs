@@ -272,9 +272,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Reload => {
             let lab = load_lab(&cli, None)?;
-            let v = control::request(&lab.state_dir, &serde_json::json!({"cmd": "reload"}))?;
-            writeln!(stdout, "reloaded {}", v["reloaded"].as_str().unwrap_or("?")).map_err(output)?;
-            for w in v["warnings"].as_array().into_iter().flatten().filter_map(|w| w.as_str()) {
+            let answer = control::request(&lab.state_dir, &control::proto::Request::Reload)?;
+            let control::proto::Answer::Reloaded { source, warnings } = answer else {
+                return Err(control::unexpected(answer).into());
+            };
+            writeln!(stdout, "reloaded {source}").map_err(output)?;
+            for w in warnings {
                 writeln!(stdout, "warning: {w}").map_err(output)?;
             }
         }

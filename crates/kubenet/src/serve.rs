@@ -43,11 +43,11 @@ fn upstreams(lab: &Lab, listen: SocketAddr) -> Vec<SocketAddr> {
 async fn serve(lab: Lab, args: &ServeArgs, reload: &dyn Fn() -> anyhow::Result<Lab>) -> anyhow::Result<()> {
     // Before any port: a second agent for the same lab would otherwise fail on port 53 and blame
     // some other DNS server.
-    if let Ok(v) = crate::control::request(&lab.state_dir, &serde_json::json!({"cmd": "status"})) {
-        let pid = v["status"]["pid"].as_u64().map_or_else(|| "pid unknown".to_owned(), |p| format!("pid {p}"));
+    if let Ok(other) = crate::control::status(&lab.state_dir) {
         anyhow::bail!(
-            "kubenet serve is already running for {} ({pid}): use that one, or stop it first",
-            lab.state_dir.display()
+            "kubenet serve is already running for {} (pid {}): use that one, or stop it first",
+            lab.state_dir.display(),
+            other.pid
         );
     }
     std::fs::create_dir_all(&lab.state_dir)
@@ -68,7 +68,7 @@ async fn serve(lab: Lab, args: &ServeArgs, reload: &dyn Fn() -> anyhow::Result<L
     #[cfg(target_os = "linux")]
     if let Some(net) = net {
         let lab = current.lock().expect("lab lock").clone();
-        let running = crate::vms::states(&lab).iter().filter(|s| s["state"] == "running").count();
+        let running = crate::vms::states(&lab).iter().filter(|s| s.run.pid().is_some()).count();
         if running == 0 {
             net.remove().await;
         } else {
@@ -175,14 +175,22 @@ async fn servers(
             use std::sync::atomic::Ordering::Relaxed;
             let lab = current.lock().expect("lab lock");
             let f = dns.forwarder().stats();
-            serde_json::json!({
-                "version": env!("CARGO_PKG_VERSION"), "pid": std::process::id(),
-                "config": lab.source, "state_dir": lab.state_dir, "vms": lab.vms.len(),
-                "leases": leases.load(Relaxed),
-                "dns": {"queries": dns.counters.queries.load(Relaxed), "local": dns.counters.local.load(Relaxed),
-                        "forwarded": f.forwarded, "cache_hits": f.cache_hits, "servfail": f.servfail,
-                        "refused": dns.counters.refused.load(Relaxed)},
-            })
+            crate::control::proto::StatusReport {
+                version: env!("CARGO_PKG_VERSION").into(),
+                pid: std::process::id(),
+                config: lab.source.clone(),
+                state_dir: lab.state_dir.clone(),
+                vms: lab.vms.len(),
+                leases: leases.load(Relaxed),
+                dns: crate::control::proto::DnsCounters {
+                    queries: dns.counters.queries.load(Relaxed),
+                    local: dns.counters.local.load(Relaxed),
+                    forwarded: f.forwarded,
+                    cache_hits: f.cache_hits,
+                    servfail: f.servfail,
+                    refused: dns.counters.refused.load(Relaxed),
+                },
+            }
         }
     };
     let shared = Arc::new(crate::control::Shared {

@@ -11,11 +11,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use kubenet_cluster::{Lab, Vm};
 use kubenet_vm::VmFiles;
+use kubenet_vm::live::LiveOp;
 use kubenet_vm::snapshot::{Manifest, Store, VmEntry};
-use serde_json::json;
 
 use crate::cli::SnapshotAction;
 use crate::control;
+use crate::control::proto::{Answer, Request, StartOutcome};
 use crate::lifecycle::{now, refuse_running, short};
 
 pub fn run(lab: &Lab, action: &SnapshotAction, out: &mut impl Write) -> anyhow::Result<()> {
@@ -53,8 +54,7 @@ fn names(vms: &[&Vm]) -> Vec<String> {
 
 /// `serve` answers on its control socket, or an error saying why `what` needs it.
 fn require_serve(lab: &Lab, what: &str) -> anyhow::Result<()> {
-    control::request(&lab.state_dir, &json!({"cmd": "status"}))
-        .with_context(|| format!("{what} needs kubenet serve"))?;
+    control::status(&lab.state_dir).with_context(|| format!("{what} needs kubenet serve"))?;
     Ok(())
 }
 
@@ -77,7 +77,7 @@ fn save_live(lab: &Lab, store: &Store, name: &str, names_asked: &[String], out: 
     let before = allocated(&disks);
     let memory: u64 = vms.iter().map(|vm| vm.memory.0).sum();
     let start = Instant::now();
-    let req = json!({"cmd": "snapshot", "op": "save", "tag": name, "vms": names(&vms)});
+    let req = Request::Snapshot { op: LiveOp::Save, tag: name.to_owned(), vms: names(&vms) };
     let saved = with_progress(
         Some(memory),
         || allocated(&disks).saturating_sub(before),
@@ -98,7 +98,7 @@ fn save_live(lab: &Lab, store: &Store, name: &str, names_asked: &[String], out: 
         Err(e) => {
             // serve already took back a save that failed; one that worked but cannot be recorded
             // goes too.
-            let req = json!({"cmd": "snapshot", "op": "delete", "tag": name, "vms": names(&vms)});
+            let req = Request::Snapshot { op: LiveOp::Delete, tag: name.to_owned(), vms: names(&vms) };
             let _ = control::request(&lab.state_dir, &req);
             store.abandon(name, &[]);
             return Err(e.context(format!("snapshot {name} not taken, and nothing of it kept")));
@@ -163,7 +163,7 @@ fn restore(lab: &Lab, store: &Store, name: &str, names_asked: &[String], out: &m
     refuse_running(lab, &vms, &format!("snapshot restore {name}"))?;
     // The lease file is serve's while it runs; the VMs' fixed addresses come back at their next
     // DHCP exchange either way.
-    let serve = control::request(&lab.state_dir, &json!({"cmd": "status"})).is_ok();
+    let serve = control::status(&lab.state_dir).is_ok();
     let start = Instant::now();
     store
         .restore(&m, &targets, names_asked.is_empty(), !serve, &mut |e| {
@@ -198,16 +198,17 @@ fn restore_live(
     let start = Instant::now();
     let stopped: Vec<&Vm> = vms.iter().copied().filter(|vm| !running(lab, vm)).collect();
     if !stopped.is_empty() {
-        let answer = control::request(&lab.state_dir, &json!({"cmd": "start", "vms": names(&stopped)}))?;
-        if let Some(failed) = answer["vms"].as_array().and_then(|a| a.iter().find(|v| v.get("error").is_some())) {
-            bail!(
-                "{}: {}",
-                failed["name"].as_str().unwrap_or("?"),
-                failed["error"].as_str().unwrap_or("did not start")
-            );
+        let results = match control::request(&lab.state_dir, &Request::Start { vms: names(&stopped) })? {
+            Answer::Started(r) => r,
+            other => return Err(control::unexpected(other)),
+        };
+        for r in results {
+            if let StartOutcome::Failed { error } = r.outcome {
+                bail!("{}: {error}", r.name);
+            }
         }
     }
-    let req = json!({"cmd": "snapshot", "op": "load", "tag": name, "vms": names(&vms)});
+    let req = Request::Snapshot { op: LiveOp::Load, tag: name.clone(), vms: names(&vms) };
     with_progress(None, || 0, || control::request(&lab.state_dir, &req))
         .with_context(|| format!("snapshot {name} not restored"))?;
     let loaded = start.elapsed();
@@ -279,7 +280,8 @@ fn delete(lab: &Lab, store: &Store, name: &str, names_asked: &[String], out: &mu
         .collect();
     if !running_now.is_empty() {
         require_serve(lab, &format!("deleting snapshot {name} from running VMs ({})", running_now.join(", ")))?;
-        control::request(&lab.state_dir, &json!({"cmd": "snapshot", "op": "delete", "tag": name, "vms": running_now}))?;
+        let req = Request::Snapshot { op: LiveOp::Delete, tag: name.to_owned(), vms: running_now };
+        control::request(&lab.state_dir, &req)?;
     }
     store.delete(&m, &targets, &mut |e| {
         let _ = writeln!(out, "{:<10} snapshot {name} deleted", e.name);

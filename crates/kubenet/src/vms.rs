@@ -10,7 +10,8 @@ use kubenet_cluster::Lab;
 use kubenet_vm::VmFiles;
 use kubenet_vm::live::LiveOp;
 use kubenet_vm::qemu::{DropTo, HostProfile};
-use serde_json::{Value, json};
+
+use crate::control::proto::{RunState, StartOutcome, StartResult, StopResult, VmState};
 
 pub struct Supervisor {
     lab: Arc<Mutex<Lab>>,
@@ -24,22 +25,23 @@ pub struct Supervisor {
 }
 
 /// What each VM is doing, from its folder: running (pid, since when) or stopped.
-pub fn states(lab: &Lab) -> Vec<Value> {
+pub fn states(lab: &Lab) -> Vec<VmState> {
     lab.vms
         .iter()
         .map(|vm| {
             let files = VmFiles::new(lab, vm);
-            match kubenet_vm::process::running(&files) {
+            let run = match kubenet_vm::process::running(&files) {
                 Some(pid) => {
                     let since = std::fs::metadata(files.pidfile())
                         .and_then(|m| m.modified())
                         .ok()
                         .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
                         .map(|d| d.as_secs());
-                    json!({"name": vm.name, "state": "running", "pid": pid, "since": since})
+                    RunState::Running { pid, since }
                 }
-                None => json!({"name": vm.name, "state": "stopped"}),
-            }
+                None => RunState::Stopped,
+            };
+            VmState { name: vm.name.clone(), run }
         })
         .collect()
 }
@@ -89,12 +91,12 @@ impl Supervisor {
         self.lab.lock().expect("lab lock").clone()
     }
 
-    pub fn states(&self) -> Vec<Value> {
+    pub fn states(&self) -> Vec<VmState> {
         states(&self.lab())
     }
 
     /// Starts the named VMs (none: all) in parallel; one result per VM.
-    pub async fn start(&self, names: &[String]) -> Result<Vec<Value>, String> {
+    pub async fn start(&self, names: &[String]) -> Result<Vec<StartResult>, String> {
         let profile = self.profile.clone()?;
         let lab = self.lab();
         let vms = lab.select(names)?;
@@ -106,14 +108,15 @@ impl Supervisor {
         for ((i, vm), tap) in vms.iter().enumerate().zip(taps) {
             if let Err(e) = tap {
                 tracing::warn!(vm = %vm.name, "VM not started: {e:#}");
-                tasks.spawn(std::future::ready((i, json!({"name": vm.name, "error": format!("{e:#}")}))));
+                let outcome = StartOutcome::Failed { error: format!("{e:#}") };
+                tasks.spawn(std::future::ready((i, StartResult { name: vm.name.clone(), outcome })));
                 continue;
             }
             let (lab, vm, profile, owner) = (lab.clone(), (*vm).clone(), profile.clone(), self.owner);
             tasks.spawn_blocking(move || {
                 let files = VmFiles::new(&lab, &vm);
                 if let Some(pid) = kubenet_vm::process::running(&files) {
-                    return (i, json!({"name": vm.name, "result": "running", "pid": pid}));
+                    return (i, StartResult { name: vm.name, outcome: StartOutcome::Running { pid } });
                 }
                 let r = profile.launch(&vm).map_err(|e| e.to_string()).and_then(|launch| {
                     if let Some(w) = kubenet_vm::qemu::emulation_warning(&vm, profile.arch) {
@@ -123,20 +126,18 @@ impl Supervisor {
                     kubenet_vm::process::start(&vm.name, &argv, &files, &launch.guest.firmware)
                         .map_err(|e| e.to_string())
                 });
-                (
-                    i,
-                    match r {
-                        Ok(pid) => {
-                            give_to(&files, owner);
-                            tracing::info!(vm = %vm.name, pid, "VM started");
-                            json!({"name": vm.name, "result": "started", "pid": pid})
-                        }
-                        Err(e) => {
-                            tracing::warn!(vm = %vm.name, "VM did not start: {e}");
-                            json!({"name": vm.name, "error": e})
-                        }
-                    },
-                )
+                let outcome = match r {
+                    Ok(pid) => {
+                        give_to(&files, owner);
+                        tracing::info!(vm = %vm.name, pid, "VM started");
+                        StartOutcome::Started { pid }
+                    }
+                    Err(error) => {
+                        tracing::warn!(vm = %vm.name, "VM did not start: {error}");
+                        StartOutcome::Failed { error }
+                    }
+                };
+                (i, StartResult { name: vm.name, outcome })
             });
         }
         Ok(collect(tasks).await)
@@ -158,7 +159,7 @@ impl Supervisor {
 
     /// Stops the named VMs (none: all) in parallel: ACPI power-down, then after `grace`
     /// SIGTERM, then SIGKILL.
-    pub async fn stop(&self, names: &[String], grace: Duration) -> Result<Vec<Value>, String> {
+    pub async fn stop(&self, names: &[String], grace: Duration) -> Result<Vec<StopResult>, String> {
         let lab = self.lab();
         let vms = lab.select(names)?;
         let mut tasks = tokio::task::JoinSet::new();
@@ -169,7 +170,7 @@ impl Supervisor {
                 if how != kubenet_vm::process::Stopped::NotRunning {
                     tracing::info!(vm = %name, how = ?how, "VM stopped");
                 }
-                (i, json!({"name": name, "result": how}))
+                (i, StopResult { name, result: how })
             });
         }
         Ok(collect(tasks).await)
@@ -210,7 +211,7 @@ impl Supervisor {
     }
 }
 
-async fn collect(mut tasks: tokio::task::JoinSet<(usize, Value)>) -> Vec<Value> {
+async fn collect<T: 'static>(mut tasks: tokio::task::JoinSet<(usize, T)>) -> Vec<T> {
     let mut out = Vec::new();
     while let Some(r) = tasks.join_next().await {
         match r {

@@ -344,10 +344,11 @@ fn sighup_reloads_the_lab_without_losing_a_lease() {
     let ask = |cmd: &str| -> serde_json::Value {
         use std::io::{BufRead, Write};
         let mut c = std::os::unix::net::UnixStream::connect(d.join("state/kubenet.sock")).unwrap();
-        writeln!(c, "{{\"cmd\":\"{cmd}\"}}").unwrap();
+        writeln!(c, "{{\"v\":2,\"cmd\":\"{cmd}\"}}").unwrap();
         let mut line = String::new();
         std::io::BufReader::new(c).read_line(&mut line).unwrap();
-        serde_json::from_str(&line).unwrap()
+        let answer: serde_json::Value = serde_json::from_str(&line).unwrap();
+        answer["ok"].clone()
     };
     let leases = ask("leases");
     assert_eq!(leases["leases"].as_array().map(Vec::len), Some(1), "{leases}");

@@ -138,7 +138,18 @@ pub fn check_public_key_file(path: &str, home: Option<&Path>, base_dir: &Path) -
         (Some(rest), Some(h)) => h.join(rest),
         _ => base_dir.join(path),
     };
-    let text = std::fs::read_to_string(&full).map_err(|e| format!("cannot read {}: {e}", full.display()))?;
+    // A key is a line; a regular file, read no further than 16 KiB (never /dev/zero to its end).
+    let text = (|| {
+        use std::io::Read;
+        let f = std::fs::File::open(&full)?;
+        if !f.metadata()?.is_file() {
+            return Err(std::io::Error::other("not a regular file"));
+        }
+        let mut text = String::new();
+        f.take(16 << 10).read_to_string(&mut text)?;
+        Ok(text)
+    })()
+    .map_err(|e: std::io::Error| format!("cannot read {}: {e}", full.display()))?;
     let mut words = text.split_whitespace();
     let kind = words.next().unwrap_or("");
     let key = words.next().unwrap_or("");

@@ -243,6 +243,13 @@ const BROKEN: &[(&str, &str, usize, &str)] = &[
         2,
         "cannot read /nonexistent/key.pub",
     ),
+    // A device, not a key file: refused at once, never read to its end.
+    (
+        "[login]\nssh_public_key = \"/dev/zero\"\n[[group]]\nname = \"a\"\n",
+        "login.ssh_public_key",
+        2,
+        "cannot read /dev/zero: not a regular file",
+    ),
     (
         "[network]\nip_offset = 0\n[[group]]\nname = \"a\"\n",
         "network.ip_offset",

@@ -39,10 +39,12 @@ pub fn run(lab: &Lab, json: bool, out: &mut impl Write) -> anyhow::Result<bool> 
     let mut all = Vec::new();
     all.extend(qemu_and_firmware(lab));
     all.push(accelerator(lab));
+    // Asked once: the port checks and the serve check both need it.
+    let agent = crate::control::status(&lab.state_dir).ok();
     for (port, what) in [(53, "DNS"), (67, "DHCP")] {
-        all.push(port_check(lab, port, what));
+        all.push(port_verdict(port, what, &holders(port), agent.is_some()));
     }
-    all.push(serve(lab));
+    all.push(serve(agent.as_ref()));
     all.extend(images(lab));
     all.push(ssh_key(lab));
     all.extend(state_dir(lab));
@@ -248,10 +250,6 @@ pub fn port_verdict(port: u16, what: &str, holders: &[Holder], serve_running: bo
     )
 }
 
-fn port_check(lab: &Lab, port: u16, what: &str) -> Check {
-    port_verdict(port, what, &holders(port), serve_answers(lab))
-}
-
 /// The processes holding UDP `port`: sockets from /proc/net/udp(6), their owners from the
 /// file descriptors in /proc (all of them as root; one's own only otherwise). macOS: lsof.
 fn holders(port: u16) -> Vec<Holder> {
@@ -299,20 +297,16 @@ fn holders(port: u16) -> Vec<Holder> {
     found
 }
 
-fn serve_answers(lab: &Lab) -> bool {
-    crate::control::status(&lab.state_dir).is_ok()
-}
-
-/// `serve` running for this lab, and of this version.
-fn serve(lab: &Lab) -> Check {
-    match crate::control::status(&lab.state_dir) {
-        Err(_) => check(
+/// `serve` running for this lab (`agent`: its status, if it answered), and of this version.
+fn serve(agent: Option<&crate::control::proto::StatusReport>) -> Check {
+    match agent {
+        None => check(
             "serve",
             Level::Warn,
             "not running for this lab: `up` needs it",
             Some("`sudo kubenet serve` in a terminal, or `sudo kubenet service install` for good".into()),
         ),
-        Ok(s) => serve_verdict(Some(&s.version), env!("CARGO_PKG_VERSION")),
+        Some(s) => serve_verdict(Some(&s.version), env!("CARGO_PKG_VERSION")),
     }
 }
 

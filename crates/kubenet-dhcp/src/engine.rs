@@ -107,11 +107,60 @@ pub struct Stats {
 pub struct Engine {
     cfg: Config,
     leases: LeaseTable,
-    /// MAC -> (offered address, hold expiry).
-    offers: HashMap<Mac, (Ipv4Addr, u64)>,
+    offers: Offers,
+    /// No pool address below this one is free and never leased: the search for one starts
+    /// here, so a growing pool costs a step per new client, not a walk over every lease. Each
+    /// event that frees an address lowers it ([`Engine::freed`]).
+    next_scan: u32,
     /// Address -> end of its quarantine after a DECLINE.
     declined: HashMap<Ipv4Addr, u64>,
     pub stats: Stats,
+}
+
+/// Addresses offered and held for their clients, by client and by address.
+#[derive(Debug, Default)]
+struct Offers {
+    /// MAC -> (offered address, hold expiry).
+    by_mac: HashMap<Mac, (Ipv4Addr, u64)>,
+    by_ip: HashMap<Ipv4Addr, Mac>,
+}
+
+impl Offers {
+    fn get(&self, mac: &Mac) -> Option<&(Ipv4Addr, u64)> {
+        self.by_mac.get(mac)
+    }
+
+    fn insert(&mut self, mac: Mac, ip: Ipv4Addr, until: u64) {
+        self.remove(&mac);
+        // An address offered to another client whose hold ran out passes to this one.
+        if let Some(other) = self.by_ip.insert(ip, mac) {
+            self.by_mac.remove(&other);
+        }
+        self.by_mac.insert(mac, (ip, until));
+    }
+
+    /// Withdraws the client's offer; returns the address it held.
+    fn remove(&mut self, mac: &Mac) -> Option<Ipv4Addr> {
+        let (ip, _) = self.by_mac.remove(mac)?;
+        self.by_ip.remove(&ip);
+        Some(ip)
+    }
+
+    fn expire(&mut self, now: u64) {
+        self.by_mac.retain(|_, (_, until)| *until > now);
+        let by_mac = &self.by_mac;
+        self.by_ip.retain(|_, mac| by_mac.contains_key(mac));
+    }
+
+    fn clear(&mut self) {
+        self.by_mac.clear();
+        self.by_ip.clear();
+    }
+
+    /// Whether `ip` is offered, and still held, for a client other than `mac`.
+    fn held_for_another(&self, ip: Ipv4Addr, mac: Mac, now: u64) -> bool {
+        self.by_ip.get(&ip).is_some_and(|m| *m != mac && self.by_mac.get(m).is_some_and(|(_, until)| *until > now))
+    }
 }
 
 /// The request's state in the sense of RFC 2131 4.3.2.
@@ -125,11 +174,23 @@ enum RequestState {
 
 impl Engine {
     pub fn new(cfg: Config, leases: LeaseTable) -> Self {
-        Engine { cfg, leases, offers: HashMap::new(), declined: HashMap::new(), stats: Stats::default() }
+        Engine {
+            cfg,
+            leases,
+            offers: Offers::default(),
+            declined: HashMap::new(),
+            next_scan: 0,
+            stats: Stats::default(),
+        }
     }
 
     pub fn leases(&self) -> &LeaseTable {
         &self.leases
+    }
+
+    /// The leases changed since the last call (for the journal); the table notes afresh.
+    pub fn take_lease_changes(&mut self) -> crate::lease::Changes {
+        self.leases.take_changes()
     }
 
     pub fn config(&self) -> &Config {
@@ -141,11 +202,14 @@ impl Engine {
     pub fn set_config(&mut self, cfg: Config) {
         self.cfg = cfg;
         self.offers.clear();
+        self.next_scan = 0;
     }
 
     /// Drops expired leases and holds; true if the lease table changed.
     pub fn expire(&mut self, now: u64) -> bool {
-        self.offers.retain(|_, (_, until)| *until > now);
+        self.offers.expire(now);
+        // Offers, quarantines and leases ran out: let the next search start from the bottom.
+        self.next_scan = 0;
         self.declined.retain(|_, until| *until > now);
         self.leases.expire(now) > 0
     }
@@ -166,7 +230,9 @@ impl Engine {
             MessageType::Discover => self.discover(req, rx, now),
             MessageType::Request if for_another_server => {
                 // RFC 2131 4.3.2: the client chose another server's offer; ours is free again.
-                self.offers.remove(&req.mac);
+                if let Some(ip) = self.offers.remove(&req.mac) {
+                    self.freed(ip);
+                }
                 self.ignore(req, "client chose another server")
             }
             MessageType::Request => self.request(req, rx, sid.is_some(), now),
@@ -189,7 +255,7 @@ impl Engine {
             tracing::warn!(mac = %req.mac, pool = %format_args!("{}-{}", self.cfg.pool.start, self.cfg.pool.end), "DHCPDISCOVER: no free address in the pool");
             return self.ignore(req, "pool exhausted");
         };
-        self.offers.insert(req.mac, (ip, now + OFFER_HOLD_SECS));
+        self.offers.insert(req.mac, ip, now + OFFER_HOLD_SECS);
         self.stats.offers += 1;
         tracing::debug!(mac = %req.mac, %ip, "DHCPOFFER");
         let msg = self.reply(req, MessageType::Offer, ip, true);
@@ -198,7 +264,7 @@ impl Engine {
 
     /// RFC 2131 4.3.1: the static address; else the client's current or previous address; else
     /// the address it asks for if free; else the first free pool address.
-    fn choose_address(&self, req: &Request, now: u64) -> Option<Ipv4Addr> {
+    fn choose_address(&mut self, req: &Request, now: u64) -> Option<Ipv4Addr> {
         if let Some((ip, _)) = self.cfg.statics.get(&req.mac) {
             return Some(*ip);
         }
@@ -213,14 +279,23 @@ impl Engine {
         {
             return Some(*ip);
         }
-        let range = u32::from(self.cfg.pool.start)..=u32::from(self.cfg.pool.end);
-        // Never-leased addresses first, so a client that comes back finds its expired lease's
-        // address still unused.
-        let never_leased = range
-            .clone()
+        let (start, end) = (u32::from(self.cfg.pool.start), u32::from(self.cfg.pool.end));
+        // Never-leased addresses first, lowest first, so a client that comes back finds its
+        // expired lease's address still unused.
+        let never_leased = (self.next_scan.max(start)..=end)
             .map(Ipv4Addr::from)
             .find(|ip| self.leases.get(*ip).is_none() && self.pool_free_for(req.mac, *ip, now));
-        never_leased.or_else(|| range.map(Ipv4Addr::from).find(|ip| self.pool_free_for(req.mac, *ip, now)))
+        if let Some(ip) = never_leased {
+            self.next_scan = u32::from(ip).saturating_add(1);
+            return Some(ip);
+        }
+        self.next_scan = end.saturating_add(1);
+        (start..=end).map(Ipv4Addr::from).find(|ip| self.pool_free_for(req.mac, *ip, now))
+    }
+
+    /// `ip` may be free again: the search for a free address must look at it.
+    fn freed(&mut self, ip: Ipv4Addr) {
+        self.next_scan = self.next_scan.min(u32::from(ip));
     }
 
     /// Whether a pool address may go to this (non-VM) client now.
@@ -232,7 +307,7 @@ impl Engine {
             && !self.cfg.reserved.contains(&ip)
             && self.declined.get(&ip).is_none_or(|until| *until <= now)
             && self.leases.get(ip).is_none_or(|l| l.mac == mac || !l.active(now))
-            && !self.offers.iter().any(|(m, (o, until))| *m != mac && *o == ip && *until > now)
+            && !self.offers.held_for_another(ip, mac, now)
     }
 
     /// Whether this client may hold `ip`: its static address, or a free pool address.
@@ -286,8 +361,20 @@ impl Engine {
             LeaseTime::Infinite => None,
             LeaseTime::Finite(d) => Some(now + d.as_secs()),
         };
-        self.leases.insert(Lease { ip, mac: req.mac, client_id, hostname: name.clone().or(client_name), expires });
-        self.offers.remove(&req.mac);
+        let lease = Lease { ip, mac: req.mac, client_id, hostname: name.clone().or(client_name), expires };
+        // A renewal within the same second leaves the table as it was: nothing to write (as
+        // dnsmasq, whose lease file is dirtied only by a changed expiry or field).
+        let changed = self.leases.get(ip) != Some(&lease);
+        if changed {
+            // A client moving to another address leaves its old one free.
+            if let Some(old) = self.leases.by_mac(req.mac).map(|l| l.ip).filter(|old| *old != ip) {
+                self.freed(old);
+            }
+            self.leases.insert(lease);
+        }
+        if let Some(offered) = self.offers.remove(&req.mac).filter(|o| *o != ip) {
+            self.freed(offered);
+        }
         self.stats.acks += 1;
         let who = name.as_deref().unwrap_or("-");
         if renewed {
@@ -296,7 +383,7 @@ impl Engine {
             tracing::info!(mac = %req.mac, %ip, name = who, ?state, "DHCPACK granted");
         }
         let msg = self.reply(req, MessageType::Ack, ip, true);
-        Outcome { reply: Some(self.route(req, msg, rx)), leases_changed: true }
+        Outcome { reply: Some(self.route(req, msg, rx)), leases_changed: changed }
     }
 
     fn nak(&mut self, req: &Request, rx: Received, why: &str) -> Outcome {
@@ -340,6 +427,7 @@ impl Engine {
             return self.ignore(req, "RELEASE of an address the client does not hold");
         }
         self.leases.remove(ip);
+        self.freed(ip);
         self.stats.releases += 1;
         tracing::info!(mac = %req.mac, %ip, "DHCPRELEASE");
         Outcome { reply: None, leases_changed: true }

@@ -207,6 +207,30 @@ fn non_authoritative_init_reboot_without_a_record_is_silent() {
 }
 
 #[test]
+fn a_renewal_that_changes_nothing_asks_for_no_write() {
+    let mut e = engine();
+    let got = dora(&mut e, STRAY);
+    let renew = msg(MessageType::Request, STRAY, |m| {
+        m.set_ciaddr(got);
+    });
+    // The same second: the lease on file is already this one.
+    let o = e.handle(&renew, RX, NOW);
+    assert_eq!(kind(&o), Some(MessageType::Ack));
+    assert!(!o.leases_changed, "nothing changed, nothing to write");
+    // A second later the expiry moves, and the file must follow before the ACK.
+    let o = e.handle(&renew, RX, NOW + 1);
+    assert!(o.leases_changed);
+    assert_eq!(e.leases().by_mac(STRAY).unwrap().expires, Some(NOW + 1 + 43200));
+    // A new client-chosen name changes the lease too.
+    let named = msg(MessageType::Request, STRAY, |m| {
+        m.set_ciaddr(got);
+        m.opts_mut().insert(DhcpOption::Hostname("stray".into()));
+    });
+    assert!(e.handle(&named, RX, NOW + 1).leases_changed);
+    assert_eq!(e.leases().by_mac(STRAY).unwrap().hostname.as_deref(), Some("stray"));
+}
+
+#[test]
 fn renewing_and_rebinding_extend_the_lease_by_unicast() {
     let mut e = engine();
     let got = dora(&mut e, STRAY);
@@ -424,4 +448,24 @@ fn mutated_and_random_datagrams_never_panic() {
     }
     // The mutations must leave enough valid packets to reach the engine's every branch.
     assert!(decoded > 2_000 && replied > 1_000, "decoded {decoded}, replied {replied}");
+}
+
+#[test]
+fn the_lowest_free_address_is_offered_even_after_the_pool_filled_past_it() {
+    let mut e = engine();
+    let clients: Vec<Mac> = (0..5).map(|i| Mac([0x02, 0xbb, 0, 0, 0, i])).collect();
+    let got: Vec<Ipv4Addr> = clients.iter().map(|m| dora(&mut e, *m)).collect();
+    assert_eq!(got, [ip(2), ip(3), ip(4), ip(5), ip(6)], "the pool is handed out from its bottom");
+    // A release below the search's starting point: the next new client gets that address.
+    let release = msg(MessageType::Release, clients[1], |m| {
+        m.set_ciaddr(ip(3));
+    });
+    e.handle(&release, RX, NOW);
+    assert_eq!(dora(&mut e, STRAY), ip(3));
+    // A client that moves frees its old address for the next one.
+    assert_eq!(kind(&e.handle(&requesting(clients[0], ip(7)), RX, NOW)), Some(MessageType::Ack));
+    assert_eq!(dora(&mut e, STRAY2), ip(2));
+    // Expiry starts the search from the bottom again.
+    assert!(e.expire(NOW + 43200 + 1));
+    assert_eq!(dora(&mut e, Mac([0x02, 0xcc, 0, 0, 0, 1])), ip(2));
 }

@@ -1,10 +1,17 @@
-//! The lease table and its file format. The table is pure; [`save`] and [`load`] are the only
-//! file I/O.
+//! The lease table and its file format. The table is pure; [`Journal`], [`save`] and [`load`]
+//! are the only file I/O.
 //!
 //! The file uses dnsmasq's lease-file lines, `EXPIRY MAC IP HOSTNAME CLIENT-ID` with `*` for an
 //! absent field and expiry 0 for an infinite lease, so tools that read dnsmasq.leases read ours.
-//! It is replaced atomically (temporary file, fsync, rename, fsync of the directory): a crash
-//! leaves the old table or the new one, never half of either.
+//! It is a journal, as Kea's memfile is: it starts as a snapshot of the table, written
+//! atomically (temporary file, fsync, rename, fsync of the directory), and each batch of changes
+//! is then appended as the changed addresses' new lines, with one fdatasync. Reading applies the
+//! lines in order, so a later line for an address overrides an earlier one, and an expired line
+//! (a released address is written with expiry 1) removes the address. When the appended lines
+//! outnumber twice the table, the next write is a new snapshot. A change costs a few lines on
+//! disk however large the table, and a crash loses at most a batch whose replies were never
+//! sent. Until the next snapshot, a reader of the file may see several lines for one address:
+//! the last one is the lease.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
@@ -31,11 +38,41 @@ impl Lease {
 }
 
 /// Leases by address, with an index by MAC. One lease per MAC: granting a new address to a
-/// client drops its old one.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// client drops its old one. The table also notes which addresses changed since the journal
+/// last took them ([`LeaseTable::take_changes`]).
+#[derive(Clone, Debug, Default)]
 pub struct LeaseTable {
     by_ip: BTreeMap<Ipv4Addr, Lease>,
     by_mac: HashMap<Mac, Ipv4Addr>,
+    changes: Changes,
+}
+
+/// The leases equal, whatever is waiting to be written.
+impl PartialEq for LeaseTable {
+    fn eq(&self, other: &Self) -> bool {
+        self.by_ip == other.by_ip
+    }
+}
+impl Eq for LeaseTable {}
+
+/// What changed in a table since the journal last wrote.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// The addresses whose lease was granted, changed or dropped, each once.
+    pub addresses: std::collections::BTreeSet<Ipv4Addr>,
+    /// A lease that carries a host name came or went (the DNS zone follows those).
+    pub names: bool,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.addresses.is_empty()
+    }
+
+    fn note(&mut self, lease: &Lease) {
+        self.addresses.insert(lease.ip);
+        self.names |= lease.hostname.is_some();
+    }
 }
 
 impl LeaseTable {
@@ -49,12 +86,16 @@ impl LeaseTable {
 
     pub fn insert(&mut self, lease: Lease) {
         // Drop this client's previous address, and the address's previous client.
-        if let Some(old_ip) = self.by_mac.get(&lease.mac).copied() {
-            self.by_ip.remove(&old_ip);
+        if let Some(old_ip) = self.by_mac.get(&lease.mac).copied()
+            && let Some(old) = self.by_ip.remove(&old_ip)
+        {
+            self.changes.note(&old);
         }
         if let Some(prev) = self.by_ip.remove(&lease.ip) {
             self.by_mac.remove(&prev.mac);
+            self.changes.note(&prev);
         }
+        self.changes.note(&lease);
         self.by_mac.insert(lease.mac, lease.ip);
         self.by_ip.insert(lease.ip, lease);
     }
@@ -64,7 +105,28 @@ impl LeaseTable {
         if self.by_mac.get(&l.mac) == Some(&ip) {
             self.by_mac.remove(&l.mac);
         }
+        self.changes.note(&l);
         Some(l)
+    }
+
+    /// What changed since the last call, for the journal; the table starts noting afresh.
+    pub fn take_changes(&mut self) -> Changes {
+        std::mem::take(&mut self.changes)
+    }
+
+    /// The journal lines of `addresses` as the table holds them now: each lease's line, or a
+    /// removal (expiry 1, long past) for an address with no lease.
+    pub fn lines_of(&self, addresses: impl IntoIterator<Item = Ipv4Addr>) -> String {
+        let mut out = String::new();
+        for ip in addresses {
+            match self.by_ip.get(&ip) {
+                Some(l) => write_line(&mut out, l),
+                None => {
+                    let _ = writeln!(out, "1 00:00:00:00:00:00 {ip} * *");
+                }
+            }
+        }
+        out
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Lease> {
@@ -90,32 +152,47 @@ impl LeaseTable {
 
     /// The table in dnsmasq's lease-file format.
     pub fn to_text(&self) -> String {
-        let mut out = String::new();
+        let mut out = String::with_capacity(self.by_ip.len() * 64);
         for l in self.by_ip.values() {
-            let host = l.hostname.as_deref().filter(|h| is_plain(h)).unwrap_or("*");
-            let cid = match &l.client_id {
-                Some(c) if !c.is_empty() => c.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":"),
-                _ => "*".into(),
-            };
-            let _ = writeln!(out, "{} {} {} {host} {cid}", l.expires.unwrap_or(0), l.mac, l.ip);
+            write_line(&mut out, l);
         }
         out
     }
 
-    /// Parses a lease file, dropping leases expired at `now`. Returns the table and the number
-    /// of lines that did not parse (kept out, and logged by the caller).
+    /// Parses a lease file (a snapshot and the lines appended since), line by line in order: a
+    /// later line for an address replaces the earlier one, and an expired line, one expired at
+    /// `now` included, drops the address. Returns the table and the number of lines that did
+    /// not parse (kept out, and logged by the caller).
     pub fn from_text(text: &str, now: u64) -> (Self, usize) {
         let mut t = LeaseTable::default();
         let mut bad = 0;
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
             match parse_line(line) {
                 Some(l) if l.active(now) => t.insert(l),
-                Some(_) => {}
+                Some(l) => {
+                    t.remove(l.ip);
+                }
                 None => bad += 1,
             }
         }
+        t.changes = Changes::default();
         (t, bad)
     }
+}
+
+/// One lease as a line of the file.
+fn write_line(out: &mut String, l: &Lease) {
+    let host = l.hostname.as_deref().filter(|h| is_plain(h)).unwrap_or("*");
+    let _ = write!(out, "{} {} {} {host} ", l.expires.unwrap_or(0), l.mac, l.ip);
+    match &l.client_id {
+        Some(c) if !c.is_empty() => {
+            for (i, b) in c.iter().enumerate() {
+                let _ = write!(out, "{}{b:02x}", if i == 0 { "" } else { ":" });
+            }
+        }
+        _ => out.push('*'),
+    }
+    out.push('\n');
 }
 
 /// Host names go into a space-separated file: only plain labels are written.
@@ -146,14 +223,67 @@ fn parse_line(line: &str) -> Option<Lease> {
 
 /// Writes the table atomically: temporary file in the same directory, fsync, rename over the
 /// old file, fsync of the directory so the rename itself is durable.
-pub fn save(path: &Path, table: &LeaseTable) -> std::io::Result<()> {
-    save_text(path, &table.to_text())
+/// The lease file, written as a journal (see the module's header): a snapshot, then appended
+/// batches. Opened lazily, at the first write, so a file that cannot be written is found when
+/// a reply depends on it; any failed write makes the next one a whole new snapshot.
+#[derive(Debug)]
+pub struct Journal {
+    path: std::path::PathBuf,
+    /// Open for appending after the last snapshot; None until then, or after a failure.
+    file: Option<std::fs::File>,
+    /// Lines appended since the snapshot.
+    appended: usize,
+    /// The last write failed: the table in memory is ahead of the file until a write succeeds.
+    behind: bool,
 }
 
-/// [`save`] for text already rendered, so the caller can render under its lock and write
-/// outside it.
-pub fn save_text(path: &Path, text: &str) -> std::io::Result<()> {
-    kubenet_cluster::state::write_atomic(path, text.as_bytes(), 0o644)
+impl Journal {
+    pub fn new(path: std::path::PathBuf) -> Self {
+        Journal { path, file: None, appended: 0, behind: false }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// True after a failed write, until one succeeds: every reply that relies on a lease must
+    /// then wait for a write, even one whose own lease did not change (it may be the lease that
+    /// could not be written).
+    pub fn behind(&self) -> bool {
+        self.behind
+    }
+
+    /// Puts the table's changes on disk before it returns: appended lines and an fdatasync, or
+    /// a new snapshot when there is none yet or the appended lines outgrew the table.
+    pub fn write(&mut self, table: &LeaseTable, changes: &Changes) -> std::io::Result<()> {
+        let r = match &mut self.file {
+            Some(file) if self.appended + changes.addresses.len() <= 2 * table.len() + 64 => {
+                use std::io::Write as _;
+                let lines = table.lines_of(changes.addresses.iter().copied());
+                let n = changes.addresses.len();
+                file.write_all(lines.as_bytes()).and_then(|()| file.sync_data()).map(|()| self.appended += n)
+            }
+            _ => self.snapshot(table),
+        };
+        self.behind = r.is_err();
+        if r.is_err() {
+            self.file = None;
+        }
+        r
+    }
+
+    /// Replaces the file with the table, atomically, and reopens it for appending.
+    pub fn snapshot(&mut self, table: &LeaseTable) -> std::io::Result<()> {
+        self.file = None;
+        save(&self.path, table)?;
+        self.file = Some(std::fs::OpenOptions::new().append(true).open(&self.path)?);
+        self.appended = 0;
+        Ok(())
+    }
+}
+
+pub fn save(path: &Path, table: &LeaseTable) -> std::io::Result<()> {
+    kubenet_cluster::state::write_atomic(path, table.to_text().as_bytes(), 0o644)
 }
 
 /// Reads the lease file; a missing file is an empty table.
@@ -228,5 +358,98 @@ mod tests {
         save(&path, &t).unwrap();
         assert_eq!(load(&path, 100).unwrap().0, t);
         assert!(!path.with_extension("tmp").exists());
+    }
+
+    fn ip(last: u8) -> Ipv4Addr {
+        Ipv4Addr::new(192, 168, 1, last)
+    }
+
+    /// Writes the table's changes as the server does.
+    fn write(j: &mut Journal, t: &mut LeaseTable) {
+        let changes = t.take_changes();
+        j.write(t, &changes).unwrap();
+    }
+
+    #[test]
+    fn the_journal_appends_changes_and_reads_back_as_the_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("leases");
+        let mut j = Journal::new(path.clone());
+        let mut t = LeaseTable::default();
+        t.insert(lease(14, 4, Some(500)));
+        t.insert(lease(15, 5, Some(500)));
+        write(&mut j, &mut t); // the first write is a snapshot
+        let snapshot = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(snapshot.lines().count(), 2);
+
+        // A renewal, a client moving to another address, a release: three changed addresses
+        // plus the one the move left, each one line appended.
+        t.insert(lease(14, 4, Some(900)));
+        t.insert(lease(16, 5, Some(900)));
+        t.remove(ip(14));
+        let c = t.take_changes();
+        assert_eq!(c.addresses.iter().copied().collect::<Vec<_>>(), [ip(14), ip(15), ip(16)]);
+        assert!(c.names);
+        j.write(&t, &c).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with(&snapshot), "appended, not rewritten:\n{text}");
+        assert_eq!(
+            &text[snapshot.len()..],
+            "1 00:00:00:00:00:00 192.168.1.14 * *\n1 00:00:00:00:00:00 192.168.1.15 * *\n\
+             900 52:52:52:00:00:05 192.168.1.16 h5 01:52:52:52:00:00:05\n"
+        );
+        let (back, bad) = LeaseTable::from_text(&text, 100);
+        assert_eq!((back, bad), (t, 0));
+        assert_eq!(load(&path, 100).unwrap().0.len(), 1);
+    }
+
+    #[test]
+    fn the_journal_starts_a_new_snapshot_once_appends_outgrow_the_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("leases");
+        let mut j = Journal::new(path.clone());
+        let mut t = LeaseTable::default();
+        t.insert(lease(14, 4, Some(100)));
+        write(&mut j, &mut t);
+        // One lease renewed again and again: the file stays small.
+        for expiry in 101..400 {
+            t.insert(lease(14, 4, Some(expiry)));
+            write(&mut j, &mut t);
+            assert!(std::fs::read_to_string(&path).unwrap().lines().count() <= 2 * t.len() + 64 + 1);
+        }
+        assert_eq!(load(&path, 50).unwrap().0, t);
+        assert_eq!(load(&path, 50).unwrap().0.get(ip(14)).unwrap().expires, Some(399));
+    }
+
+    #[test]
+    fn a_failed_write_leaves_the_journal_behind_until_a_snapshot_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gone/leases");
+        let mut j = Journal::new(path.clone());
+        let mut t = LeaseTable::default();
+        t.insert(lease(14, 4, Some(500)));
+        let c = t.take_changes();
+        assert!(j.write(&t, &c).is_err());
+        assert!(j.behind());
+        // Nothing changed since, but the next write still puts the whole table on disk.
+        std::fs::create_dir(dir.path().join("gone")).unwrap();
+        j.write(&t, &t.clone().take_changes()).unwrap();
+        assert!(!j.behind());
+        assert_eq!(load(&path, 100).unwrap().0, t);
+    }
+
+    #[test]
+    fn loading_applies_lines_in_order() {
+        // An address granted, then released (expiry 1), then granted to another client; a
+        // client that moved keeps only its last address.
+        let text = "500 52:52:52:00:00:01 192.168.1.11 a *\n\
+                    1 00:00:00:00:00:00 192.168.1.11 * *\n\
+                    500 52:52:52:00:00:02 192.168.1.12 b *\n\
+                    600 52:52:52:00:00:02 192.168.1.13 b *\n\
+                    600 52:52:52:00:00:03 192.168.1.11 c *\n";
+        let (t, bad) = LeaseTable::from_text(text, 100);
+        assert_eq!(bad, 0);
+        let held: Vec<(Ipv4Addr, Option<&str>)> = t.iter().map(|l| (l.ip, l.hostname.as_deref())).collect();
+        assert_eq!(held, [(ip(11), Some("c")), (ip(13), Some("b"))]);
     }
 }

@@ -26,6 +26,7 @@ use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::{CLIENT_PORT, Destination, Engine, Received, Reply};
+use crate::lease::{Changes, Journal};
 use crate::wire::{self, Malformed};
 
 /// How many datagrams one wake-up handles before the lease file is written once for all of
@@ -41,8 +42,9 @@ const IFACE_TTL: Duration = Duration::from_secs(5);
 pub use kubenet_udp::BindError;
 
 /// Binds the DHCP socket: broadcast allowed, IP_PKTINFO on, and no SO_REUSEADDR/SO_REUSEPORT,
-/// so no other server can bind the port beside us.
-pub fn bind(addr: SocketAddrV4) -> Result<UdpSocket, BindError> {
+/// so no other server can bind the port beside us. Non-blocking and not yet registered with a
+/// runtime: the thread that runs [`Server::run`] makes it a tokio socket.
+pub fn bind(addr: SocketAddrV4) -> Result<std::net::UdpSocket, BindError> {
     let wrap = kubenet_udp::bind_error("DHCP", "UDP", addr.into(), |port| {
         format!(
             "another DHCP server holds it (macOS: bootpd, started by Internet Sharing; Linux: dnsmasq, e.g. libvirt's or NetworkManager's, or isc-dhcp-server). Stop it (macOS: `sudo launchctl unload -w /System/Library/LaunchDaemons/bootps.plist`; Linux: `sudo ss -ulpn 'sport = :{port}'` shows which, or `kubenet doctor`) and run kubenet serve again"
@@ -57,7 +59,7 @@ pub fn bind(addr: SocketAddrV4) -> Result<UdpSocket, BindError> {
     s.set_nonblocking(true).map_err(&wrap)?;
     kubenet_udp::enable_pktinfo(&s).map_err(&wrap)?;
     s.bind(&std::net::SocketAddr::V4(addr).into()).map_err(&wrap)?;
-    UdpSocket::from_std(s.into()).map_err(&wrap)
+    Ok(s.into())
 }
 
 /// Why packets were dropped before the engine saw them, by kind.
@@ -110,14 +112,23 @@ impl Interfaces {
     }
 }
 
-/// Called with the lease table after each change is on disk (the DNS server learns clients'
-/// names from it).
-pub type LeaseHook = Box<dyn Fn(&crate::LeaseTable) + Send + Sync>;
+/// Called with the lease table and what changed, after each change is on disk (the DNS server
+/// learns clients' names from it). At the start and after a reload every name counts as changed.
+pub type LeaseHook = Box<dyn Fn(&crate::LeaseTable, &Changes) + Send + Sync>;
 
+/// What a hook is given when it must take the whole table afresh.
+fn everything() -> Changes {
+    Changes { addresses: Default::default(), names: true }
+}
+
+/// The DHCP server's state: the engine and what lives beside it. The socket is the caller's,
+/// lent to [`Server::run`].
 pub struct Server {
-    socket: UdpSocket,
     engine: Engine,
-    lease_file: PathBuf,
+    journal: Journal,
+    /// Host names changed in a batch whose write failed: the hook hears of them after the next
+    /// write that succeeds.
+    names_pending: bool,
     ifaces: Interfaces,
     on_leases: Option<LeaseHook>,
     /// New engine configs (a reload); leases and the socket stay.
@@ -141,11 +152,11 @@ async fn next<T>(rx: &mut Option<tokio::sync::mpsc::UnboundedReceiver<T>>) -> Op
 use kubenet_cluster::state::unix_now;
 
 impl Server {
-    pub fn new(socket: UdpSocket, engine: Engine, lease_file: PathBuf) -> Self {
+    pub fn new(engine: Engine, lease_file: PathBuf) -> Self {
         Server {
-            socket,
             engine,
-            lease_file,
+            journal: Journal::new(lease_file),
+            names_pending: false,
             ifaces: Interfaces::new(),
             on_leases: None,
             configs: None,
@@ -166,7 +177,7 @@ impl Server {
 
     /// Runs `hook` now and after every change to the lease table.
     pub fn on_leases(&mut self, hook: LeaseHook) {
-        hook(self.engine.leases());
+        hook(self.engine.leases(), &everything());
         self.on_leases = Some(hook);
     }
 
@@ -178,19 +189,19 @@ impl Server {
         &mut self.engine
     }
 
-    pub fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
-        self.socket.local_addr()
-    }
-
-    /// Serves until `shutdown` is cancelled. Errors on one packet drop that packet; only a
-    /// failing socket ends the loop.
-    pub async fn run(&mut self, shutdown: CancellationToken) -> io::Result<()> {
+    /// Serves `socket` (from [`bind`]) until `shutdown` is cancelled. Errors on one packet drop
+    /// that packet; only a failing socket ends the loop.
+    ///
+    /// The lease file is written on this task's thread, before the replies that depend on it
+    /// leave: give the server a thread of its own (`kubenet serve` does), where waiting for the
+    /// disk delays only DHCP replies, which must wait for it anyway.
+    pub async fn run(&mut self, socket: &UdpSocket, shutdown: CancellationToken) -> io::Result<()> {
         let mut tick = tokio::time::interval(EXPIRY_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
-                r = self.socket.readable() => { r?; self.serve_batch().await?; }
+                r = socket.readable() => { r?; self.serve_batch(socket).await?; }
                 Some(reply) = next(&mut self.lease_queries) => {
                     let now = unix_now();
                     let _ = reply.send(self.engine.leases().iter().filter(|l| l.active(now)).cloned().collect());
@@ -199,21 +210,21 @@ impl Server {
                     self.engine.set_config(cfg);
                     // The hook's consumers (DNS) rebuilt their view: give them the leases again.
                     if let Some(hook) = &self.on_leases {
-                        hook(self.engine.leases());
+                        hook(self.engine.leases(), &everything());
                     }
                     tracing::info!("DHCP: new configuration applied; {} leases kept", self.engine.leases().len());
                 }
                 _ = tick.tick() => {
                     if self.engine.expire(unix_now())
-                        && let Err(e) = self.persist().await {
-                            tracing::error!("cannot write the lease file {}: {e}", self.lease_file.display());
+                        && let Err(e) = self.persist() {
+                            tracing::error!("cannot write the lease file {}: {e}", self.journal.path().display());
                         }
                 }
             }
         }
     }
 
-    async fn serve_batch(&mut self) -> io::Result<()> {
+    async fn serve_batch(&mut self, socket: &UdpSocket) -> io::Result<()> {
         let mut buf = [0u8; wire::MAX_LEN + 1];
         // Replies that change no lease (OFFER, NAK, INFORM's ACK) go out at once; the others
         // wait until the batch's leases are on disk.
@@ -222,8 +233,8 @@ impl Server {
         let mut changed = false;
         let now = unix_now();
         for _ in 0..BATCH {
-            let fd = self.socket.as_raw_fd();
-            let d = match self.socket.try_io(Interest::READABLE, || kubenet_udp::recv(fd, &mut buf)) {
+            let fd = socket.as_raw_fd();
+            let d = match socket.try_io(Interest::READABLE, || kubenet_udp::recv(fd, &mut buf)) {
                 Ok(d) => d,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
@@ -251,70 +262,80 @@ impl Server {
                 continue;
             }
             let out = self.engine.handle(&req, Received { ifindex: d.ifindex, src: d.src }, now);
-            if out.leases_changed {
+            if out.leases_changed || (self.journal.behind() && is_ack(&out)) {
                 changed = true;
                 durable.extend(out.reply);
             } else {
                 immediate.extend(out.reply);
             }
         }
-        self.send_all(immediate).await;
-        if changed && let Err(e) = self.persist().await {
+        self.send_all(socket, immediate).await;
+        if changed && let Err(e) = self.persist() {
             // An ACK whose lease is not on disk would be forgotten by a crash: send none.
             // Clients retry, and are answered once the file can be written again.
             self.counters.unpersisted += durable.len() as u64;
             tracing::error!(
                 "cannot write the lease file {}: {e}; withholding {} replies until it can",
-                self.lease_file.display(),
+                self.journal.path().display(),
                 durable.len()
             );
             return Ok(());
         }
-        self.send_all(durable).await;
+        self.send_all(socket, durable).await;
         Ok(())
     }
 
-    async fn send_all(&mut self, replies: Vec<Reply>) {
+    async fn send_all(&self, socket: &UdpSocket, replies: Vec<Reply>) {
         for r in replies {
-            if let Err(e) = self.send(&r).await {
+            if let Err(e) = send(socket, &r).await {
                 tracing::warn!(dest = ?r.dest, "DHCP send: {e}");
             }
         }
     }
 
-    async fn persist(&self) -> io::Result<()> {
-        let text = self.engine.leases().to_text();
-        let path = self.lease_file.clone();
-        tokio::task::spawn_blocking(move || crate::lease::save_text(&path, &text))
-            .await
-            .map_err(io::Error::other)??;
+    /// Writes the lease table's changes, blocking this thread until they are on disk (see
+    /// [`Server::run`]).
+    fn persist(&mut self) -> io::Result<()> {
+        let mut changes = self.engine.take_lease_changes();
+        changes.names |= std::mem::take(&mut self.names_pending);
+        if let Err(e) = self.journal.write(self.engine.leases(), &changes) {
+            // The next write is a whole snapshot; the names wait for it.
+            self.names_pending = changes.names;
+            return Err(e);
+        }
         if let Some(hook) = &self.on_leases {
-            hook(self.engine.leases());
+            hook(self.engine.leases(), &changes);
         }
         Ok(())
     }
+}
 
-    async fn send(&mut self, r: &Reply) -> io::Result<()> {
-        let bytes = wire::encode_reply(&r.msg).map_err(io::Error::other)?;
-        let broadcast = SocketAddrV4::new(Ipv4Addr::BROADCAST, CLIENT_PORT);
-        let (to, ifindex) = match r.dest {
-            Destination::Relay(a) | Destination::Unicast(a) => (a, 0),
-            Destination::Broadcast => (broadcast, r.ifindex),
-            Destination::Direct { ip, mac } => {
-                // The client has no address yet, so it cannot answer ARP: put its MAC in the
-                // ARP table ourselves (as dnsmasq does), or broadcast if that is refused.
-                if set_arp(&self.socket, r.ifindex, ip, mac).is_ok() {
-                    (SocketAddrV4::new(ip, CLIENT_PORT), r.ifindex)
-                } else {
-                    (broadcast, r.ifindex)
-                }
+/// An ACK that hands out an address (not an INFORM's, which grants none).
+fn is_ack(out: &crate::engine::Outcome) -> bool {
+    out.reply.as_ref().is_some_and(|r| {
+        r.msg.opts().msg_type() == Some(dhcproto::v4::MessageType::Ack) && !r.msg.yiaddr().is_unspecified()
+    })
+}
+
+/// Sends one reply to the destination the engine chose (RFC 2131 4.1).
+async fn send(socket: &UdpSocket, r: &Reply) -> io::Result<()> {
+    let bytes = wire::encode_reply(&r.msg).map_err(io::Error::other)?;
+    let broadcast = SocketAddrV4::new(Ipv4Addr::BROADCAST, CLIENT_PORT);
+    let (to, ifindex) = match r.dest {
+        Destination::Relay(a) | Destination::Unicast(a) => (a, 0),
+        Destination::Broadcast => (broadcast, r.ifindex),
+        Destination::Direct { ip, mac } => {
+            // The client has no address yet, so it cannot answer ARP: put its MAC in the
+            // ARP table ourselves (as dnsmasq does), or broadcast if that is refused.
+            if set_arp(socket, r.ifindex, ip, mac).is_ok() {
+                (SocketAddrV4::new(ip, CLIENT_PORT), r.ifindex)
+            } else {
+                (broadcast, r.ifindex)
             }
-        };
-        let fd = self.socket.as_raw_fd();
-        self.socket
-            .async_io(Interest::WRITABLE, || kubenet_udp::send(fd, &bytes, to, ifindex, Ipv4Addr::UNSPECIFIED))
-            .await
-    }
+        }
+    };
+    let fd = socket.as_raw_fd();
+    socket.async_io(Interest::WRITABLE, || kubenet_udp::send(fd, &bytes, to, ifindex, Ipv4Addr::UNSPECIFIED)).await
 }
 
 /// Adds `ip -> mac` to the ARP table of interface `ifindex` (SIOCSARP).

@@ -13,12 +13,31 @@ use tokio_util::sync::CancellationToken;
 use crate::cli::ServeArgs;
 
 pub fn run(lab: Lab, args: &ServeArgs, reload: &dyn Fn() -> anyhow::Result<Lab>) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
+    // One thread for the control socket, DNS over TCP and the VMs; the packet loops (DNS over
+    // UDP, DHCP) have a thread each ([`spawn_loop`]). No pool of workers idles beside them.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the runtime")?;
     rt.block_on(serve(lab, args, reload))
+}
+
+/// Runs a packet loop on a thread of its own, with a single-threaded runtime: its sockets
+/// wake that thread and no other, so no packet waits for a hand-off between threads. The
+/// future is first polled on the new thread, so the sockets it makes from std ones register
+/// with that thread's runtime. A loop that fails stops the whole agent through `shutdown`.
+fn spawn_loop<F>(
+    name: &str,
+    shutdown: CancellationToken,
+    serve: F,
+) -> std::io::Result<std::thread::JoinHandle<std::io::Result<()>>>
+where
+    F: std::future::Future<Output = std::io::Result<()>> + Send + 'static,
+{
+    std::thread::Builder::new().name(name.into()).spawn(move || {
+        let r = tokio::runtime::Builder::new_current_thread().enable_all().build().and_then(|rt| rt.block_on(serve));
+        if r.is_err() {
+            shutdown.cancel();
+        }
+        r
+    })
 }
 
 /// Where forwarded queries go: the lab's `upstream`, else the host's resolvers; never this
@@ -96,13 +115,10 @@ async fn servers(
     let dns_addr = udp.local_addr()?;
     let forwarder = Forwarder::new(upstreams(&lab, dns_addr), kubenet_dns::forward::UPSTREAM_TIMEOUT);
     let dns = Dns::new(Zone::from_lab(&lab, lab.dns.local_ttl), forwarder, lab.dns.allow.clone());
-    // The UDP loop gets a thread and a single-threaded runtime of its own: no work stealing
-    // between it and the other servers, which keeps its latency tail short.
     let udp = udp.into_std()?;
     let (udp_dns, udp_stop) = (dns.clone(), shutdown.clone());
-    let udp_thread = std::thread::Builder::new().name("dns-udp".into()).spawn(move || -> std::io::Result<()> {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        rt.block_on(async move { udp_dns.serve_udp(tokio::net::UdpSocket::from_std(udp)?, udp_stop).await })
+    let udp_thread = spawn_loop("dns-udp", shutdown.clone(), async move {
+        udp_dns.serve_udp(tokio::net::UdpSocket::from_std(udp)?, udp_stop).await
     })?;
     tasks.spawn(dns.clone().serve_tcp(tcp, shutdown.clone()));
 
@@ -122,13 +138,17 @@ async fn servers(
         }
         let socket = kubenet_dhcp::server::bind(SocketAddrV4::new(args.dhcp_listen, args.dhcp_port))?;
         let engine = kubenet_dhcp::Engine::new(kubenet_dhcp::Config::from_lab(&lab), leases);
-        let mut server = Server::new(socket, engine, lease_file);
+        let mut server = Server::new(engine, lease_file);
         // Clients' own names (option 12) join the zone while their leases live.
         let zone_dns = dns.clone();
         let count = active_leases.clone();
-        server.on_leases(Box::new(move |table| {
+        server.on_leases(Box::new(move |table, changes| {
+            // Expired leases leave the table within a minute: its size is the active count.
+            count.store(table.len(), std::sync::atomic::Ordering::Relaxed);
+            if !changes.names {
+                return;
+            }
             let now = kubenet_cluster::state::unix_now();
-            count.store(table.iter().filter(|l| l.active(now)).count(), std::sync::atomic::Ordering::Relaxed);
             let names: Vec<(String, Ipv4Addr)> =
                 table.iter().filter(|l| l.active(now)).filter_map(|l| l.hostname.clone().map(|h| (h, l.ip))).collect();
             zone_dns.update_zone(|z| z.set_dynamic(names.iter().map(|(h, ip)| (h.as_str(), *ip))));
@@ -139,7 +159,7 @@ async fn servers(
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         server.reloads(rx);
         dhcp_configs = Some(tx);
-        dhcp = Some(server);
+        dhcp = Some((server, socket));
     }
 
     // Undone when this function returns, whatever the reason.
@@ -204,9 +224,9 @@ async fn servers(
 
     let upstream: Vec<String> = dns.forwarder().upstreams().iter().map(ToString::to_string).collect();
     match &dhcp {
-        Some(d) => tracing::info!(
+        Some((d, socket)) => tracing::info!(
             dns = %dns_addr,
-            dhcp = %d.local_addr()?,
+            dhcp = %socket.local_addr()?,
             subnet = %lab.network.subnet,
             vms = lab.vms.len(),
             upstream = upstream.join(","),
@@ -241,10 +261,11 @@ async fn servers(
             }
         }
     };
-    if let Some(mut server) = dhcp {
+    let mut dhcp_thread = None;
+    if let Some((mut server, socket)) = dhcp {
         let stop = shutdown.clone();
-        tasks.spawn(async move {
-            let r = server.run(stop).await;
+        dhcp_thread = Some(spawn_loop("dhcp", shutdown.clone(), async move {
+            let r = server.run(&tokio::net::UdpSocket::from_std(socket)?, stop).await;
             let s = server.engine().stats;
             let c = &server.counters;
             tracing::info!(
@@ -256,7 +277,7 @@ async fn servers(
                 "DHCP stopped"
             );
             r
-        });
+        })?);
     }
     // The first server to fail stops the others; a clean stop ends them all. SIGHUP reloads.
     let mut result = Ok(());
@@ -273,10 +294,14 @@ async fn servers(
             Some(reply) = reload_rx.recv() => { let _ = reply.send(reload_now(&current)); }
         }
     }
-    match udp_thread.join() {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => result = result.and(Err(anyhow::Error::new(e).context("DNS over UDP"))),
-        Err(_) => result = result.and(Err(anyhow::anyhow!("the DNS UDP thread panicked"))),
+    // The loops' own failures cancelled `shutdown` already; a clean stop reaches them here.
+    shutdown.cancel();
+    for (what, thread) in std::iter::once(("DNS over UDP", udp_thread)).chain(dhcp_thread.map(|t| ("DHCP", t))) {
+        match thread.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => result = result.and(Err(anyhow::Error::new(e).context(what))),
+            Err(_) => result = result.and(Err(anyhow::anyhow!("the {what} thread panicked"))),
+        }
     }
     let f = dns.forwarder().stats();
     let c = &dns.counters;

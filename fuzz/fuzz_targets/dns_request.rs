@@ -1,11 +1,15 @@
-//! Arbitrary bytes as a DNS request: the parse, the zone's decision and the reply's encoding
-//! must never panic, and a decision must always encode.
+//! Arbitrary bytes as a DNS request, through the server's own decision (`request::handle`:
+//! parse, access list, zone) and its UDP encoding: nothing may panic, every reply must encode
+//! within the request's UDP limit and parse back.
 #![no_main]
 
+use std::net::IpAddr;
 use std::sync::OnceLock;
 
 use hickory_proto::op::Message;
-use kubenet_dns::{Decision, Zone};
+use kubenet_dns::Zone;
+use kubenet_dns::message::{PLAIN_UDP, encode_udp};
+use kubenet_dns::request::{Handled, handle};
 use libfuzzer_sys::fuzz_target;
 
 fn zone() -> &'static Zone {
@@ -17,10 +21,16 @@ fn zone() -> &'static Zone {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(msg) = Message::from_vec(data) else { return };
-    if let Decision::Answer(reply) = zone().decide(&msg) {
-        let bytes = reply.to_vec().expect("the zone's replies always encode");
-        let _ = reply.truncate().to_vec();
-        assert!(Message::from_vec(&bytes).is_ok(), "a reply we encoded does not parse back");
-    }
+    let allow = ["192.168.1.0/24".parse().unwrap()];
+    // The first byte picks the client: inside the lab or not, so both paths are fuzzed.
+    let (Some(&pick), Some(request)) = (data.first(), data.get(1..)) else { return };
+    let src: IpAddr = if pick & 1 == 0 { [192, 168, 1, 14].into() } else { [10, 0, 0, 1].into() };
+    let (reply, limit) = match handle(zone(), &allow, src, request) {
+        Handled::Local(m, limit) | Handled::Refused(m, limit) => (m, limit),
+        Handled::FormErr(m) => (m, PLAIN_UDP),
+        Handled::Forward(..) | Handled::Drop => return,
+    };
+    let bytes = encode_udp(&reply, limit).expect("every reply encodes for UDP");
+    assert!(bytes.len() <= limit, "a UDP reply larger than the request allows");
+    assert!(Message::from_vec(&bytes).is_ok(), "a reply we encoded does not parse back");
 });

@@ -211,7 +211,7 @@ pub struct HostEntry {
     pub address: Ipv4Addr,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Login {
     pub user: String,
     /// Never printed: `kubenet config` shows only whether one is set.

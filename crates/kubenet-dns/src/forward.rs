@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -105,7 +105,7 @@ impl Forwarder {
             }
         }
         self.stats.lock().expect("stats lock").servfail += 1;
-        crate::zone::response(query, ResponseCode::ServFail, false)
+        crate::message::response(query, ResponseCode::ServFail, false)
     }
 
     async fn ask(&self, up: SocketAddr, query: &Message, tcp: bool) -> io::Result<Message> {
@@ -115,8 +115,8 @@ impl Forwarder {
         // Our own OPT record upstream: the client's options (its cookie) are for us, and our
         // payload size is what we can take.
         q.edns = query.edns.as_ref().map(|e| {
-            let mut ours = crate::zone::reply_edns(e);
-            ours.set_max_payload(crate::server::EDNS_PAYLOAD);
+            let mut ours = crate::message::reply_edns(e);
+            ours.set_max_payload(crate::message::EDNS_PAYLOAD);
             ours
         });
         let bytes = q.to_vec().map_err(io::Error::other)?;
@@ -178,7 +178,7 @@ fn cache_ttl(resp: &Message) -> Option<u32> {
 fn finish(query: &Message, mut resp: Message) -> Message {
     resp.metadata.id = query.metadata.id;
     resp.metadata.recursion_available = true;
-    resp.edns = query.edns.as_ref().map(crate::zone::reply_edns);
+    resp.edns = query.edns.as_ref().map(crate::message::reply_edns);
     resp
 }
 
@@ -210,6 +210,28 @@ async fn ask_tcp(up: SocketAddr, bytes: &[u8]) -> io::Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// Where forwarded queries go.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Upstreams {
+    pub kept: Vec<SocketAddr>,
+    /// Configured upstreams that are this server itself, left out (a loop otherwise).
+    pub dropped: Vec<SocketAddr>,
+}
+
+/// Chooses the upstreams, the one place that does: the lab's `upstream` list, else the
+/// nameservers of the host's resolv.conf (its text); minus this server itself, which listens
+/// on `listen` and, with a wildcard listen address, on every one of the host's addresses `own`
+/// (and loopback) at the same port.
+pub fn choose_upstreams(configured: &[SocketAddr], resolv_conf: &str, listen: SocketAddr, own: &[IpAddr]) -> Upstreams {
+    let candidates = if configured.is_empty() { parse_resolv_conf(resolv_conf) } else { configured.to_vec() };
+    let is_self = |u: &SocketAddr| {
+        u.port() == listen.port()
+            && (*u == listen || (listen.ip().is_unspecified() && (u.ip().is_loopback() || own.contains(&u.ip()))))
+    };
+    let (dropped, kept) = candidates.into_iter().partition(is_self);
+    Upstreams { kept, dropped }
+}
+
 /// The `nameserver` lines of a resolv.conf.
 pub fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
     text.lines()
@@ -224,6 +246,33 @@ pub fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upstreams_that_are_this_server_are_dropped() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let ups = [a("127.0.0.1:53"), a("192.168.1.1:53"), a("192.0.2.53:53"), a("127.0.0.53:53"), a("127.0.0.1:5353")];
+        let own = [IpAddr::from([192, 168, 1, 1])];
+        // Wildcard listen on 53: loopback and own addresses on port 53 are us.
+        let kept = |listen: &str| choose_upstreams(&ups, "", a(listen), &own).kept;
+        assert_eq!(kept("0.0.0.0:53"), [a("192.0.2.53:53"), a("127.0.0.1:5353")]);
+        // A specific listen address: only that exact address is us (systemd-resolved's
+        // 127.0.0.53 is another server).
+        assert_eq!(
+            kept("127.0.0.1:53"),
+            [a("192.168.1.1:53"), a("192.0.2.53:53"), a("127.0.0.53:53"), a("127.0.0.1:5353")]
+        );
+    }
+
+    #[test]
+    fn without_a_configured_upstream_the_hosts_resolvers_are_used() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let resolv = "nameserver 127.0.0.53\nnameserver 192.0.2.1\n";
+        let u = choose_upstreams(&[], resolv, a("0.0.0.0:53"), &[]);
+        // 127.0.0.53:53 is loopback on our port: with a wildcard listen address, that is us.
+        assert_eq!(u, Upstreams { kept: vec![a("192.0.2.1:53")], dropped: vec![a("127.0.0.53:53")] });
+        // A configured list wins over resolv.conf.
+        assert_eq!(choose_upstreams(&[a("192.0.2.9:53")], resolv, a("0.0.0.0:53"), &[]).kept, [a("192.0.2.9:53")]);
+    }
 
     #[test]
     fn resolv_conf_nameservers() {

@@ -4,6 +4,9 @@
 //! Layout:
 //! - `zone`: the lab's forward and reverse zones, and which queries must never be forwarded
 //!   (pure: a query in, a decision out).
+//! - `message`: the reply skeleton and OPT record, EDNS limits, UDP encoding, the access list
+//!   and the answer cache's key (pure; uses no other module).
+//! - `request`: one request's fate, `handle`: parse, access list, zone (pure).
 //! - `forward`: the upstream resolvers and the cache (I/O: sockets to the upstreams).
 //! - `server`: UDP and TCP serving, the access list, truncation (I/O).
 //!
@@ -13,6 +16,8 @@
 //! (hickory#3401); each is a behaviour kubenet has to own.
 
 pub mod forward;
+pub mod message;
+pub mod request;
 pub mod server;
 pub mod zone;
 

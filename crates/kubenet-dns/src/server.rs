@@ -9,20 +9,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use hickory_proto::op::{Message, MessageType, ResponseCode};
 use ipnet::IpNet;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::forward::Forwarder;
-use crate::zone::{Decision, Zone, response};
+use crate::message::{PLAIN_UDP, allowed, answer_key, encode_udp};
+use crate::request::{self, Handled};
+use crate::zone::Zone;
 
-/// The EDNS payload kubenet offers and honours: the DNS flag day 2020 value, safe from IP
-/// fragmentation.
-pub const EDNS_PAYLOAD: u16 = 1232;
-/// Without EDNS a UDP answer is at most 512 bytes (RFC 1035 4.2.1).
-const PLAIN_UDP: usize = 512;
 /// A TCP client that says nothing for this long is dropped.
 const TCP_IDLE: Duration = Duration::from_secs(10);
 /// The answer cache of local replies holds at most this many; when full it starts over.
@@ -73,6 +70,18 @@ pub struct Counters {
     pub malformed: AtomicU64,
 }
 
+/// Every DNS counter at one moment: the server's own and the forwarder's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub queries: u64,
+    pub local: u64,
+    pub forwarded: u64,
+    pub cache_hits: u64,
+    pub servfail: u64,
+    pub refused: u64,
+    pub malformed: u64,
+}
+
 pub struct Dns {
     zone: RwLock<Zone>,
     forwarder: Forwarder,
@@ -82,15 +91,6 @@ pub struct Dns {
     /// of a parse and an encode. Local answers change only with the zone, which clears it.
     answers: RwLock<std::collections::HashMap<Vec<u8>, Vec<u8>>>,
     pub counters: Counters,
-}
-
-/// What one request came to.
-enum Handled {
-    /// The reply, the most a UDP reply to this request may take, and whether the reply is the
-    /// zone's (so it may go in the answer cache).
-    Reply(Message, usize, bool),
-    Forward(Message, usize),
-    Drop,
 }
 
 impl Dns {
@@ -108,28 +108,29 @@ impl Dns {
         &self.forwarder
     }
 
+    pub fn totals(&self) -> Totals {
+        let f = self.forwarder.stats();
+        let c = &self.counters;
+        Totals {
+            queries: c.queries.load(Ordering::Relaxed),
+            local: c.local.load(Ordering::Relaxed),
+            forwarded: f.forwarded,
+            cache_hits: f.cache_hits,
+            servfail: f.servfail,
+            refused: c.refused.load(Ordering::Relaxed),
+            malformed: c.malformed.load(Ordering::Relaxed),
+        }
+    }
+
     /// Replaces the zone (a reload, or new DHCP names).
     pub fn update_zone(&self, f: impl FnOnce(&mut Zone)) {
         f(&mut self.zone.write().expect("zone lock"));
         self.answers.write().expect("answer cache lock").clear();
     }
 
-    /// The cache key of a request that can be answered from the cache: a plain query (QR 0,
-    /// opcode QUERY, one question, no answer or authority records, at most the OPT record).
-    fn answer_key(request: &[u8]) -> Option<Vec<u8>> {
-        let h = request.get(..12)?;
-        let plain = h[2] & 0xf8 == 0 && h[4..6] == [0, 1] && h[6..10] == [0, 0, 0, 0] && h[10] == 0 && h[11] <= 1;
-        plain.then(|| {
-            let mut k = Vec::with_capacity(request.len() - 2);
-            k.push(h[2] & !1);
-            k.extend_from_slice(&request[3..]);
-            k
-        })
-    }
-
     /// The cached reply to `request`, with its id and RD.
     fn cached_answer(&self, request: &[u8]) -> Option<Vec<u8>> {
-        let key = Self::answer_key(request)?;
+        let key = answer_key(request)?;
         let mut reply = self.answers.read().expect("answer cache lock").get(&key)?.clone();
         reply[..2].copy_from_slice(&request[..2]);
         reply[2] = (reply[2] & !1) | (request[2] & 1);
@@ -137,7 +138,7 @@ impl Dns {
     }
 
     fn remember_answer(&self, request: &[u8], reply: &[u8]) {
-        let Some(key) = Self::answer_key(request) else { return };
+        let Some(key) = answer_key(request) else { return };
         let mut cache = self.answers.write().expect("answer cache lock");
         if cache.len() >= ANSWER_CACHE_MAX {
             cache.clear();
@@ -146,62 +147,39 @@ impl Dns {
     }
 
     fn allowed(&self, src: IpAddr) -> bool {
-        let src = match src {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(src, IpAddr::V4),
-            v4 => v4,
-        };
-        self.allow.iter().any(|n| n.contains(&src))
+        allowed(&self.allow, src)
     }
 
+    /// [`request::handle`] under the zone's lock, counted.
     fn handle(&self, bytes: &[u8], src: SocketAddr) -> Handled {
         self.counters.queries.fetch_add(1, Ordering::Relaxed);
-        let msg = match Message::from_vec(bytes) {
-            Ok(m) => m,
-            Err(_) => {
-                self.counters.malformed.fetch_add(1, Ordering::Relaxed);
-                // A readable header earns a FORMERR; anything shorter is dropped.
-                return match bytes.get(..12) {
-                    Some(h) if h[2] & 0x80 == 0 => {
-                        let mut m = Message::new(
-                            u16::from_be_bytes([h[0], h[1]]),
-                            MessageType::Response,
-                            hickory_proto::op::OpCode::Query,
-                        );
-                        m.metadata.response_code = ResponseCode::FormErr;
-                        m.metadata.recursion_available = true;
-                        Handled::Reply(m, PLAIN_UDP, false)
-                    }
-                    _ => Handled::Drop,
-                };
-            }
+        let h = request::handle(&self.zone.read().expect("zone lock"), &self.allow, src.ip(), bytes);
+        let counter = match &h {
+            Handled::Local(..) => Some(&self.counters.local),
+            Handled::Refused(..) => Some(&self.counters.refused),
+            Handled::FormErr(_) | Handled::Drop => Some(&self.counters.malformed),
+            Handled::Forward(..) => None,
         };
-        if msg.metadata.message_type != MessageType::Query {
-            self.counters.malformed.fetch_add(1, Ordering::Relaxed);
-            return Handled::Drop;
+        if let Some(c) = counter {
+            c.fetch_add(1, Ordering::Relaxed);
         }
-        let limit = udp_limit(&msg);
-        if !self.allowed(src.ip()) {
-            self.counters.refused.fetch_add(1, Ordering::Relaxed);
-            return Handled::Reply(response(&msg, ResponseCode::Refused, false), limit, false);
-        }
-        let decision = self.zone.read().expect("zone lock").decide(&msg);
-        match decision {
-            Decision::Answer(m) => {
-                self.counters.local.fetch_add(1, Ordering::Relaxed);
-                Handled::Reply(m, limit, true)
-            }
-            Decision::Forward => Handled::Forward(msg, limit),
-        }
+        h
     }
 
-    /// Serves UDP until `shutdown`.
+    /// Serves UDP until `shutdown`; then ends the forwarded queries still waiting for an
+    /// upstream, and returns once none is left.
     pub async fn serve_udp(self: Arc<Self>, socket: UdpSocket, shutdown: CancellationToken) -> io::Result<()> {
         let socket = Arc::new(socket);
         let v6 = socket.local_addr()?.is_ipv6();
         let mut buf = vec![0u8; 65535];
+        let forwarded = TaskTracker::new();
         loop {
             let (n, src, dst) = tokio::select! {
-                () = shutdown.cancelled() => return Ok(()),
+                () = shutdown.cancelled() => {
+                    forwarded.close();
+                    forwarded.wait().await;
+                    return Ok(());
+                }
                 r = receive(&socket, v6, &mut buf) => match r {
                     Ok(x) => x,
                     // ICMP errors from earlier sends surface here on some systems: not fatal.
@@ -219,18 +197,29 @@ impl Dns {
             }
             match self.handle(request, src) {
                 Handled::Drop => {}
-                Handled::Reply(m, limit, cacheable) => {
+                Handled::Local(m, limit) => {
                     if let Some(reply) = encode_udp(&m, limit) {
-                        if cacheable {
-                            self.remember_answer(request, &reply);
-                        }
+                        self.remember_answer(request, &reply);
+                        send(&socket, &reply, src, dst).await;
+                    }
+                }
+                Handled::Refused(m, limit) => {
+                    if let Some(reply) = encode_udp(&m, limit) {
+                        send(&socket, &reply, src, dst).await;
+                    }
+                }
+                Handled::FormErr(m) => {
+                    if let Some(reply) = encode_udp(&m, PLAIN_UDP) {
                         send(&socket, &reply, src, dst).await;
                     }
                 }
                 Handled::Forward(q, limit) => {
-                    let (me, socket) = (self.clone(), socket.clone());
-                    tokio::spawn(async move {
-                        let m = me.forwarder.resolve(&q, false).await;
+                    let (me, socket, stop) = (self.clone(), socket.clone(), shutdown.clone());
+                    forwarded.spawn(async move {
+                        let m = tokio::select! {
+                            () = stop.cancelled() => return,
+                            m = me.forwarder.resolve(&q, false) => m,
+                        };
                         if let Some(reply) = encode_udp(&m, limit) {
                             send(&socket, &reply, src, dst).await;
                         }
@@ -240,11 +229,17 @@ impl Dns {
         }
     }
 
-    /// Serves TCP until `shutdown`: each connection in its own task.
+    /// Serves TCP until `shutdown`: each connection in its own task. Returns once every
+    /// connection has ended.
     pub async fn serve_tcp(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) -> io::Result<()> {
+        let connections = TaskTracker::new();
         loop {
             let (stream, src) = tokio::select! {
-                () = shutdown.cancelled() => return Ok(()),
+                () = shutdown.cancelled() => {
+                    connections.close();
+                    connections.wait().await;
+                    return Ok(());
+                }
                 r = listener.accept() => match r {
                     Ok(x) => x,
                     Err(e) => { tracing::debug!("DNS accept: {e}"); continue; }
@@ -252,7 +247,7 @@ impl Dns {
             };
             let me = self.clone();
             let stop = shutdown.clone();
-            tokio::spawn(async move {
+            connections.spawn(async move {
                 tokio::select! {
                     () = stop.cancelled() => {}
                     r = me.serve_connection(stream, src) => if let Err(e) = r { tracing::debug!(%src, "DNS over TCP: {e}"); },
@@ -274,7 +269,7 @@ impl Dns {
                 .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
             let reply = match self.handle(&buf, src) {
                 Handled::Drop => return Ok(()),
-                Handled::Reply(m, _, _) => m,
+                Handled::Local(m, _) | Handled::Refused(m, _) | Handled::FormErr(m) => m,
                 Handled::Forward(q, _) => self.forwarder.resolve(&q, true).await,
             };
             let bytes = reply.to_vec().map_err(io::Error::other)?;
@@ -283,25 +278,6 @@ impl Dns {
             stream.write_all(&bytes).await?;
         }
     }
-}
-
-/// The most a UDP answer to this request may take: its EDNS size (up to ours), else 512.
-fn udp_limit(request: &Message) -> usize {
-    match &request.edns {
-        Some(e) => usize::from(e.max_payload().clamp(PLAIN_UDP as u16, EDNS_PAYLOAD)),
-        None => PLAIN_UDP,
-    }
-}
-
-/// A reply encoded for UDP; one too large goes truncated (TC set, records dropped), and the
-/// client retries over TCP.
-fn encode_udp(m: &Message, limit: usize) -> Option<Vec<u8>> {
-    let r = match m.to_vec() {
-        Ok(b) if b.len() <= limit => Ok(b),
-        Ok(_) => m.truncate().to_vec(),
-        Err(e) => Err(e),
-    };
-    r.map_err(|e| tracing::warn!("DNS encode: {e}")).ok()
 }
 
 /// One datagram: its length, sender, and the address it was sent to (unspecified when the
@@ -339,29 +315,10 @@ async fn send(socket: &UdpSocket, bytes: &[u8], to: SocketAddr, asked: Ipv4Addr)
     }
 }
 
-/// Upstreams minus any that would be this server itself: the listen address, or with a
-/// wildcard listen address any of the host's own addresses on the same port.
-pub fn without_self(upstreams: &[SocketAddr], listen: SocketAddr, own: &[IpAddr]) -> Vec<SocketAddr> {
-    upstreams
-        .iter()
-        .copied()
-        .filter(|u| {
-            let same_port = u.port() == listen.port();
-            let is_listen =
-                *u == listen || (listen.ip().is_unspecified() && (u.ip().is_loopback() || own.contains(&u.ip())));
-            !(same_port && is_listen)
-        })
-        .collect()
-}
-
-/// The host's own interface addresses, for [`without_self`].
-pub fn host_addresses() -> Vec<IpAddr> {
-    kubenet_udp::addresses().into_iter().map(|a| a.address).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hickory_proto::op::{Message, ResponseCode};
 
     #[tokio::test]
     async fn a_busy_port_is_named_with_what_to_do() {
@@ -373,21 +330,6 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("kubenet doctor") && err.contains("--dns-listen"), "{err}");
-    }
-
-    #[test]
-    fn upstreams_that_are_this_server_are_dropped() {
-        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
-        let ups = [a("127.0.0.1:53"), a("192.168.1.1:53"), a("192.0.2.53:53"), a("127.0.0.53:53"), a("127.0.0.1:5353")];
-        let own = [IpAddr::from([192, 168, 1, 1])];
-        // Wildcard listen on 53: loopback and own addresses on port 53 are us.
-        assert_eq!(without_self(&ups, a("0.0.0.0:53"), &own), [a("192.0.2.53:53"), a("127.0.0.1:5353")]);
-        // A specific listen address: only that exact address is us (systemd-resolved's
-        // 127.0.0.53 is another server).
-        assert_eq!(
-            without_self(&ups, a("127.0.0.1:53"), &own),
-            [a("192.168.1.1:53"), a("192.0.2.53:53"), a("127.0.0.53:53"), a("127.0.0.1:5353")]
-        );
     }
 
     fn lab_zone() -> Zone {
@@ -475,58 +417,5 @@ mod tests {
         .await
         .unwrap();
         stop.cancel();
-    }
-
-    #[test]
-    fn only_plain_queries_have_a_cache_key() {
-        let mut q = Message::query();
-        q.add_query(hickory_proto::op::Query::query("a.b.".parse().unwrap(), hickory_proto::rr::RecordType::A));
-        let plain = q.to_vec().unwrap();
-        assert!(Dns::answer_key(&plain).is_some());
-        let mut update = plain.clone();
-        update[2] |= 5 << 3; // opcode UPDATE
-        assert!(Dns::answer_key(&update).is_none());
-        let mut response = plain.clone();
-        response[2] |= 0x80;
-        assert!(Dns::answer_key(&response).is_none());
-        // RD is not part of the key: the reply's RD is patched per request.
-        let mut rd = plain.clone();
-        rd[2] ^= 1;
-        assert_eq!(Dns::answer_key(&rd), Dns::answer_key(&plain));
-        assert!(Dns::answer_key(&plain[..11]).is_none());
-    }
-
-    #[test]
-    fn an_answer_too_large_for_udp_is_truncated_for_a_tcp_retry() {
-        let mut q = Message::query();
-        q.add_query(hickory_proto::op::Query::query("big.example.".parse().unwrap(), hickory_proto::rr::RecordType::A));
-        let mut big = response(&q, ResponseCode::NoError, false);
-        for i in 0..60u8 {
-            big.add_answer(hickory_proto::rr::Record::from_rdata(
-                "big.example.".parse().unwrap(),
-                60,
-                hickory_proto::rr::RData::A(hickory_proto::rr::rdata::A::new(192, 0, 2, i)),
-            ));
-        }
-        assert!(big.to_vec().unwrap().len() > PLAIN_UDP);
-        let sent = encode_udp(&big, PLAIN_UDP).unwrap();
-        assert!(sent.len() <= PLAIN_UDP);
-        let back = Message::from_vec(&sent).unwrap();
-        assert!(back.metadata.truncation && back.answers.is_empty());
-        assert_eq!(back.queries, q.queries);
-        // Within an EDNS client's 1232 bytes it goes whole.
-        let whole = Message::from_vec(&encode_udp(&big, 1232).unwrap()).unwrap();
-        assert!(!whole.metadata.truncation && whole.answers.len() == 60);
-    }
-
-    #[test]
-    fn udp_limit_follows_edns() {
-        let mut q = Message::query();
-        q.add_query(hickory_proto::op::Query::query("a.b.".parse().unwrap(), hickory_proto::rr::RecordType::A));
-        assert_eq!(udp_limit(&q), 512);
-        let mut e = hickory_proto::op::Edns::new();
-        e.set_max_payload(4096);
-        q.set_edns(e);
-        assert_eq!(udp_limit(&q), 1232);
     }
 }

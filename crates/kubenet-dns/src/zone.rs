@@ -12,11 +12,13 @@ use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::str::FromStr;
 
-use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::op::{Message, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::{A, NS, PTR, SOA};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use ipnet::Ipv4Net;
 use kubenet_cluster::Lab;
+
+use crate::message::response;
 
 /// What to do with a query.
 #[derive(Debug, PartialEq)]
@@ -267,35 +269,6 @@ impl Zone {
         m.add_authority(self.soa(zone));
         m
     }
-}
-
-/// A response skeleton for `msg`: id, opcode, question, RD copied; our own OPT record when the
-/// query had one ([`reply_edns`]); RA set, since kubenet recurses for the lab's clients and
-/// resolvers treat a missing RA as "this server does not". AA and RA mean something only for
-/// QUERY (RFC 1035 4.1.1), so any other opcode gets neither.
-pub fn response(msg: &Message, rcode: ResponseCode, authoritative: bool) -> Message {
-    let query = msg.metadata.op_code == OpCode::Query;
-    let mut m = Message::new(msg.metadata.id, MessageType::Response, msg.metadata.op_code);
-    m.metadata.response_code = rcode;
-    m.metadata.authoritative = authoritative && query;
-    m.metadata.recursion_desired = msg.metadata.recursion_desired;
-    m.metadata.recursion_available = query;
-    m.add_queries(msg.queries.iter().cloned());
-    if let Some(e) = &msg.edns {
-        m.set_edns(reply_edns(e));
-    }
-    m
-}
-
-/// The OPT record of a reply to a query that carried `asked` (RFC 6891): version 0, our UDP
-/// payload size (no more than theirs, no less than 512), DO copied (RFC 3225), every other flag
-/// zero, and no options: options this server does not implement (cookies, RFC 7873 5.2, among
-/// them) are ignored, never echoed.
-pub fn reply_edns(asked: &hickory_proto::op::Edns) -> hickory_proto::op::Edns {
-    let mut edns = hickory_proto::op::Edns::new();
-    edns.set_max_payload(crate::server::EDNS_PAYLOAD.min(asked.max_payload().max(512)));
-    edns.set_dnssec_ok(asked.flags().dnssec_ok);
-    edns
 }
 
 #[cfg(test)]

@@ -82,6 +82,26 @@ impl LabFiles {
     pub fn lab_key(&self) -> PathBuf {
         self.dir.join("id_ed25519")
     }
+    /// The lab's snapshots, one folder each.
+    pub fn snapshots(&self) -> PathBuf {
+        self.dir.join("snapshots")
+    }
+
+    /// Every path kubenet makes in the state directory for `lab`, whether it exists yet or
+    /// not: what `kubenet destroy` removes. Base images and the lab definition are not kubenet's.
+    pub fn made(&self, lab: &Lab) -> Vec<PathBuf> {
+        let mut paths: Vec<PathBuf> = lab.vms.iter().map(|vm| lab.vm_dir(vm)).collect();
+        let key = self.lab_key();
+        paths.extend([
+            lab.lease_file(),
+            self.known_hosts(),
+            self.ssh_config(),
+            key.with_extension("pub"),
+            key,
+            self.snapshots(),
+        ]);
+        paths
+    }
 }
 
 /// `path` relative to directory `from`, both absolute or both relative to the same place
@@ -105,6 +125,32 @@ pub fn relative_to(path: &Path, from: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_kubenet_made_is_every_vm_folder_and_the_labs_files_never_the_images() {
+        let lab = kubenet_cluster::load(&kubenet_cluster::Choice::Embedded, Path::new("/lab")).unwrap();
+        let made = LabFiles::new(&lab).made(&lab);
+        let names: Vec<String> = made.iter().map(|p| p.strip_prefix("/lab").unwrap().display().to_string()).collect();
+        assert_eq!(
+            names,
+            [
+                "gateway",
+                "control0",
+                "control1",
+                "control2",
+                "worker0",
+                "worker1",
+                "worker2",
+                "leases",
+                "known_hosts",
+                "ssh_config",
+                "id_ed25519.pub",
+                "id_ed25519",
+                "snapshots"
+            ]
+        );
+        assert!(made.iter().all(|p| !p.starts_with(lab.state_dir.join("images"))));
+    }
 
     #[test]
     fn relative_paths_climb_out_of_the_vm_folder() {

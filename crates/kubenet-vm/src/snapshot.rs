@@ -210,7 +210,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
 
 impl<'a> Store<'a> {
     pub fn new(lab: &'a Lab) -> Self {
-        Store { lab, dir: lab.state_dir.join("snapshots") }
+        Store { lab, dir: crate::files::LabFiles::new(lab).snapshots() }
     }
 
     pub fn dir(&self) -> &Path {

@@ -9,17 +9,16 @@
 //! works on running VMs over QMP, all paused, then all resumed; a save that fails on one VM is
 //! deleted again from the others, and the request fails.
 
-pub mod proto;
-
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use proto::{Answer, Body, Request, Response};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+
+use crate::proto::{self, Answer, Body, Request, Response};
 
 /// The socket's file name in the state directory.
 pub const SOCKET: &str = "kubenet.sock";

@@ -298,7 +298,7 @@ fn holders(port: u16) -> Vec<Holder> {
 }
 
 /// `serve` running for this lab (`agent`: its status, if it answered), and of this version.
-fn serve(agent: Option<&crate::control::proto::StatusReport>) -> Check {
+fn serve(agent: Option<&crate::proto::StatusReport>) -> Check {
     match agent {
         None => check(
             "serve",

@@ -10,6 +10,8 @@ mod host_resolver;
 #[cfg(target_os = "linux")]
 mod hostnet;
 mod lifecycle;
+mod proto;
+mod reload;
 mod serve;
 mod service;
 mod snapshot;
@@ -272,8 +274,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Reload => {
             let lab = load_lab(&cli, None)?;
-            let answer = control::request(&lab.state_dir, &control::proto::Request::Reload)?;
-            let control::proto::Answer::Reloaded { source, warnings } = answer else {
+            let answer = control::request(&lab.state_dir, &crate::proto::Request::Reload)?;
+            let crate::proto::Answer::Reloaded { source, warnings } = answer else {
                 return Err(control::unexpected(answer).into());
             };
             writeln!(stdout, "reloaded {source}").map_err(output)?;

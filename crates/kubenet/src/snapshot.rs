@@ -16,8 +16,8 @@ use kubenet_vm::snapshot::{Manifest, Store, VmEntry};
 
 use crate::cli::SnapshotAction;
 use crate::control;
-use crate::control::proto::{Answer, Request, StartOutcome};
 use crate::lifecycle::{now, refuse_running, short};
+use crate::proto::{Answer, Request, StartOutcome};
 
 pub fn run(lab: &Lab, action: &SnapshotAction, out: &mut impl Write) -> anyhow::Result<()> {
     let store = Store::new(lab);
@@ -333,11 +333,6 @@ fn size(bytes: u64) -> String {
         b if b >= 1 << 20 => format!("{}M", b >> 20),
         b => format!("{}K", b.div_ceil(1024)),
     }
-}
-
-/// For `kubenet destroy`: the snapshots' folder (the snapshots themselves live in the disks).
-pub fn folder(lab: &Lab) -> PathBuf {
-    Store::new(lab).dir().to_path_buf()
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use kubenet_vm::VmFiles;
 use kubenet_vm::live::LiveOp;
 use kubenet_vm::qemu::{DropTo, HostProfile};
 
-use crate::control::proto::{RunState, StartOutcome, StartResult, StopResult, VmState};
+use crate::proto::{RunState, StartOutcome, StartResult, StopResult, VmState};
 
 pub struct Supervisor {
     lab: Arc<Mutex<Lab>>,

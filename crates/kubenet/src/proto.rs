@@ -90,6 +90,13 @@ pub struct DnsCounters {
     pub refused: u64,
 }
 
+impl From<kubenet_dns::server::Totals> for DnsCounters {
+    fn from(t: kubenet_dns::server::Totals) -> Self {
+        let kubenet_dns::server::Totals { queries, local, forwarded, cache_hits, servfail, refused, malformed: _ } = t;
+        DnsCounters { queries, local, forwarded, cache_hits, servfail, refused }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseRow {
     pub mac: String,

@@ -199,90 +199,16 @@ fn run(cli: Cli) -> Result<(), Failure> {
     // Not locked for the whole run: `console` writes the VM's output from a thread of its own.
     let mut stdout = Out(std::io::stdout());
     match &cli.command {
-        Command::Config(args) => match &args.action {
-            None => {
-                let lab = load_lab(&cli, None)?;
-                if args.json {
-                    serde_json::to_writer_pretty(&mut stdout, &lab).map_err(|e| output(e.into()))?;
-                    writeln!(stdout).ok();
-                } else {
-                    write!(stdout, "{}", table::render(&lab, kubenet_cluster::Arch::HOST)).map_err(output)?;
-                }
-            }
-            Some(ConfigAction::Check { file }) => {
-                let lab = load_lab(&cli, file.as_deref())?;
-                writeln!(stdout, "{}: ok, {} VMs on {}", lab.source, lab.vms.len(), lab.network.subnet).ok();
-            }
-        },
+        Command::Config(args) => config(&cli, args, &mut stdout)?,
         Command::Doctor { json } => {
             if !doctor::run(&load_lab(&cli, None)?, *json, &mut stdout)? {
                 return Err(Failure::Other(anyhow::anyhow!("doctor found problems: each FAIL above says what to do")));
             }
         }
-        Command::Service(action) => match action {
-            cli::ServiceAction::Install { print, manager } => {
-                let lab = load_lab(&cli, None)?;
-                let spec = service::spec(chosen_config(&cli)?, &lab.state_dir)?;
-                let manager = match manager {
-                    Some(cli::ServiceManager::Systemd) => service::Manager::Systemd,
-                    Some(cli::ServiceManager::Launchd) => service::Manager::Launchd,
-                    None => service::Manager::current(),
-                };
-                service::install(&spec, *print, manager, &mut stdout)?;
-            }
-            cli::ServiceAction::Uninstall => service::uninstall(&mut stdout)?,
-            cli::ServiceAction::Status => service::status()?,
-        },
-        Command::Init { dir } => {
-            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-            let path = dir.join(kubenet_cluster::CONFIG_FILE_NAME);
-            // create_new: an existing lab definition is never overwritten.
-            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&path).map_err(|e| {
-                if e.kind() == std::io::ErrorKind::AlreadyExists {
-                    anyhow::anyhow!("{} already exists; kubenet init never overwrites a lab definition (remove it first to start over)", path.display())
-                } else {
-                    anyhow::Error::new(e).context(format!("cannot create {}", path.display()))
-                }
-            })?;
-            f.write_all(kubenet_cluster::REFERENCE_CONFIG.as_bytes())
-                .and_then(|()| f.sync_all())
-                .with_context(|| format!("cannot write {}", path.display()))?;
-            // The command that uses this file: from its folder kubenet finds it by itself.
-            let show = if dir.as_os_str().is_empty() || dir == Path::new(".") {
-                "kubenet config".to_owned()
-            } else {
-                kubenet_vm::qemu::shell_line(&[
-                    "kubenet".into(),
-                    "--config".into(),
-                    path.clone().into_os_string(),
-                    "config".into(),
-                ])
-            };
-            writeln!(stdout, "wrote {}: edit it, then `{show}` shows the lab", path.display()).map_err(output)?;
-        }
-        Command::Serve(args) => {
-            let lab = load_lab(&cli, None)?;
-            // SIGHUP reads the lab definition again the same way.
-            let reload = || {
-                load_lab(&cli, None).map_err(|e| match e {
-                    Failure::Config(c) => anyhow::Error::new(c),
-                    Failure::Usage(o) | Failure::Other(o) => o,
-                    Failure::StdoutClosed => anyhow::anyhow!("standard output closed"),
-                })
-            };
-            serve::run(lab, args, &reload)?;
-        }
-        Command::Reload => {
-            let lab = load_lab(&cli, None)?;
-            let answer = control::request(&lab.state_dir, &crate::proto::Request::Reload)?;
-            let crate::proto::Answer::Reloaded { source, warnings } = answer else {
-                return Err(control::unexpected(answer).into());
-            };
-            writeln!(stdout, "reloaded {source}").map_err(output)?;
-            for w in warnings {
-                writeln!(stdout, "warning: {w}").map_err(output)?;
-            }
-        }
+        Command::Service(action) => service_command(&cli, action, &mut stdout)?,
+        Command::Init { dir } => init(dir, &mut stdout)?,
+        Command::Serve(args) => serve_command(&cli, args)?,
+        Command::Reload => reload(&cli, &mut stdout)?,
         Command::Image(cli::ImageAction::Pull { names }) => {
             lifecycle::image_pull(&load_lab(&cli, None)?, names, &mut stdout)?;
         }
@@ -301,15 +227,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let lab = load_lab(&cli, None)?;
             tmux::run(&lab, session, &pane_command(&cli, &lab)?, &mut stdout)?;
         }
-        Command::Man { dir } => {
-            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-            clap_mangen::generate_to(Cli::command(), dir)
-                .with_context(|| format!("cannot write the man pages to {}", dir.display()))?;
-            let n = std::fs::read_dir(dir)
-                .map(|d| d.filter_map(Result::ok).filter(|e| e.path().extension().is_some_and(|x| x == "1")).count())
-                .unwrap_or(0);
-            writeln!(stdout, "wrote {n} man pages to {}", dir.display()).map_err(output)?;
-        }
+        Command::Man { dir } => man(dir, &mut stdout)?,
         Command::Completions { shell } => {
             // The dynamic script: it asks `kubenet` (from PATH) for candidates as you type, so
             // VM and snapshot names come from the lab of the moment. Written to memory first,
@@ -319,5 +237,118 @@ fn run(cli: Cli) -> Result<(), Failure> {
             stdout.write_all(&script).and_then(|()| stdout.flush()).map_err(output)?;
         }
     }
+    Ok(())
+}
+
+/// `kubenet config [check FILE]`.
+fn config(cli: &Cli, args: &cli::ConfigArgs, stdout: &mut Out<std::io::Stdout>) -> Result<(), Failure> {
+    match &args.action {
+        None => {
+            let lab = load_lab(cli, None)?;
+            if args.json {
+                serde_json::to_writer_pretty(&mut *stdout, &lab).map_err(|e| output(e.into()))?;
+                writeln!(stdout).ok();
+            } else {
+                write!(stdout, "{}", table::render(&lab, kubenet_cluster::Arch::HOST)).map_err(output)?;
+            }
+        }
+        Some(ConfigAction::Check { file }) => {
+            let lab = load_lab(cli, file.as_deref())?;
+            writeln!(stdout, "{}: ok, {} VMs on {}", lab.source, lab.vms.len(), lab.network.subnet).ok();
+        }
+    }
+    Ok(())
+}
+
+/// `kubenet service install|uninstall|status`.
+fn service_command(cli: &Cli, action: &cli::ServiceAction, stdout: &mut Out<std::io::Stdout>) -> Result<(), Failure> {
+    match action {
+        cli::ServiceAction::Install { print, manager } => {
+            let lab = load_lab(cli, None)?;
+            let spec = service::spec(chosen_config(cli)?, &lab.state_dir)?;
+            let manager = match manager {
+                Some(cli::ServiceManager::Systemd) => service::Manager::Systemd,
+                Some(cli::ServiceManager::Launchd) => service::Manager::Launchd,
+                None => service::Manager::current(),
+            };
+            service::install(&spec, *print, manager, stdout)?;
+        }
+        cli::ServiceAction::Uninstall => service::uninstall(stdout)?,
+        cli::ServiceAction::Status => service::status()?,
+    }
+    Ok(())
+}
+
+/// `kubenet init DIR`: the reference lab's definition, never over an existing one.
+fn init(dir: &Path, stdout: &mut Out<std::io::Stdout>) -> Result<(), Failure> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let path = dir.join(kubenet_cluster::CONFIG_FILE_NAME);
+    // create_new: an existing lab definition is never overwritten.
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            anyhow::anyhow!(
+                "{} already exists; kubenet init never overwrites a lab definition (remove it first to start over)",
+                path.display()
+            )
+        } else {
+            anyhow::Error::new(e).context(format!("cannot create {}", path.display()))
+        }
+    })?;
+    f.write_all(kubenet_cluster::REFERENCE_CONFIG.as_bytes())
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    // The command that uses this file: from its folder kubenet finds it by itself.
+    let show = if dir.as_os_str().is_empty() || dir == Path::new(".") {
+        "kubenet config".to_owned()
+    } else {
+        kubenet_vm::qemu::shell_line(&[
+            "kubenet".into(),
+            "--config".into(),
+            path.clone().into_os_string(),
+            "config".into(),
+        ])
+    };
+    writeln!(stdout, "wrote {}: edit it, then `{show}` shows the lab", path.display()).map_err(output)?;
+    Ok(())
+}
+
+/// `kubenet serve`: the agent, with a reload that reads the lab definition as this run did.
+fn serve_command(cli: &Cli, args: &cli::ServeArgs) -> Result<(), Failure> {
+    let lab = load_lab(cli, None)?;
+    // SIGHUP reads the lab definition again the same way.
+    let reload = || {
+        load_lab(cli, None).map_err(|e| match e {
+            Failure::Config(c) => anyhow::Error::new(c),
+            Failure::Usage(o) | Failure::Other(o) => o,
+            Failure::StdoutClosed => anyhow::anyhow!("standard output closed"),
+        })
+    };
+    serve::run(lab, args, &reload)?;
+    Ok(())
+}
+
+/// `kubenet reload`: asks the running agent, and shows what waits for a restart.
+fn reload(cli: &Cli, stdout: &mut Out<std::io::Stdout>) -> Result<(), Failure> {
+    let lab = load_lab(cli, None)?;
+    let answer = control::request(&lab.state_dir, &crate::proto::Request::Reload)?;
+    let crate::proto::Answer::Reloaded { source, warnings } = answer else {
+        return Err(control::unexpected(answer).into());
+    };
+    writeln!(stdout, "reloaded {source}").map_err(output)?;
+    for w in warnings {
+        writeln!(stdout, "warning: {w}").map_err(output)?;
+    }
+    Ok(())
+}
+
+/// `kubenet man DIR`: a page per command.
+fn man(dir: &Path, stdout: &mut Out<std::io::Stdout>) -> Result<(), Failure> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    clap_mangen::generate_to(Cli::command(), dir)
+        .with_context(|| format!("cannot write the man pages to {}", dir.display()))?;
+    let n = std::fs::read_dir(dir)
+        .map(|d| d.filter_map(Result::ok).filter(|e| e.path().extension().is_some_and(|x| x == "1")).count())
+        .unwrap_or(0);
+    writeln!(stdout, "wrote {n} man pages to {}", dir.display()).map_err(output)?;
     Ok(())
 }

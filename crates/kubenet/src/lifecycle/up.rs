@@ -21,17 +21,7 @@ use super::{now, setup};
 pub fn up(lab: &Lab, args: &UpArgs, out: &mut impl Write) -> anyhow::Result<()> {
     let vms = lab.select(&args.setup.names).map_err(crate::cli::unknown_vm)?;
     if args.dry_run {
-        let (profile, warning) = kubenet_vm::qemu::HostProfile::detect(lab, None)?;
-        if let Some(w) = warning {
-            eprintln!("warning: {w}");
-        }
-        for vm in &vms {
-            if let Some(w) = kubenet_vm::qemu::emulation_warning(vm, profile.arch) {
-                eprintln!("warning: {w}");
-            }
-            writeln!(out, "{}", kubenet_vm::qemu::shell_line(&kubenet_vm::qemu::argv(lab, vm, &profile)?))?;
-        }
-        return Ok(());
+        return dry_run(lab, &vms, out);
     }
     for w in vms.iter().filter_map(|vm| kubenet_vm::qemu::emulation_warning(vm, Arch::HOST)) {
         eprintln!("warning: {w}");
@@ -42,10 +32,51 @@ pub fn up(lab: &Lab, args: &UpArgs, out: &mut impl Write) -> anyhow::Result<()> 
         }
     }
     setup(lab, &args.setup, out)?;
-    let names: Vec<&str> = vms.iter().map(|v| v.name.as_str()).collect();
     let started = Instant::now();
-    let vms_asked = names.iter().map(|n| (*n).to_owned()).collect();
-    let results = match control::request(&lab.state_dir, &Request::Start { vms: vms_asked })? {
+    let failed = start(lab, &vms, out)?;
+    let waiting: Vec<&Vm> = vms.iter().copied().filter(|v| !failed.contains(&v.name)).collect();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let deadline = started + Duration::from_secs(args.timeout);
+    let results = rt.block_on(wait_all(lab, &waiting, started, deadline, out))?;
+    let ends = failed
+        .iter()
+        .map(|name| (lab.vm_by_name(name).expect("a VM of the lab"), End::DidNotStart))
+        .chain(waiting.iter().copied().zip(results).map(|(vm, r)| (vm, End::Waited(r))));
+    let troubles: Vec<Trouble> =
+        ends.filter_map(|(vm, end)| trouble(vm, end, &Evidence::of(lab, vm), args.timeout)).collect();
+    match failure_report(vms.len(), &troubles) {
+        None => {
+            writeln!(
+                out,
+                "all {} VMs ready in {:.1} s: `kubenet ssh NAME`",
+                vms.len(),
+                started.elapsed().as_secs_f64()
+            )?;
+            Ok(())
+        }
+        Some(report) => bail!("{report}"),
+    }
+}
+
+/// `kubenet up --dry-run`: each VM's QEMU command line, started by nothing.
+fn dry_run(lab: &Lab, vms: &[&Vm], out: &mut impl Write) -> anyhow::Result<()> {
+    let (profile, warning) = kubenet_vm::qemu::HostProfile::detect(lab, None)?;
+    if let Some(w) = warning {
+        eprintln!("warning: {w}");
+    }
+    for vm in vms {
+        if let Some(w) = kubenet_vm::qemu::emulation_warning(vm, profile.arch) {
+            eprintln!("warning: {w}");
+        }
+        writeln!(out, "{}", kubenet_vm::qemu::shell_line(&kubenet_vm::qemu::argv(lab, vm, &profile)?))?;
+    }
+    Ok(())
+}
+
+/// Asks `serve` to start the VMs, printing each one's outcome; returns those that failed.
+fn start(lab: &Lab, vms: &[&Vm], out: &mut impl Write) -> anyhow::Result<Vec<String>> {
+    let asked = vms.iter().map(|v| v.name.clone()).collect();
+    let results = match control::request(&lab.state_dir, &Request::Start { vms: asked })? {
         Answer::Started(r) => r,
         other => return Err(control::unexpected(other)),
     };
@@ -61,61 +92,93 @@ pub fn up(lab: &Lab, args: &UpArgs, out: &mut impl Write) -> anyhow::Result<()> 
             }
         }
     }
-    let waiting: Vec<&Vm> = vms.iter().copied().filter(|v| !failed.contains(&v.name)).collect();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let deadline = started + Duration::from_secs(args.timeout);
-    let results = rt.block_on(wait_all(lab, &waiting, started, deadline, out))?;
-    // Per VM that is not ready: why (grouped in the error's first line) and what to look at.
-    let timed_out = format!("not ready after {} s", args.timeout);
-    let console = |name: &str| {
-        let vm = lab.vm_by_name(name).expect("a VM of the lab");
-        let tail = kubenet_vm::process::console_tail(&VmFiles::new(lab, vm), 15);
-        let (arch, image) = (vm.arch_on(Arch::HOST), kubenet_vm::files::base_image(lab, vm, Arch::HOST));
-        format!("\n--- {name} (an {arch} guest, image {}): last console lines ---\n{tail}\n", image.display())
-    };
-    let mut problems: Vec<(String, &str, String)> =
-        failed.iter().map(|name| (name.clone(), "did not start", console(name))).collect();
-    for (vm, r) in waiting.iter().zip(results) {
-        let name = vm.name.clone();
-        match r {
-            Readiness::Ready => {}
-            Readiness::Late => problems.push((name.clone(), &timed_out, console(&name))),
-            Readiness::Exited => {
-                let log = std::fs::read_to_string(VmFiles::new(lab, vm).qemu_log()).unwrap_or_default();
-                let detail = format!("{}--- {name}: qemu.log ---\n{}\n", console(&name), log.trim_end());
-                problems.push((name, "QEMU exited", detail));
-            }
-            Readiness::NothingToBoot => {
-                let arch = vm.arch_on(Arch::HOST);
-                let image = kubenet_vm::files::base_image(lab, vm, Arch::HOST);
-                let detail = format!(
-                    "{}{name}: the {arch} firmware found nothing to boot: is {} an {arch} image? (its group says arch = \"{}\"; `kubenet down {name}` stops it)\n",
-                    console(&name),
-                    image.display(),
-                    vm.arch.map_or("auto".into(), |a| a.to_string()),
-                );
-                problems.push((name, "found nothing to boot", detail));
-            }
-            Readiness::CloudInitFailed(status) => {
-                let detail = format!("\n--- {name}: cloud-init status --long ---\n{}\n", status.trim_end());
-                problems.push((name, "cloud-init reported errors", detail));
-            }
+    Ok(failed)
+}
+
+/// How `up` ended for one VM.
+#[derive(Debug, PartialEq)]
+enum End {
+    DidNotStart,
+    Waited(Readiness),
+}
+
+/// What `up` shows of a VM that is not ready, read from its folder.
+#[derive(Debug, Default)]
+struct Evidence {
+    console_tail: String,
+    qemu_log: String,
+    arch: Option<Arch>,
+    image: std::path::PathBuf,
+}
+
+impl Evidence {
+    fn of(lab: &Lab, vm: &Vm) -> Self {
+        let files = VmFiles::new(lab, vm);
+        Evidence {
+            console_tail: kubenet_vm::process::console_tail(&files, 15),
+            qemu_log: std::fs::read_to_string(files.qemu_log()).unwrap_or_default(),
+            arch: Some(vm.arch_on(Arch::HOST)),
+            image: kubenet_vm::files::base_image(lab, vm, Arch::HOST),
         }
     }
-    if problems.is_empty() {
-        writeln!(out, "all {} VMs ready in {:.1} s: `kubenet ssh NAME`", vms.len(), started.elapsed().as_secs_f64())?;
-        return Ok(());
+}
+
+/// A VM that is not ready: the reason (grouped in the error's first line) and what to look at.
+#[derive(Debug, PartialEq)]
+struct Trouble {
+    name: String,
+    reason: String,
+    detail: String,
+}
+
+/// Why `vm` is not ready, with the evidence that tells the user what to do; None when it is.
+fn trouble(vm: &Vm, end: End, ev: &Evidence, timeout_secs: u64) -> Option<Trouble> {
+    let name = &vm.name;
+    let arch = ev.arch.map_or_else(|| "host".to_owned(), |a| a.to_string());
+    let console = format!(
+        "\n--- {name} (an {arch} guest, image {}): last console lines ---\n{}\n",
+        ev.image.display(),
+        ev.console_tail
+    );
+    let (reason, detail) = match end {
+        End::Waited(Readiness::Ready) => return None,
+        End::DidNotStart => ("did not start".to_owned(), console),
+        End::Waited(Readiness::Late) => (format!("not ready after {timeout_secs} s"), console),
+        End::Waited(Readiness::Exited) => {
+            ("QEMU exited".to_owned(), format!("{console}--- {name}: qemu.log ---\n{}\n", ev.qemu_log.trim_end()))
+        }
+        End::Waited(Readiness::NothingToBoot) => (
+            "found nothing to boot".to_owned(),
+            format!(
+                "{console}{name}: the {arch} firmware found nothing to boot: is {} an {arch} image? (its group says arch = \"{}\"; `kubenet down {name}` stops it)\n",
+                ev.image.display(),
+                vm.arch.map_or("auto".into(), |a| a.to_string()),
+            ),
+        ),
+        End::Waited(Readiness::CloudInitFailed(status)) => (
+            "cloud-init reported errors".to_owned(),
+            format!("\n--- {name}: cloud-init status --long ---\n{}\n", status.trim_end()),
+        ),
+    };
+    Some(Trouble { name: name.clone(), reason, detail })
+}
+
+/// The error `up` ends with when VMs are not ready: how many of `total`, the reasons with the
+/// VMs each (first line), then each VM's evidence. None when nothing is wrong.
+fn failure_report(total: usize, troubles: &[Trouble]) -> Option<String> {
+    if troubles.is_empty() {
+        return None;
     }
     let mut why: Vec<(&str, Vec<&str>)> = Vec::new();
-    for (name, reason, _) in &problems {
-        match why.iter_mut().find(|(r, _)| r == reason) {
-            Some((_, names)) => names.push(name),
-            None => why.push((reason, vec![name])),
+    for t in troubles {
+        match why.iter_mut().find(|(r, _)| *r == t.reason) {
+            Some((_, names)) => names.push(&t.name),
+            None => why.push((&t.reason, vec![&t.name])),
         }
     }
     let why: Vec<String> = why.iter().map(|(r, names)| format!("{r}: {}", names.join(", "))).collect();
-    let report: String = problems.iter().map(|(_, _, detail)| detail.as_str()).collect();
-    bail!("{} of {} VMs {}{report}", problems.len(), vms.len(), why.join("; "))
+    let report: String = troubles.iter().map(|t| t.detail.as_str()).collect();
+    Some(format!("{} of {total} VMs {}{report}", troubles.len(), why.join("; ")))
 }
 
 /// How one VM's wait ended.
@@ -187,44 +250,84 @@ async fn wait_one(
     deadline: Instant,
     say: impl Fn(String),
 ) -> anyhow::Result<Readiness> {
-    let pause = Duration::from_millis(500);
-    let files = VmFiles::new(lab, vm);
-    let gone = || kubenet_vm::process::running(&files).is_none();
-    let stuck = || {
-        let console = std::fs::read(files.console_log()).unwrap_or_default();
+    let watch = Watch { files: VmFiles::new(lab, vm), deadline };
+    if let Some(end) = wait_for_lease(lab, vm, &watch, &say).await {
+        return Ok(end);
+    }
+    if let Some(end) = wait_for_ssh(vm, expected, &watch, &say).await? {
+        return Ok(end);
+    }
+    Ok(wait_for_cloud_init(vm, ssh_config, &watch, &say).await)
+}
+
+/// What every step of a VM's wait watches besides its own goal.
+struct Watch {
+    files: VmFiles,
+    deadline: Instant,
+}
+
+const PAUSE: Duration = Duration::from_millis(500);
+
+impl Watch {
+    /// Its QEMU is gone.
+    fn gone(&self) -> bool {
+        kubenet_vm::process::running(&self.files).is_none()
+    }
+
+    /// The firmware says it found nothing to boot.
+    fn stuck(&self) -> bool {
+        let console = std::fs::read(self.files.console_log()).unwrap_or_default();
         kubenet_vm::process::found_nothing_to_boot(&String::from_utf8_lossy(&console))
-    };
-    for round in 0.. {
-        if gone() {
-            return Ok(Readiness::Exited);
+    }
+
+    fn left(&self) -> Duration {
+        self.deadline.saturating_duration_since(Instant::now())
+    }
+}
+
+/// Until the lease file holds the VM's address for its MAC. None: go on; else how it ended.
+async fn wait_for_lease(lab: &Lab, vm: &Vm, watch: &Watch, say: &impl Fn(String)) -> Option<Readiness> {
+    for round in 0u64.. {
+        if watch.gone() {
+            return Some(Readiness::Exited);
         }
         // Before its lease a guest prints little: the firmware's and the kernel's lines.
-        if round % 10 == 9 && stuck() {
-            return Ok(Readiness::NothingToBoot);
+        if round % 10 == 9 && watch.stuck() {
+            return Some(Readiness::NothingToBoot);
         }
         let leases = kubenet_dhcp::lease::load(&lab.lease_file(), now()).map(|(t, _)| t).ok();
         if leases.is_some_and(|t| t.iter().any(|l| l.mac == vm.mac && l.ip == vm.ip && l.active(now()))) {
             say(format!("lease {}", vm.ip));
-            break;
+            return None;
         }
-        if Instant::now() + pause >= deadline {
-            return Ok(Readiness::Late);
+        if watch.left() <= PAUSE {
+            return Some(Readiness::Late);
         }
-        tokio::time::sleep(pause).await;
+        tokio::time::sleep(PAUSE).await;
     }
+    Some(Readiness::Late)
+}
+
+/// Until the VM's SSH server presents the host key kubenet gave it; another key is an error.
+async fn wait_for_ssh(
+    vm: &Vm,
+    expected: &russh::keys::PublicKey,
+    watch: &Watch,
+    say: &impl Fn(String),
+) -> anyhow::Result<Option<Readiness>> {
     let addr = SocketAddr::new(vm.ip.into(), 22);
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
+        let left = watch.left();
         if left.is_zero() {
-            return Ok(Readiness::Late);
+            return Ok(Some(Readiness::Late));
         }
-        if gone() {
-            return Ok(Readiness::Exited);
+        if watch.gone() {
+            return Ok(Some(Readiness::Exited));
         }
         // Firmware that found nothing on the disk may still have leased an address for a
         // network boot (edk2's PXE) before it gave up.
-        if stuck() {
-            return Ok(Readiness::NothingToBoot);
+        if watch.stuck() {
+            return Ok(Some(Readiness::NothingToBoot));
         }
         if let Ok(key) = keys::fetch_host_key(addr, left.min(Duration::from_secs(5))).await {
             if key.key_data() != expected.key_data() {
@@ -236,14 +339,18 @@ async fn wait_one(
                 );
             }
             say("ssh ready".into());
-            break;
+            return Ok(None);
         }
-        tokio::time::sleep(pause).await;
+        tokio::time::sleep(PAUSE).await;
     }
+}
+
+/// Until cloud-init has ended, asked over SSH.
+async fn wait_for_cloud_init(vm: &Vm, ssh_config: &Path, watch: &Watch, say: &impl Fn(String)) -> Readiness {
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
+        let left = watch.left();
         if left.is_zero() {
-            return Ok(Readiness::Late);
+            return Readiness::Late;
         }
         let mut ssh = tokio::process::Command::new("ssh");
         ssh.arg("-F")
@@ -253,7 +360,7 @@ async fn wait_one(
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true);
         let verdict = match tokio::time::timeout(left, ssh.output()).await {
-            Err(_) => return Ok(Readiness::Late),
+            Err(_) => return Readiness::Late,
             Ok(Err(e)) => CloudInit::Unknown(format!("cannot run ssh: {e}")),
             Ok(Ok(o)) => cloud_init_verdict(
                 o.status.code(),
@@ -262,25 +369,22 @@ async fn wait_one(
             ),
         };
         match verdict {
-            CloudInit::Done => {
-                say("cloud-init done".into());
-                return Ok(Readiness::Ready);
-            }
+            CloudInit::Done => say("cloud-init done".into()),
             CloudInit::Degraded => {
-                say(format!("cloud-init done with warnings (`kubenet ssh {} -- cloud-init status --long`)", vm.name));
-                return Ok(Readiness::Ready);
+                say(format!("cloud-init done with warnings (`kubenet ssh {} -- cloud-init status --long`)", vm.name))
             }
             CloudInit::Failed(detail) => {
                 say("cloud-init failed".into());
-                return Ok(Readiness::CloudInitFailed(detail));
+                return Readiness::CloudInitFailed(detail);
             }
-            CloudInit::Unknown(why) => {
-                say(format!("not waiting for cloud-init: {why}"));
-                return Ok(Readiness::Ready);
+            CloudInit::Unknown(why) => say(format!("not waiting for cloud-init: {why}")),
+            CloudInit::Retry if watch.gone() => return Readiness::Exited,
+            CloudInit::Retry => {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
             }
-            CloudInit::Retry if gone() => return Ok(Readiness::Exited),
-            CloudInit::Retry => tokio::time::sleep(Duration::from_secs(1)).await,
         }
+        return Readiness::Ready;
     }
 }
 
@@ -340,6 +444,71 @@ pub fn down(lab: &Lab, args: &DownArgs, out: &mut impl Write) -> anyhow::Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn lab() -> Lab {
+        kubenet_cluster::load(&kubenet_cluster::Choice::Embedded, Path::new("/lab")).unwrap()
+    }
+
+    fn evidence() -> Evidence {
+        Evidence {
+            console_tail: "BdsDxe: No bootable option".into(),
+            qemu_log: "qemu: terminating on signal 15\n".into(),
+            arch: Some(Arch::Aarch64),
+            image: "/lab/images/x.img".into(),
+        }
+    }
+
+    #[test]
+    fn each_way_a_vm_fails_says_why_and_shows_what_to_look_at() {
+        let lab = lab();
+        let vm = lab.vm_by_name("worker1").unwrap();
+        let ev = evidence();
+        assert_eq!(trouble(vm, End::Waited(Readiness::Ready), &ev, 600), None);
+        let t = |end| trouble(vm, end, &ev, 600).unwrap();
+        let late = t(End::Waited(Readiness::Late));
+        assert_eq!(late.reason, "not ready after 600 s");
+        assert!(
+            late.detail
+                .contains("--- worker1 (an aarch64 guest, image /lab/images/x.img): last console lines ---\nBdsDxe")
+        );
+        assert!(
+            t(End::Waited(Readiness::Exited))
+                .detail
+                .contains("--- worker1: qemu.log ---\nqemu: terminating on signal 15\n")
+        );
+        let boot = t(End::Waited(Readiness::NothingToBoot));
+        assert_eq!(boot.reason, "found nothing to boot");
+        assert!(
+            boot.detail.contains("is /lab/images/x.img an aarch64 image? (its group says arch = \"auto\""),
+            "{}",
+            boot.detail
+        );
+        let ci = t(End::Waited(Readiness::CloudInitFailed("status: error\n".into())));
+        assert_eq!(
+            (ci.reason.as_str(), ci.detail.as_str()),
+            ("cloud-init reported errors", "\n--- worker1: cloud-init status --long ---\nstatus: error\n")
+        );
+        assert_eq!(t(End::DidNotStart).reason, "did not start");
+    }
+
+    #[test]
+    fn the_report_groups_reasons_in_its_first_line() {
+        assert_eq!(failure_report(7, &[]), None);
+        let t = |name: &str, reason: &str| Trouble {
+            name: name.into(),
+            reason: reason.into(),
+            detail: format!("[{name}]"),
+        };
+        let report = failure_report(
+            7,
+            &[t("worker0", "not ready after 9 s"), t("worker1", "QEMU exited"), t("worker2", "not ready after 9 s")],
+        )
+        .unwrap();
+        assert_eq!(
+            report,
+            "3 of 7 VMs not ready after 9 s: worker0, worker2; QEMU exited: worker1[worker0][worker1][worker2]"
+        );
+    }
 
     #[test]
     fn cloud_init_status_exits_are_read() {

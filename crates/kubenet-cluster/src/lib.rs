@@ -20,7 +20,7 @@ mod units;
 use std::path::{Path, PathBuf};
 
 pub use error::{ConfigError, Problem, Source};
-pub use model::{Accelerator, Arch, DhcpRange, Dns, FirmwareChoice, HostEntry, Lab, Login, Mac, Network, Vm};
+pub use model::{Accelerator, Arch, DhcpRange, Dns, FirmwareChoice, HostEntry, Lab, Login, Mac, Network, Os, Vm};
 pub use resolve::{IMAGE_URL, is_dns_label};
 pub use units::{Bytes, LeaseTime, parse_duration};
 

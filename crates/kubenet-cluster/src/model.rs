@@ -77,6 +77,25 @@ pub enum Arch {
     Aarch64,
 }
 
+/// The host operating systems kubenet runs on. Detected in one place ([`Os::HOST`]); every
+/// difference between them is data that takes an `Os`, so both are testable anywhere.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Os {
+    MacOs,
+    Linux,
+}
+
+impl Os {
+    /// The OS this binary was built for, which is the host's; None elsewhere.
+    pub const HOST: Option<Os> = if cfg!(target_os = "macos") {
+        Some(Os::MacOs)
+    } else if cfg!(target_os = "linux") {
+        Some(Os::Linux)
+    } else {
+        None
+    };
+}
+
 impl Arch {
     /// Both, in a fixed order.
     pub const ALL: [Arch; 2] = [Arch::X86_64, Arch::Aarch64];

@@ -523,3 +523,7 @@ impl Engine {
         Reply { msg, dest, ifindex: rx.ifindex }
     }
 }
+
+#[cfg(test)]
+#[path = "engine_tests.rs"]
+mod tests;

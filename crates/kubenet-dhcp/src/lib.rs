@@ -15,6 +15,3 @@ pub mod wire;
 pub use engine::{Config, Destination, Engine, Outcome, Received, Reply, Stats};
 pub use lease::{Lease, LeaseTable};
 pub use wire::{Malformed, Request, decode_request};
-
-#[cfg(test)]
-mod engine_tests;

@@ -14,11 +14,7 @@ use kubenet_cluster::{Accelerator, FirmwareChoice, Lab, Vm};
 
 use crate::files::VmFiles;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Os {
-    MacOs,
-    Linux,
-}
+pub use kubenet_cluster::Os;
 
 /// The accelerator QEMU runs with, decided for this host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -270,11 +266,7 @@ impl HostProfile {
     /// its version when it must drop root to `owner`, the user behind sudo) and firmware.
     /// Returns the profile and any warning to show.
     pub fn detect(lab: &Lab, owner: Option<&str>) -> Result<(HostProfile, Option<String>), ProfileError> {
-        let os = match std::env::consts::OS {
-            "linux" => Os::Linux,
-            "macos" => Os::MacOs,
-            _ => return Err(ProfileError::UnsupportedHost),
-        };
+        let os = Os::HOST.ok_or(ProfileError::UnsupportedHost)?;
         let kvm =
             std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").map(drop).map_err(|e| e.to_string());
         let (accel, warning) = resolve_accel(lab.accelerator, os, kvm)?;

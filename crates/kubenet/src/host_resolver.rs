@@ -13,21 +13,7 @@ use std::process::Command;
 
 use anyhow::{Context, bail};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Os {
-    MacOs,
-    Linux,
-}
-
-impl Os {
-    pub fn current() -> Option<Os> {
-        match std::env::consts::OS {
-            "macos" => Some(Os::MacOs),
-            "linux" => Some(Os::Linux),
-            _ => None,
-        }
-    }
-}
+pub use kubenet_cluster::Os;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Plan {

@@ -189,7 +189,7 @@ fn lease_hook(dns: Arc<Dns>, count: Arc<AtomicUsize>) -> kubenet_dhcp::server::L
 
 /// Points the host's resolver at the lab's domain (`--host-resolver`); undone when dropped.
 fn host_resolver(lab: &Lab, args: &ServeArgs, dns_addr: SocketAddr) -> anyhow::Result<crate::host_resolver::Applied> {
-    let os = crate::host_resolver::Os::current().context("--host-resolver knows macOS and Linux only")?;
+    let os = crate::host_resolver::Os::HOST.context("--host-resolver knows macOS and Linux only")?;
     let lab_address = std::net::IpAddr::V4(lab.network.host_address);
     let served = if dns_addr.ip().is_unspecified() { lab_address } else { dns_addr.ip() };
     let link = crate::host_resolver::link_holding(served);

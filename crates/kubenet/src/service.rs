@@ -41,8 +41,12 @@ pub enum Manager {
 }
 
 impl Manager {
+    /// The host's: launchd on macOS, systemd elsewhere.
     pub fn current() -> Manager {
-        if cfg!(target_os = "macos") { Manager::Launchd } else { Manager::Systemd }
+        match kubenet_cluster::Os::HOST {
+            Some(kubenet_cluster::Os::MacOs) => Manager::Launchd,
+            _ => Manager::Systemd,
+        }
     }
 
     /// Where the service's file goes.

@@ -317,7 +317,17 @@ async fn run_bound(
             Err(_) => result = result.and(Err(anyhow::anyhow!("the {what} thread panicked"))),
         }
     }
-    tracing::info!(totals = ?dns.totals(), "stopped");
+    let t = dns.totals();
+    tracing::info!(
+        queries = t.queries,
+        local = t.local,
+        forwarded = t.forwarded,
+        cache_hits = t.cache_hits,
+        servfail = t.servfail,
+        refused = t.refused,
+        malformed = t.malformed,
+        "stopped"
+    );
     result
 }
 

@@ -226,8 +226,9 @@ impl Server {
 
     async fn serve_batch(&mut self, socket: &UdpSocket) -> io::Result<()> {
         let mut buf = [0u8; wire::MAX_LEN + 1];
-        // Replies that change no lease (OFFER, NAK, INFORM's ACK) go out at once; the others
-        // wait until the batch's leases are on disk.
+        // Replies that change no lease (OFFER, NAK, INFORM's ACK, an ACK that repeats the lease
+        // on file) go out at once; the others wait until the batch's leases are on disk. After
+        // a failed write, every ACK that grants an address waits (see `Journal::behind`).
         let mut immediate: Vec<Reply> = Vec::new();
         let mut durable: Vec<Reply> = Vec::new();
         let mut changed = false;

@@ -836,16 +836,31 @@ fn disk_snapshots(d: &Path, vm: &str) -> Vec<String> {
 }
 
 /// A QEMU tool holding a disk open for writing, as a running VM would: qemu-img cannot take
-/// or apply a snapshot there. Ends (by its PID) when dropped.
+/// or apply a snapshot there. Ends (by its PID) when dropped. It waits on /proc/locks, not on a
+/// qemu-img probe: a probe holds the disk for an instant and can make qemu-io's own open fail.
 fn hold_disk(d: &Path, vm: &str) -> support::Proc {
+    use std::os::unix::fs::MetadataExt;
     let disk = d.join(vm).join("disk.img");
+    let inode = std::fs::metadata(&disk).unwrap().ino().to_string();
     let mut cmd = Command::new("qemu-io");
     cmd.args(["-f", "qcow2", "-c", "sleep 120000"]).arg(&disk);
-    let held = support::Proc::spawn(cmd, &d.join(format!("{vm}.qemu-io.log")));
+    let mut held = support::Proc::spawn(cmd, &d.join(format!("{vm}.qemu-io.log")));
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while Command::new("qemu-img").arg("info").arg(&disk).output().unwrap().status.success() {
-        assert!(std::time::Instant::now() < deadline, "qemu-io never locked {vm}'s disk");
-        std::thread::sleep(Duration::from_millis(50));
+    // A line of /proc/locks: "1: OFDLCK ADVISORY WRITE -1 fd:01:1234 100 100" (inode last).
+    let locked = || {
+        std::fs::read_to_string("/proc/locks")
+            .unwrap()
+            .lines()
+            .any(|l| l.split_whitespace().nth(5).and_then(|f| f.rsplit(':').next()) == Some(&inode))
+    };
+    while !locked() {
+        let exited = held.child.try_wait().unwrap();
+        assert!(
+            exited.is_none() && std::time::Instant::now() < deadline,
+            "qemu-io never locked {vm}'s disk (exited: {exited:?}); its log:\n{}",
+            held.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
     held
 }

@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use hickory_proto::op::Message;
 use ipnet::IpNet;
+use kubenet_udp::{Inbox, Outbox};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
@@ -167,66 +169,84 @@ impl Dns {
     }
 
     /// Serves UDP until `shutdown`; then ends the forwarded queries still waiting for an
-    /// upstream, and returns once none is left.
+    /// upstream, and returns once none is left. Each wake-up takes every query waiting (up to
+    /// [`kubenet_udp::BATCH`]) with one system call and sends the local answers with one more.
     pub async fn serve_udp(self: Arc<Self>, socket: UdpSocket, shutdown: CancellationToken) -> io::Result<()> {
         let socket = Arc::new(socket);
-        let v6 = socket.local_addr()?.is_ipv6();
-        let mut buf = vec![0u8; 65535];
+        // 64 KiB a datagram, so nothing is cut; only the pages a datagram fills are resident.
+        let mut inbox = Inbox::new(65535);
+        let mut outbox = Outbox::default();
         let forwarded = TaskTracker::new();
+        let fd = socket.as_raw_fd();
         loop {
-            let (n, src, dst) = tokio::select! {
+            let n = tokio::select! {
                 () = shutdown.cancelled() => {
                     forwarded.close();
                     forwarded.wait().await;
                     return Ok(());
                 }
-                r = receive(&socket, v6, &mut buf) => match r {
-                    Ok(x) => x,
+                r = socket.async_io(Interest::READABLE, || inbox.recv(fd)) => match r {
+                    Ok(n) => n,
                     // ICMP errors from earlier sends surface here on some systems: not fatal.
                     Err(e) => { tracing::debug!("DNS receive: {e}"); continue; }
                 },
             };
-            let request = &buf[..n];
-            if self.allowed(src.ip())
-                && let Some(reply) = self.cached_answer(request)
-            {
-                self.counters.queries.fetch_add(1, Ordering::Relaxed);
-                self.counters.local.fetch_add(1, Ordering::Relaxed);
-                send(&socket, &reply, src, dst).await;
-                continue;
+            for i in 0..n {
+                let (e, request) = inbox.get(i);
+                let Some(q) = self.answer_udp(request, e.src, e.dst, &mut outbox) else { continue };
+                let (me, socket, stop) = (self.clone(), socket.clone(), shutdown.clone());
+                forwarded.spawn(async move {
+                    let (q, limit) = q;
+                    let m = tokio::select! {
+                        () = stop.cancelled() => return,
+                        m = me.forwarder.resolve(&q, false) => m,
+                    };
+                    if let Some(reply) = encode_udp(&m, limit) {
+                        send(&socket, &reply, e.src, e.dst).await;
+                    }
+                });
             }
-            match self.handle(request, src) {
-                Handled::Drop => {}
-                Handled::Local(m, limit) => {
-                    if let Some(reply) = encode_udp(&m, limit) {
-                        self.remember_answer(request, &reply);
-                        send(&socket, &reply, src, dst).await;
-                    }
-                }
-                Handled::Refused(m, limit) => {
-                    if let Some(reply) = encode_udp(&m, limit) {
-                        send(&socket, &reply, src, dst).await;
-                    }
-                }
-                Handled::FormErr(m) => {
-                    if let Some(reply) = encode_udp(&m, PLAIN_UDP) {
-                        send(&socket, &reply, src, dst).await;
-                    }
-                }
-                Handled::Forward(q, limit) => {
-                    let (me, socket, stop) = (self.clone(), socket.clone(), shutdown.clone());
-                    forwarded.spawn(async move {
-                        let m = tokio::select! {
-                            () = stop.cancelled() => return,
-                            m = me.forwarder.resolve(&q, false) => m,
-                        };
-                        if let Some(reply) = encode_udp(&m, limit) {
-                            send(&socket, &reply, src, dst).await;
-                        }
-                    });
+            while !outbox.is_empty() {
+                if let Err(e) = socket.async_io(Interest::WRITABLE, || outbox.send(fd)).await {
+                    tracing::debug!(to = ?outbox.next_to(), "DNS send: {e}");
+                    outbox.skip();
                 }
             }
         }
+    }
+
+    /// One UDP query from `src` to `dst`: its reply (from the answer cache, the zone, or an
+    /// error) queued in `outbox`, or the query to forward with its reply's size limit.
+    fn answer_udp(
+        &self,
+        request: &[u8],
+        src: SocketAddr,
+        dst: Ipv4Addr,
+        outbox: &mut Outbox,
+    ) -> Option<(Message, usize)> {
+        let from = if dst.is_broadcast() || dst.is_multicast() { Ipv4Addr::UNSPECIFIED } else { dst };
+        if self.allowed(src.ip())
+            && let Some(reply) = self.cached_answer(request)
+        {
+            self.counters.queries.fetch_add(1, Ordering::Relaxed);
+            self.counters.local.fetch_add(1, Ordering::Relaxed);
+            outbox.push(&reply, src, from);
+            return None;
+        }
+        let (m, limit) = match self.handle(request, src) {
+            Handled::Drop => return None,
+            Handled::Forward(q, limit) => return Some((q, limit)),
+            Handled::Local(m, limit) => {
+                let reply = encode_udp(&m, limit)?;
+                self.remember_answer(request, &reply);
+                outbox.push(&reply, src, from);
+                return None;
+            }
+            Handled::Refused(m, limit) => (m, limit),
+            Handled::FormErr(m) => (m, PLAIN_UDP),
+        };
+        outbox.push(&encode_udp(&m, limit)?, src, from);
+        None
     }
 
     /// Serves TCP until `shutdown`: each connection in its own task. Returns once every
@@ -280,24 +300,6 @@ impl Dns {
     }
 }
 
-/// One datagram: its length, sender, and the address it was sent to (unspecified when the
-/// socket cannot tell: IPv6, or not Linux).
-async fn receive(socket: &UdpSocket, v6: bool, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, Ipv4Addr)> {
-    if v6 {
-        let (n, src) = socket.recv_from(buf).await?;
-        return Ok((n, src, Ipv4Addr::UNSPECIFIED));
-    }
-    let fd = socket.as_raw_fd();
-    loop {
-        socket.readable().await?;
-        match socket.try_io(Interest::READABLE, || kubenet_udp::recv(fd, buf)) {
-            Ok(d) => return Ok((d.len, SocketAddr::V4(d.src), d.dst)),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
-    }
-}
-
 /// Sends a reply from the address the query was sent to, so that a client that asked one of
 /// the host's several addresses accepts it (a wildcard socket otherwise answers from whatever
 /// address the routing table prefers: hickory#3401).
@@ -318,7 +320,7 @@ async fn send(socket: &UdpSocket, bytes: &[u8], to: SocketAddr, asked: Ipv4Addr)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hickory_proto::op::{Message, ResponseCode};
+    use hickory_proto::op::ResponseCode;
 
     #[tokio::test]
     async fn a_busy_port_is_named_with_what_to_do() {

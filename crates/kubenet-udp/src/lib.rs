@@ -11,6 +11,10 @@
 //! found per packet. Elsewhere: plain recvfrom/sendto, interface 0 and an unspecified destination,
 //! so replies follow the routing table.
 
+mod batch;
+
+pub use batch::{BATCH, Envelope, Inbox, Outbox};
+
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::os::fd::{AsFd, RawFd};

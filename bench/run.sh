@@ -16,17 +16,22 @@
 #          pool  5000 random clients leasing from a /16 pool
 #          each as fast as it goes (20,000/s offered), then at a fixed 1000/s (mean exchange
 #          latency = mean DISCOVER-OFFER + mean REQUEST-ACK delay)
-# and reads the server's peak RSS (VmHWM) after all of them. Figures are medians of RUNS runs;
-# every run's raw figures stay in a folder whose path is printed. Then, once per server: idle
-# cost (voluntary context switches of all its threads and CPU ticks over IDLE seconds, no
-# traffic), kubenet's start-up (exec to READY=1 on NOTIFY_SOCKET, without the host network),
-# and one fsync on the state's disk, the unit of the DHCP latency target.
+# and reads the server's peak RSS (VmHWM) after all of them, and what its RSS is made of then:
+# private memory (RssAnon) and pages of mapped files, its binary and libraries (RssFile).
+# Figures are medians of RUNS runs; every run's raw figures stay in a folder whose path is
+# printed. Then, once per server: idle cost (voluntary context switches of all its threads and
+# CPU ticks over IDLE seconds, no traffic), kubenet's start-up (exec to READY=1 on
+# NOTIFY_SOCKET, without the host network), and one fsync on the state's disk, the unit of the
+# DHCP latency target.
 #
 # dnsmasq is set up as a lab user would (dhcp-host per VM, dhcp-authoritative) plus what a
 # fair comparison needs: no-ping (otherwise it waits 3 s per new address), quiet-dhcp (kubenet
 # runs with -q), and dhcp-lease-max raised from its default of 1000 leases.
 #
 # Usage: sudo bench/run.sh [SECONDS] [RUNS]     (defaults: 5 3; IDLE=60 seconds of idle watch)
+#        BEFORE=path/to/an/older/kubenet sudo -E bench/run.sh ...
+#                                               adds that build's column, run in the same hour
+#                                               (the idle and start-up rows stay this build's)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -100,9 +105,11 @@ start_server() {
     rm -rf "${work:?}/$1"
     mkdir -p "$work/$1"
     case "$1" in
-    kubenet)
-        ip netns exec "$srv" "${on_server[@]}" "$kubenet" -q --config "$work/lab.toml" serve --no-bridge \
-            --dir "$work/kubenet" >"$work/kubenet.log" 2>&1 &
+    kubenet | before)
+        local bin="$kubenet"
+        [ "$1" = kubenet ] || bin="$BEFORE"
+        ip netns exec "$srv" "${on_server[@]}" "$bin" -q --config "$work/lab.toml" serve --no-bridge \
+            --dir "$work/$1" >"$work/$1.log" 2>&1 &
         dns_pid=$!
         dhcp_pid=$dns_pid
         ;;
@@ -196,6 +203,10 @@ dhcp_phase() {
 }
 
 servers=(null kubenet dnsmasq)
+if [ -n "${BEFORE:-}" ]; then
+    [ -x "$BEFORE" ] || { echo "BEFORE=$BEFORE is not an executable"; exit 2; }
+    servers+=(before)
+fi
 for run in $(seq 1 "$runs"); do
     for s in "${servers[@]}"; do
         echo "run $run/$runs: $s" >&2
@@ -206,7 +217,11 @@ for run in $(seq 1 "$runs"); do
             dhcp_phase "$s" "$shape" sat
             dhcp_phase "$s" "$shape" 1000
         done
-        [ "$s" = null ] || record "$s" rss_kb "$(awk '/VmHWM/ { print $2 }' "/proc/$dhcp_pid/status")"
+        if [ "$s" != null ]; then
+            for f in VmHWM RssAnon RssFile; do
+                record "$s" "rss_$f" "$(awk -v f="$f:" '$1 == f { print $2 }' "/proc/$dhcp_pid/status")"
+            done
+        fi
         stop_server
     done
 done
@@ -267,7 +282,8 @@ print("disk fsync_ms %.3f" % (times[len(times) // 2] * 1000))
 EOF
 
 # The table: each figure the median of the runs.
-cat "$raw"/run*.txt "$raw/once.txt" | awk -v runs="$runs" -v secs="$secs" -v pinning="$pinning" -v raw="$raw" '
+cat "$raw"/run*.txt "$raw/once.txt" | awk -v runs="$runs" -v secs="$secs" -v pinning="$pinning" -v raw="$raw" \
+    -v before="${BEFORE:-}" '
     { v[$1, $2, ++n[$1, $2]] = $3 }
     function med(s, m,    k, i, j, t, a) {
         k = n[s, m]
@@ -282,12 +298,14 @@ cat "$raw"/run*.txt "$raw/once.txt" | awk -v runs="$runs" -v secs="$secs" -v pin
         return sprintf("%.2fx", better == "high" ? k / d : d / k)
     }
     function row(label, m, better) {
-        printf "%-44s %11s %11s %11s %9s\n", label, med("null", m), med("kubenet", m), med("dnsmasq", m), ratio(m, better)
+        printf "%-44s %11s %11s %11s %9s", label, med("null", m), med("kubenet", m), med("dnsmasq", m), ratio(m, better)
+        printf before == "" ? "\n" : sprintf(" %11s\n", med("before", m))
     }
     END {
         printf "kubenet bench: %s s per phase, medians of %s runs; %s\n", secs, runs, pinning
         printf "(x: how many times better kubenet is; null: a do-nothing responder, the harness ceiling)\n\n"
-        printf "%-44s %11s %11s %11s %9s\n", "", "null", "kubenet", "dnsmasq", "k vs d"
+        printf "%-44s %11s %11s %11s %9s", "", "null", "kubenet", "dnsmasq", "k vs d"
+        printf before == "" ? "\n" : sprintf(" %11s\n", "before")
         print "DNS, the lab names"
         row("  saturated: queries/s", "dns_sat_qps", "high")
         row("  saturated: queries per server CPU-second", "dns_sat_per_core", "high")
@@ -309,10 +327,13 @@ cat "$raw"/run*.txt "$raw/once.txt" | awk -v runs="$runs" -v secs="$secs" -v pin
             row("  at 1000/s: drops %", "dhcp_" sh "_1000_drops_pct", "low")
         }
         print "Server"
-        row("  peak RSS kB (VmHWM, after all phases)", "rss_kb", "low")
+        row("  peak RSS kB (VmHWM, after all phases)", "rss_VmHWM", "low")
+        row("    of RSS then: private memory kB (RssAnon)", "rss_RssAnon", "low")
+        row("    of RSS then: mapped files kB (RssFile)", "rss_RssFile", "low")
         row("  idle: wakeups/s (voluntary switches)", "idle_wakeups_per_s", "")
         row("  idle: CPU ticks over the idle watch", "idle_cpu_ticks", "")
         row("  start: exec to ready ms", "ready_ms", "")
         printf "one fsync on the state disk: %s ms (median of 200)\n", med("disk", "fsync_ms")
+        if (before != "") printf "before: %s\n", before
         printf "raw figures of every run: %s\n", raw
     }'

@@ -4,6 +4,10 @@
 # the array $pids (PIDs to end on exit).
 [ "$(id -u)" -eq 0 ] || { echo "bench/run.sh needs root for network namespaces"; exit 2; }
 bash scripts/install-test-deps.sh
+# The servers run as `sudo kubenet serve` or a service would run them: without a developer's
+# RUST_BACKTRACE, which makes every error (even an expected one at start) walk the stack and read
+# the unwind tables, half a megabyte of RSS that no user's agent has.
+unset RUST_BACKTRACE RUST_LIB_BACKTRACE
 cargo build --release --locked -q -p kubenet
 kubenet="$PWD/target/release/kubenet"
 

@@ -14,7 +14,7 @@
 //! the last one is the lease.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt::Write as _;
+use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::Path;
 
@@ -116,15 +116,14 @@ impl LeaseTable {
 
     /// The journal lines of `addresses` as the table holds them now: each lease's line, or a
     /// removal (expiry 1, long past) for an address with no lease.
-    pub fn lines_of(&self, addresses: impl IntoIterator<Item = Ipv4Addr>) -> String {
-        let mut out = String::new();
+    pub fn lines_of(&self, addresses: impl IntoIterator<Item = Ipv4Addr>) -> Vec<u8> {
+        let mut out = Vec::new();
         for ip in addresses {
-            match self.by_ip.get(&ip) {
+            let written = match self.by_ip.get(&ip) {
                 Some(l) => write_line(&mut out, l),
-                None => {
-                    let _ = writeln!(out, "1 00:00:00:00:00:00 {ip} * *");
-                }
-            }
+                None => writeln!(out, "1 00:00:00:00:00:00 {ip} * *"),
+            };
+            written.expect("writing to memory");
         }
         out
     }
@@ -152,11 +151,14 @@ impl LeaseTable {
 
     /// The table in dnsmasq's lease-file format.
     pub fn to_text(&self) -> String {
-        let mut out = String::with_capacity(self.by_ip.len() * 64);
-        for l in self.by_ip.values() {
-            write_line(&mut out, l);
-        }
-        out
+        let mut out = Vec::new();
+        self.write_to(&mut out).expect("writing to memory");
+        String::from_utf8(out).expect("lease lines are ASCII")
+    }
+
+    /// Writes the table in dnsmasq's lease-file format, a line at a time.
+    pub fn write_to(&self, out: &mut (impl Write + ?Sized)) -> std::io::Result<()> {
+        self.by_ip.values().try_for_each(|l| write_line(out, l))
     }
 
     /// Parses a lease file (a snapshot and the lines appended since), line by line in order: a
@@ -181,18 +183,18 @@ impl LeaseTable {
 }
 
 /// One lease as a line of the file.
-fn write_line(out: &mut String, l: &Lease) {
+fn write_line(out: &mut (impl Write + ?Sized), l: &Lease) -> std::io::Result<()> {
     let host = l.hostname.as_deref().filter(|h| is_plain(h)).unwrap_or("*");
-    let _ = write!(out, "{} {} {} {host} ", l.expires.unwrap_or(0), l.mac, l.ip);
+    write!(out, "{} {} {} {host} ", l.expires.unwrap_or(0), l.mac, l.ip)?;
     match &l.client_id {
         Some(c) if !c.is_empty() => {
             for (i, b) in c.iter().enumerate() {
-                let _ = write!(out, "{}{b:02x}", if i == 0 { "" } else { ":" });
+                write!(out, "{}{b:02x}", if i == 0 { "" } else { ":" })?;
             }
         }
-        _ => out.push('*'),
+        _ => out.write_all(b"*")?,
     }
-    out.push('\n');
+    out.write_all(b"\n")
 }
 
 /// Host names go into a space-separated file: only plain labels are written.
@@ -258,10 +260,9 @@ impl Journal {
     pub fn write(&mut self, table: &LeaseTable, changes: &Changes) -> std::io::Result<()> {
         let r = match &mut self.file {
             Some(file) if self.appended + changes.addresses.len() <= 2 * table.len() + 64 => {
-                use std::io::Write as _;
                 let lines = table.lines_of(changes.addresses.iter().copied());
                 let n = changes.addresses.len();
-                file.write_all(lines.as_bytes()).and_then(|()| file.sync_data()).map(|()| self.appended += n)
+                file.write_all(&lines).and_then(|()| file.sync_data()).map(|()| self.appended += n)
             }
             _ => self.snapshot(table),
         };
@@ -283,7 +284,7 @@ impl Journal {
 }
 
 pub fn save(path: &Path, table: &LeaseTable) -> std::io::Result<()> {
-    kubenet_cluster::state::write_atomic(path, table.to_text().as_bytes(), 0o644)
+    kubenet_cluster::state::write_atomic_with(path, 0o644, |out| table.write_to(out))
 }
 
 /// Reads the lease file; a missing file is an empty table.

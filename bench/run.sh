@@ -337,3 +337,5 @@ cat "$raw"/run*.txt "$raw/once.txt" | awk -v runs="$runs" -v secs="$secs" -v pin
         if (before != "") printf "before: %s\n", before
         printf "raw figures of every run: %s\n", raw
     }'
+# How much of the code layout (crates/kubenet/serve.order) the measured build still follows.
+echo "code layout: $(bench/layout.sh --check "$kubenet")"

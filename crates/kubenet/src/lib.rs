@@ -12,6 +12,7 @@ mod host_resolver;
 #[cfg(target_os = "linux")]
 mod hostnet;
 mod lifecycle;
+mod memory;
 mod proto;
 mod reload;
 mod serve;

@@ -292,6 +292,10 @@ async fn run_bound(
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         tracing::warn!("cannot tell the service manager we are ready: {e}");
     }
+    match crate::memory::shed_start_up_pages() {
+        Ok(bytes) => tracing::debug!(bytes, "start-up's code unmapped"),
+        Err(e) => tracing::debug!("cannot unmap start-up's code: {e}"),
+    }
     let reload_now = || reload_lab(&current, reload, &dns, dhcp_configs.as_ref());
     // The first server to fail stops the others; a clean stop ends them all.
     let mut result = Ok(());

@@ -5,7 +5,7 @@
 # benchmark send: DNS for the lab's names and for a name it forwards (to a fake upstream this
 # script starts in the server's namespace), DHCP in the lab's shape and a pool's, each faster
 # than serve under valgrind can answer (so the paths for a full queue and for drops run too),
-# status, leases and reload over the control socket, and SIGHUP. Nothing leaves the namespaces.
+# status and reload over the control socket, and SIGHUP. Nothing leaves the namespaces.
 #
 # The list is every function of the binary that ran, sorted by name. Run it again after a
 # dependency or toolchain update (symbol names carry a hash of each crate's build); bench/run.sh
@@ -62,7 +62,7 @@ on_client dnsperf -s 192.168.1.1 -d "$work/queries" -l 3 -Q 200
 on_client perfdhcp -4 -l 192.168.1.254 -r 20000 -M "$work/lab-macs" -p 5 192.168.1.1
 on_client perfdhcp -4 -l 192.168.1.254 -r 20000 -R 5000 -p 5 192.168.1.1
 on_client perfdhcp -4 -l 192.168.1.254 -r 200 -R 5000 -p 3 192.168.1.1
-for cmd in status leases reload; do
+for cmd in status reload; do
     "$kubenet" --config "$work/lab.toml" --dir "$work/state" "$cmd" >/dev/null 2>&1 || true
 done
 kill -HUP "$server"

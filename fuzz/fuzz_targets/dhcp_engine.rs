@@ -23,7 +23,8 @@ fuzz_target!(|data: &[u8]| {
         let mut e = e.borrow_mut();
         let out = e.handle(&req, Received { ifindex: 1, src: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68) }, now);
         if let Some(r) = out.reply {
-            encode_reply(&r.msg).expect("the engine's replies always encode");
+            let again = encode_reply(&r.msg).expect("the engine's replies always encode");
+            assert_eq!(r.bytes, again, "the bytes sent are the message's");
         }
         e.expire(now);
     });

@@ -81,6 +81,9 @@ pub enum Destination {
 #[derive(Debug)]
 pub struct Reply {
     pub msg: Message,
+    /// `msg` encoded ([`crate::wire::encode_reply`]) and within the client's size limit: what
+    /// goes on the wire. Encoded once, here, where the limit is checked.
+    pub bytes: Vec<u8>,
     pub dest: Destination,
     pub ifindex: u32,
 }
@@ -259,7 +262,7 @@ impl Engine {
         self.stats.offers += 1;
         tracing::debug!(mac = %req.mac, %ip, "DHCPOFFER");
         let msg = self.reply(req, MessageType::Offer, ip, true);
-        Outcome { reply: Some(self.route(req, msg, rx)), leases_changed: false }
+        Outcome { reply: self.route(req, msg, rx), leases_changed: false }
     }
 
     /// RFC 2131 4.3.1: the static address; else the client's current or previous address; else
@@ -383,7 +386,7 @@ impl Engine {
             tracing::info!(mac = %req.mac, %ip, name = who, ?state, "DHCPACK granted");
         }
         let msg = self.reply(req, MessageType::Ack, ip, true);
-        Outcome { reply: Some(self.route(req, msg, rx)), leases_changed: changed }
+        Outcome { reply: self.route(req, msg, rx), leases_changed: changed }
     }
 
     fn nak(&mut self, req: &Request, rx: Received, why: &str) -> Outcome {
@@ -401,7 +404,7 @@ impl Engine {
             msg.set_flags(Flags::default().set_broadcast());
             Destination::Relay(SocketAddrV4::new(giaddr, SERVER_PORT))
         };
-        Outcome { reply: Some(Reply { msg, dest, ifindex: rx.ifindex }), leases_changed: false }
+        Outcome { reply: seal(req, msg, dest, rx.ifindex), leases_changed: false }
     }
 
     fn decline(&mut self, req: &Request, now: u64) -> Outcome {
@@ -437,7 +440,7 @@ impl Engine {
         self.stats.informs += 1;
         let mut msg = self.reply(req, MessageType::Ack, Ipv4Addr::UNSPECIFIED, false);
         msg.set_ciaddr(req.msg.ciaddr());
-        Outcome { reply: Some(self.route(req, msg, rx)), leases_changed: false }
+        Outcome { reply: self.route(req, msg, rx), leases_changed: false }
     }
 
     /// The reply's header, copied from the request per RFC 2131 table 3, with options 53 and 54.
@@ -492,23 +495,11 @@ impl Engine {
         if let Some((_, name)) = self.cfg.statics.get(&req.mac).filter(|_| asked(OptionCode::Hostname)) {
             opts.insert(DhcpOption::Hostname(name.clone()));
         }
-        // Option 57: the client's limit, never below 576 (RFC 2131 2). Our replies stay far under
-        // 576, so only a broken encoder could exceed it; drop the optional names if it did.
-        let limit = match req.msg.opts().get(OptionCode::MaxMessageSize) {
-            Some(DhcpOption::MaxMessageSize(n)) => usize::from(*n).max(crate::wire::MIN_MAX_MESSAGE),
-            _ => crate::wire::MIN_MAX_MESSAGE,
-        };
-        for optional in [OptionCode::Hostname, OptionCode::DomainName] {
-            if crate::wire::encode_reply(&msg).map_or(0, |b| b.len()) <= limit {
-                break;
-            }
-            msg.opts_mut().remove(optional);
-        }
         msg
     }
 
     /// RFC 2131 4.1: relay, then ciaddr, then the broadcast bit, then unicast to yiaddr.
-    fn route(&self, req: &Request, msg: Message, rx: Received) -> Reply {
+    fn route(&self, req: &Request, msg: Message, rx: Received) -> Option<Reply> {
         let giaddr = req.msg.giaddr();
         let ciaddr = req.msg.ciaddr();
         let dest = if !giaddr.is_unspecified() {
@@ -520,7 +511,34 @@ impl Engine {
         } else {
             Destination::Direct { ip: msg.yiaddr(), mac: req.mac }
         };
-        Reply { msg, dest, ifindex: rx.ifindex }
+        seal(req, msg, dest, rx.ifindex)
+    }
+}
+
+/// The reply encoded within the client's size limit: option 57, never below 576 (RFC 2131 2).
+/// Our replies stay far under 576, so only a long domain and host name could exceed it; those
+/// two are dropped, in that order, until it fits. `None` (logged) if dhcproto cannot encode it,
+/// which for the options the engine sets would be a bug.
+fn seal(req: &Request, mut msg: Message, dest: Destination, ifindex: u32) -> Option<Reply> {
+    let limit = match req.msg.opts().get(OptionCode::MaxMessageSize) {
+        Some(DhcpOption::MaxMessageSize(n)) => usize::from(*n).max(crate::wire::MIN_MAX_MESSAGE),
+        _ => crate::wire::MIN_MAX_MESSAGE,
+    };
+    let mut optional = [OptionCode::Hostname, OptionCode::DomainName].into_iter();
+    loop {
+        let bytes = match crate::wire::encode_reply(&msg) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(mac = %req.mac, "cannot encode a DHCP reply: {e}");
+                return None;
+            }
+        };
+        match optional.next() {
+            Some(code) if bytes.len() > limit => {
+                msg.opts_mut().remove(code);
+            }
+            _ => return Some(Reply { msg, bytes, dest, ifindex }),
+        }
     }
 }
 

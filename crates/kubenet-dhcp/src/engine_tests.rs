@@ -92,7 +92,42 @@ fn vm_discover_gets_its_fixed_address_and_every_option() {
     // No broadcast bit, no ciaddr: unicast to the offered address at the client's MAC.
     assert_eq!(r.dest, Destination::Direct { ip: ip(14), mac: WORKER0 });
     assert_eq!(r.ifindex, 3);
-    assert!(crate::wire::encode_reply(m).unwrap().len() >= 300);
+    assert!(r.bytes.len() >= 300);
+    assert_eq!(decode_reply(&r.bytes), *m, "the bytes are the message");
+}
+
+/// What a client makes of a reply's bytes.
+fn decode_reply(bytes: &[u8]) -> Message {
+    use dhcproto::{Decodable, Decoder};
+    Message::decode(&mut Decoder::new(bytes)).unwrap()
+}
+
+#[test]
+fn a_reply_too_long_for_the_client_drops_the_host_name_then_the_domain() {
+    let mut e = engine();
+    let mut cfg = e.config().clone();
+    // 296 bytes of header and other options, then the two names: 253 + 63 is over 576.
+    cfg.domain = format!("{}.lab", "d".repeat(248));
+    cfg.statics.insert(WORKER0, (ip(14), "w".repeat(63)));
+    e.set_config(cfg);
+    let discover = |max: Option<u16>| {
+        msg(MessageType::Discover, WORKER0, |m| {
+            if let Some(n) = max {
+                m.opts_mut().insert(DhcpOption::MaxMessageSize(n));
+            }
+        })
+    };
+    let r = e.handle(&discover(None), RX, NOW).reply.unwrap();
+    assert!(r.bytes.len() <= 576, "{} bytes", r.bytes.len());
+    assert!(opt(&r.msg, OptionCode::Hostname).is_none(), "the host name goes first");
+    assert!(opt(&r.msg, OptionCode::DomainName).is_some(), "and the domain then fits");
+    assert_eq!(decode_reply(&r.bytes), r.msg);
+    // Option 57 below 576 counts as 576 (RFC 2131 2): the same reply.
+    assert_eq!(e.handle(&discover(Some(300)), RX, NOW).reply.unwrap().bytes.len(), r.bytes.len());
+    // A client that takes 1500 bytes gets both names.
+    let big = e.handle(&discover(Some(1500)), RX, NOW).reply.unwrap();
+    assert!(big.bytes.len() > 576);
+    assert!(opt(&big.msg, OptionCode::Hostname).is_some() && opt(&big.msg, OptionCode::DomainName).is_some());
 }
 
 #[test]

@@ -320,7 +320,6 @@ fn is_ack(out: &crate::engine::Outcome) -> bool {
 
 /// Sends one reply to the destination the engine chose (RFC 2131 4.1).
 async fn send(socket: &UdpSocket, r: &Reply) -> io::Result<()> {
-    let bytes = wire::encode_reply(&r.msg).map_err(io::Error::other)?;
     let broadcast = SocketAddrV4::new(Ipv4Addr::BROADCAST, CLIENT_PORT);
     let (to, ifindex) = match r.dest {
         Destination::Relay(a) | Destination::Unicast(a) => (a, 0),
@@ -336,7 +335,7 @@ async fn send(socket: &UdpSocket, r: &Reply) -> io::Result<()> {
         }
     };
     let fd = socket.as_raw_fd();
-    socket.async_io(Interest::WRITABLE, || kubenet_udp::send(fd, &bytes, to, ifindex, Ipv4Addr::UNSPECIFIED)).await
+    socket.async_io(Interest::WRITABLE, || kubenet_udp::send(fd, &r.bytes, to, ifindex, Ipv4Addr::UNSPECIFIED)).await
 }
 
 /// Adds `ip -> mac` to the ARP table of interface `ifindex` (SIOCSARP).

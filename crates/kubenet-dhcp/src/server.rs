@@ -28,10 +28,8 @@ use tokio_util::sync::CancellationToken;
 use crate::engine::{CLIENT_PORT, Destination, Engine, Received, Reply};
 use crate::lease::{Changes, Journal};
 use crate::wire::{self, Malformed};
+use kubenet_udp::{Inbox, Outbox};
 
-/// How many datagrams one wake-up handles before the lease file is written once for all of
-/// them (group commit): durability per ACK without an fsync per packet.
-const BATCH: usize = 64;
 /// The socket's receive buffer.
 const RECV_BUFFER: usize = 1 << 20;
 /// How often expired leases are dropped from the table and the file.
@@ -195,13 +193,25 @@ impl Server {
     /// The lease file is written on this task's thread, before the replies that depend on it
     /// leave: give the server a thread of its own (`kubenet serve` does), where waiting for the
     /// disk delays only DHCP replies, which must wait for it anyway.
+    ///
+    /// Each wake-up takes what the socket holds, up to [`kubenet_udp::BATCH`] datagrams, with
+    /// one system call; their replies go out with one more, and the lease file is written once
+    /// for all of them (group commit): durability per ACK without an fsync per packet.
     pub async fn run(&mut self, socket: &UdpSocket, shutdown: CancellationToken) -> io::Result<()> {
         let mut tick = tokio::time::interval(EXPIRY_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // One byte more than a request may have, so a longer one is seen as cut and dropped.
+        let mut inbox = Inbox::new(wire::MAX_LEN + 1);
+        let mut outboxes = Outboxes::default();
+        let fd = socket.as_raw_fd();
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
-                r = socket.readable() => { r?; self.serve_batch(socket).await?; }
+                r = socket.async_io(Interest::READABLE, || inbox.recv(fd)) => match r {
+                    Ok(n) => self.serve_batch(socket, &inbox, n, &mut outboxes).await,
+                    // ICMP errors from earlier sends surface here on some systems: not fatal.
+                    Err(e) => tracing::debug!("DHCP receive: {e}"),
+                },
                 Some(reply) = next(&mut self.lease_queries) => {
                     let now = unix_now();
                     let _ = reply.send(self.engine.leases().iter().filter(|l| l.active(now)).cloned().collect());
@@ -224,27 +234,17 @@ impl Server {
         }
     }
 
-    async fn serve_batch(&mut self, socket: &UdpSocket) -> io::Result<()> {
-        let mut buf = [0u8; wire::MAX_LEN + 1];
+    /// Serves the `n` datagrams in `inbox`.
+    async fn serve_batch(&mut self, socket: &UdpSocket, inbox: &Inbox, n: usize, out: &mut Outboxes) {
         // Replies that change no lease (OFFER, NAK, INFORM's ACK, an ACK that repeats the lease
         // on file) go out at once; the others wait until the batch's leases are on disk. After
         // a failed write, every ACK that grants an address waits (see `Journal::behind`).
-        let mut immediate: Vec<Reply> = Vec::new();
-        let mut durable: Vec<Reply> = Vec::new();
         let mut changed = false;
         let now = unix_now();
-        for _ in 0..BATCH {
-            let fd = socket.as_raw_fd();
-            let d = match socket.try_io(Interest::READABLE, || kubenet_udp::recv(fd, &mut buf)) {
-                Ok(d) => d,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => {
-                    tracing::warn!("DHCP receive: {e}");
-                    break;
-                }
-            };
+        for i in 0..n {
+            let (d, bytes) = inbox.get(i);
             self.counters.received += 1;
-            let req = if d.truncated { Err(Malformed::Oversized) } else { wire::decode_request(&buf[..d.len]) };
+            let req = if d.truncated { Err(Malformed::Oversized) } else { wire::decode_request(bytes) };
             let req = match req {
                 Ok(r) => r,
                 Err(m) => {
@@ -253,6 +253,7 @@ impl Server {
                     continue;
                 }
             };
+            let std::net::SocketAddr::V4(src) = d.src else { continue };
             let subnet = self.engine.config().subnet;
             if req.msg.giaddr().is_unspecified()
                 && cfg!(any(target_os = "linux", target_vendor = "apple"))
@@ -262,36 +263,32 @@ impl Server {
                 tracing::debug!(ifindex = d.ifindex, mac = %req.mac, "DHCP request on an interface outside {subnet}: not ours");
                 continue;
             }
-            let out = self.engine.handle(&req, Received { ifindex: d.ifindex, src: d.src }, now);
-            if out.leases_changed || (self.journal.behind() && is_ack(&out)) {
+            let outcome = self.engine.handle(&req, Received { ifindex: d.ifindex, src }, now);
+            let Some(reply) = &outcome.reply else {
+                changed |= outcome.leases_changed;
+                continue;
+            };
+            if outcome.leases_changed || (self.journal.behind() && is_ack(&outcome)) {
                 changed = true;
-                durable.extend(out.reply);
+                post(socket, reply, &mut out.durable);
             } else {
-                immediate.extend(out.reply);
+                post(socket, reply, &mut out.now);
             }
         }
-        self.send_all(socket, immediate).await;
+        send_all(socket, &mut out.now).await;
         if changed && let Err(e) = self.persist() {
             // An ACK whose lease is not on disk would be forgotten by a crash: send none.
             // Clients retry, and are answered once the file can be written again.
-            self.counters.unpersisted += durable.len() as u64;
+            self.counters.unpersisted += out.durable.len() as u64;
             tracing::error!(
                 "cannot write the lease file {}: {e}; withholding {} replies until it can",
                 self.journal.path().display(),
-                durable.len()
+                out.durable.len()
             );
-            return Ok(());
+            out.durable.clear();
+            return;
         }
-        self.send_all(socket, durable).await;
-        Ok(())
-    }
-
-    async fn send_all(&self, socket: &UdpSocket, replies: Vec<Reply>) {
-        for r in replies {
-            if let Err(e) = send(socket, &r).await {
-                tracing::warn!(dest = ?r.dest, "DHCP send: {e}");
-            }
-        }
+        send_all(socket, &mut out.durable).await;
     }
 
     /// Writes the lease table's changes, blocking this thread until they are on disk (see
@@ -318,8 +315,16 @@ fn is_ack(out: &crate::engine::Outcome) -> bool {
     })
 }
 
-/// Sends one reply to the destination the engine chose (RFC 2131 4.1).
-async fn send(socket: &UdpSocket, r: &Reply) -> io::Result<()> {
+/// Replies of one batch waiting to be sent: those that may go at once, and those that wait for
+/// the lease file. Kept across batches, so their buffers are allocated once.
+#[derive(Default)]
+struct Outboxes {
+    now: Outbox,
+    durable: Outbox,
+}
+
+/// Queues one reply for the destination the engine chose (RFC 2131 4.1).
+fn post(socket: &UdpSocket, r: &Reply, outbox: &mut Outbox) {
     let broadcast = SocketAddrV4::new(Ipv4Addr::BROADCAST, CLIENT_PORT);
     let (to, ifindex) = match r.dest {
         Destination::Relay(a) | Destination::Unicast(a) => (a, 0),
@@ -334,8 +339,18 @@ async fn send(socket: &UdpSocket, r: &Reply) -> io::Result<()> {
             }
         }
     };
+    outbox.push_via(&r.bytes, to.into(), ifindex, Ipv4Addr::UNSPECIFIED);
+}
+
+/// Sends what `outbox` holds; a reply the socket refuses is logged and dropped.
+async fn send_all(socket: &UdpSocket, outbox: &mut Outbox) {
     let fd = socket.as_raw_fd();
-    socket.async_io(Interest::WRITABLE, || kubenet_udp::send(fd, &r.bytes, to, ifindex, Ipv4Addr::UNSPECIFIED)).await
+    while !outbox.is_empty() {
+        if let Err(e) = socket.async_io(Interest::WRITABLE, || outbox.send(fd)).await {
+            tracing::warn!(to = ?outbox.next_to(), "DHCP send: {e}");
+            outbox.skip();
+        }
+    }
 }
 
 /// Adds `ip -> mac` to the ARP table of interface `ifindex` (SIOCSARP).

@@ -4,6 +4,9 @@
 //! with one recvmmsg and [`Outbox::send`] sends them with one sendmmsg, each reply with its own
 //! source address (IP_PKTINFO), as [`crate::send`] does for one. Both address families.
 //!
+//! The DHCP server uses the same two types with each datagram's interface (IP_PKTINFO's
+//! `ipi_ifindex`, in and out), so a reply leaves by the interface its request came in on.
+//!
 //! recvmmsg and sendmmsg are Linux's; elsewhere (macOS) the same two types loop over recvmsg
 //! and sendmsg, so the server has one code path and only the number of system calls differs.
 //! The buffers are allocated once; their untouched pages cost no memory.
@@ -24,6 +27,8 @@ pub struct Envelope {
     pub src: SocketAddr,
     /// The address it was sent to (IPv4 with IP_PKTINFO); unspecified when unknown.
     pub dst: Ipv4Addr,
+    /// The interface it came in on (IPv4 with IP_PKTINFO); 0 when unknown.
+    pub ifindex: u32,
 }
 
 /// Buffers for up to [`BATCH`] datagrams of at most `size` bytes each.
@@ -60,6 +65,7 @@ struct Letter {
     len: usize,
     to: SocketAddr,
     from: Ipv4Addr,
+    ifindex: u32,
 }
 
 /// Replies waiting to go out, in order.
@@ -75,12 +81,23 @@ impl Outbox {
     /// Queues `bytes` for `to`, sent from `from` when `to` is IPv4 and `from` is specified
     /// (otherwise as routed).
     pub fn push(&mut self, bytes: &[u8], to: SocketAddr, from: Ipv4Addr) {
-        self.letters.push(Letter { start: self.data.len(), len: bytes.len(), to, from });
+        self.push_via(bytes, to, 0, from);
+    }
+
+    /// As [`Outbox::push`], and out of interface `ifindex` when `to` is IPv4 and `ifindex` is
+    /// not 0 (a broadcast reply must leave by the interface its request came in on).
+    pub fn push_via(&mut self, bytes: &[u8], to: SocketAddr, ifindex: u32, from: Ipv4Addr) {
+        self.letters.push(Letter { start: self.data.len(), len: bytes.len(), to, from, ifindex });
         self.data.extend_from_slice(bytes);
     }
 
     pub fn is_empty(&self) -> bool {
         self.next == self.letters.len()
+    }
+
+    /// How many letters wait.
+    pub fn len(&self) -> usize {
+        self.letters.len() - self.next
     }
 
     /// Where the next letter goes (`None` when empty).
@@ -108,7 +125,8 @@ impl Outbox {
         }
     }
 
-    fn clear(&mut self) {
+    /// Drops every letter waiting.
+    pub fn clear(&mut self) {
         self.data.clear();
         self.letters.clear();
         self.next = 0;
@@ -154,12 +172,14 @@ mod sys {
         }
         for (h, name) in headers.iter().zip(&names).take(n as usize) {
             let Some(src) = address(name) else { continue };
+            // SAFETY: the kernel filled this header's control area and set its length.
+            let (dst, ifindex) = unsafe { destination(&h.msg_hdr) };
             got.push(Envelope {
                 len: h.msg_len as usize,
                 truncated: h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
                 src,
-                // SAFETY: the kernel filled this header's control area and set its length.
-                dst: unsafe { destination(&h.msg_hdr) },
+                dst,
+                ifindex,
             });
         }
         Ok(())
@@ -182,12 +202,12 @@ mod sys {
             h.msg_iov = &mut iovs[i];
             h.msg_iovlen = 1;
             if let SocketAddr::V4(_) = l.to
-                && !l.from.is_unspecified()
+                && (!l.from.is_unspecified() || l.ifindex != 0)
             {
                 h.msg_control = controls[i].as_mut_ptr().cast();
                 h.msg_controllen = size_of::<Control>();
                 // SAFETY: the control area is as long as the header says, and aligned.
-                unsafe { put_source(h, l.from) };
+                unsafe { put_source(h, l.from, l.ifindex) };
             }
         }
         // SAFETY: as in `recv`; the kernel only reads the buffers.
@@ -245,29 +265,31 @@ mod sys {
         }
     }
 
-    /// The IP_PKTINFO destination in a received header; unspecified when absent.
+    /// The IP_PKTINFO destination and interface in a received header; unspecified and 0 when
+    /// absent.
     ///
     /// SAFETY: `h`'s control pointer and length describe a filled control area.
-    unsafe fn destination(h: &libc::msghdr) -> Ipv4Addr {
+    unsafe fn destination(h: &libc::msghdr) -> (Ipv4Addr, u32) {
         let mut c = unsafe { libc::CMSG_FIRSTHDR(h) };
         while !c.is_null() {
             let m = unsafe { &*c };
             if m.cmsg_level == libc::IPPROTO_IP && m.cmsg_type == libc::IP_PKTINFO {
                 let info = unsafe { libc::CMSG_DATA(c).cast::<libc::in_pktinfo>().read_unaligned() };
-                return Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr));
+                return (Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr)), info.ipi_ifindex as u32);
             }
             c = unsafe { libc::CMSG_NXTHDR(h, c) };
         }
-        Ipv4Addr::UNSPECIFIED
+        (Ipv4Addr::UNSPECIFIED, 0)
     }
 
-    /// Writes an IP_PKTINFO that sends from `from`, and sets the control length to it.
+    /// Writes an IP_PKTINFO that sends from `from` (unspecified: as routed) out of interface
+    /// `ifindex` (0: as routed), and sets the control length to it.
     ///
     /// SAFETY: `h`'s control pointer and length describe a zeroed, aligned area of at least
     /// CMSG_SPACE(sizeof(in_pktinfo)) bytes.
-    unsafe fn put_source(h: &mut libc::msghdr, from: Ipv4Addr) {
+    unsafe fn put_source(h: &mut libc::msghdr, from: Ipv4Addr, ifindex: u32) {
         let info = libc::in_pktinfo {
-            ipi_ifindex: 0,
+            ipi_ifindex: ifindex as libc::c_int,
             ipi_spec_dst: libc::in_addr { s_addr: u32::from(from).to_be() },
             ipi_addr: libc::in_addr { s_addr: 0 },
         };
@@ -306,11 +328,12 @@ mod sys {
                 Err(nix::errno::Errno::EAGAIN) if !got.is_empty() => return Ok(()),
                 Err(e) => return Err(e.into()),
             };
-            let mut dst = Ipv4Addr::UNSPECIFIED;
+            let (mut dst, mut ifindex) = (Ipv4Addr::UNSPECIFIED, 0);
             #[cfg(target_vendor = "apple")]
             for c in m.cmsgs()? {
                 if let nix::sys::socket::ControlMessageOwned::Ipv4PacketInfo(info) = c {
                     dst = Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr));
+                    ifindex = info.ipi_ifindex as u32;
                 }
             }
             let src = m.address.as_ref().and_then(|a| {
@@ -319,7 +342,7 @@ mod sys {
                     .or_else(|| a.as_sockaddr_in6().map(|v6| SocketAddr::new(v6.ip().into(), v6.port())))
             });
             let Some(src) = src else { continue };
-            got.push(Envelope { len: m.bytes, truncated: m.flags.contains(MsgFlags::MSG_TRUNC), src, dst });
+            got.push(Envelope { len: m.bytes, truncated: m.flags.contains(MsgFlags::MSG_TRUNC), src, dst, ifindex });
         }
         Ok(())
     }
@@ -328,7 +351,7 @@ mod sys {
         let Some(l) = letters.first() else { return Ok(0) };
         let bytes = &data[l.start..l.start + l.len];
         match l.to {
-            SocketAddr::V4(to) => crate::send(fd, bytes, to, 0, l.from)?,
+            SocketAddr::V4(to) => crate::send(fd, bytes, to, l.ifindex, l.from)?,
             SocketAddr::V6(_) => {
                 let to = SockaddrStorage::from(l.to);
                 nix::sys::socket::sendmsg(fd, &[io::IoSlice::new(bytes)], &[], MsgFlags::MSG_DONTWAIT, Some(&to))?;
@@ -380,6 +403,7 @@ mod tests {
                 assert_eq!(e.src, client.local_addr().unwrap());
                 if to.is_ipv4() {
                     assert_eq!(e.dst.to_string(), ip, "IP_PKTINFO gives the address asked");
+                    assert_eq!(e.ifindex, loopback_index(), "and the interface");
                 }
                 let mut reply = bytes.to_vec();
                 reply.reverse();
@@ -413,6 +437,28 @@ mod tests {
         round_trip("::1");
     }
 
+    /// The index of the interface that holds 127.0.0.1.
+    fn loopback_index() -> u32 {
+        let lo = crate::addresses().into_iter().find(|a| a.address == Ipv4Addr::LOCALHOST).expect("a loopback");
+        nix::net::if_::if_nametoindex(lo.interface.as_str()).unwrap()
+    }
+
+    #[test]
+    fn a_letter_leaves_by_the_interface_it_names() {
+        let (server, client) = pair("127.0.0.1");
+        let to = client.local_addr().unwrap();
+        let mut outbox = Outbox::default();
+        outbox.push_via(b"via lo", to, loopback_index(), Ipv4Addr::UNSPECIFIED);
+        outbox.send(server.as_raw_fd()).unwrap();
+        let mut buf = [0u8; 8];
+        let n = client.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"via lo");
+        // An interface that does not exist: the kernel refuses the letter, so the index was
+        // passed on and not dropped.
+        outbox.push_via(b"nowhere", to, 999_999, Ipv4Addr::UNSPECIFIED);
+        assert_ne!(outbox.send(server.as_raw_fd()).unwrap_err().kind(), io::ErrorKind::WouldBlock);
+    }
+
     #[test]
     fn a_refused_letter_is_skipped_and_the_rest_still_go() {
         let (server, client) = pair("127.0.0.1");
@@ -420,6 +466,7 @@ mod tests {
         // An IPv6 destination on an IPv4 socket: the kernel refuses this one letter.
         outbox.push(b"lost", "[::1]:9".parse().unwrap(), Ipv4Addr::UNSPECIFIED);
         outbox.push(b"kept", client.local_addr().unwrap(), Ipv4Addr::LOCALHOST);
+        assert_eq!(outbox.len(), 2);
         let err = outbox.send(server.as_raw_fd()).unwrap_err();
         assert_ne!(err.kind(), io::ErrorKind::WouldBlock, "{err}");
         outbox.skip();

@@ -8,7 +8,8 @@
 #
 # The server runs pinned to one CPU and the load generator to the other, so the server's CPU
 # time (from /proc/PID/stat over each phase) gives its cost per packet whatever the generator
-# can offer. Each run starts every server afresh and sends, for SECONDS each:
+# can offer. Each run starts every server afresh (in an order that rotates from run to run) and
+# sends, for SECONDS each:
 #   DNS    dnsperf, as fast as it goes (8 clients, 200 in flight), then at a fixed 10,000 qps
 #          (mean and p99 latency from each answer's time)
 #   DHCP   perfdhcp as a relay agent, DISCOVER-OFFER-REQUEST-ACK exchanges, in two shapes:
@@ -208,7 +209,10 @@ if [ -n "${BEFORE:-}" ]; then
     servers+=(before)
 fi
 for run in $(seq 1 "$runs"); do
-    for s in "${servers[@]}"; do
+    # Each run starts one server further along the list, so a disturbance that recurs with
+    # the period of a run (this VM has them) does not land on the same server every time.
+    order=("${servers[@]:$(((run - 1) % ${#servers[@]}))}" "${servers[@]:0:$(((run - 1) % ${#servers[@]}))}")
+    for s in "${order[@]}"; do
         echo "run $run/$runs: $s" >&2
         start_server "$s"
         dns_phase "$s" sat

@@ -478,11 +478,11 @@ impl Engine {
         }
         opts.insert(DhcpOption::SubnetMask(self.cfg.subnet.netmask()));
         opts.insert(DhcpOption::BroadcastAddr(self.cfg.subnet.broadcast()));
-        let wanted: Option<Vec<OptionCode>> = match req.msg.opts().get(OptionCode::ParameterRequestList) {
-            Some(DhcpOption::ParameterRequestList(l)) => Some(l.clone()),
+        let wanted: Option<&[OptionCode]> = match req.msg.opts().get(OptionCode::ParameterRequestList) {
+            Some(DhcpOption::ParameterRequestList(l)) => Some(l),
             _ => None,
         };
-        let asked = |c: OptionCode| wanted.as_ref().is_none_or(|l| l.contains(&c));
+        let asked = |c: OptionCode| wanted.is_none_or(|l| l.contains(&c));
         if asked(OptionCode::Router) {
             opts.insert(DhcpOption::Router(vec![self.cfg.server_id]));
         }

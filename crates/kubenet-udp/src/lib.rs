@@ -46,19 +46,6 @@ pub fn bind_error(
     }
 }
 
-/// One received datagram.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Datagram {
-    pub len: usize,
-    /// Larger than the buffer: the tail was cut off.
-    pub truncated: bool,
-    pub src: SocketAddrV4,
-    /// The interface it arrived on; 0 when unknown.
-    pub ifindex: u32,
-    /// The address it was sent to (a broadcast address for broadcasts); unspecified when unknown.
-    pub dst: Ipv4Addr,
-}
-
 /// One address of one of the host's interfaces.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InterfaceAddress {
@@ -94,27 +81,6 @@ pub fn enable_pktinfo(socket: &impl AsFd) -> io::Result<()> {
     Ok(())
 }
 
-/// Receives one datagram (the socket must have [`enable_pktinfo`]).
-#[cfg(any(target_os = "linux", target_vendor = "apple"))]
-pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<Datagram> {
-    use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrIn, recvmsg};
-    let mut iov = [io::IoSliceMut::new(buf)];
-    let mut cmsg = nix::cmsg_space!(libc::in_pktinfo);
-    let m = recvmsg::<SockaddrIn>(fd, &mut iov, Some(&mut cmsg), MsgFlags::empty())?;
-    let (mut ifindex, mut dst) = (0, Ipv4Addr::UNSPECIFIED);
-    for c in m.cmsgs()? {
-        if let ControlMessageOwned::Ipv4PacketInfo(info) = c {
-            #[allow(clippy::unnecessary_cast)] // c_int on Linux, c_uint on macOS
-            {
-                ifindex = info.ipi_ifindex as u32;
-            }
-            dst = Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr));
-        }
-    }
-    let src = m.address.map_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0), |a| SocketAddrV4::new(a.ip(), a.port()));
-    Ok(Datagram { len: m.bytes, truncated: m.flags.contains(MsgFlags::MSG_TRUNC), src, ifindex, dst })
-}
-
 /// Sends one datagram out of interface `ifindex` (0: as routed) from address `from`
 /// (unspecified: as routed).
 #[cfg(any(target_os = "linux", target_vendor = "apple"))]
@@ -130,14 +96,6 @@ pub fn send(fd: RawFd, bytes: &[u8], to: SocketAddrV4, ifindex: u32, from: Ipv4A
     let cm: &[ControlMessage] = if ifindex == 0 && from.is_unspecified() { &[] } else { &cmsgs };
     sendmsg(fd, &[io::IoSlice::new(bytes)], cm, MsgFlags::empty(), Some(&SockaddrIn::from(to)))?;
     Ok(())
-}
-
-#[cfg(not(any(target_os = "linux", target_vendor = "apple")))]
-pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<Datagram> {
-    use nix::sys::socket::{SockaddrIn, recvfrom};
-    let (len, addr) = recvfrom::<SockaddrIn>(fd, buf)?;
-    let src = addr.map_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0), |a| SocketAddrV4::new(a.ip(), a.port()));
-    Ok(Datagram { len: len.min(buf.len()), truncated: len > buf.len(), src, ifindex: 0, dst: Ipv4Addr::UNSPECIFIED })
 }
 
 #[cfg(not(any(target_os = "linux", target_vendor = "apple")))]
@@ -161,28 +119,24 @@ mod tests {
     }
 
     #[test]
-    fn loopback_round_trip_reports_destination_and_interface() {
-        let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        enable_pktinfo(&server).unwrap();
+    fn a_reply_leaves_from_the_address_and_by_the_interface_given() {
+        let server = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
         let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        client.send_to(b"ping", server.local_addr().unwrap()).unwrap();
-        let mut buf = [0u8; 2];
-        let d = recv(server.as_raw_fd(), &mut buf).unwrap();
-        assert!(d.truncated, "4 bytes into a 2-byte buffer");
-        assert_eq!(
-            d.src,
-            match client.local_addr().unwrap() {
-                std::net::SocketAddr::V4(a) => a,
-                _ => unreachable!(),
-            }
-        );
-        if cfg!(any(target_os = "linux", target_vendor = "apple")) {
-            assert_eq!(d.dst, Ipv4Addr::LOCALHOST);
-            assert!(d.ifindex > 0, "lo has an index");
-        }
-        send(server.as_raw_fd(), b"pong", d.src, 0, d.dst).unwrap();
+        client.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+        let std::net::SocketAddr::V4(to) = client.local_addr().unwrap() else { unreachable!() };
+        let port = server.local_addr().unwrap().port();
+        let lo = addresses().into_iter().find(|a| a.address == IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap();
+        let lo = nix::net::if_::if_nametoindex(lo.interface.as_str()).unwrap();
+        // From a wildcard socket: the source is the one given, not whatever the route picks.
+        send(server.as_raw_fd(), b"pong", to, lo, Ipv4Addr::LOCALHOST).unwrap();
         let mut back = [0u8; 8];
         let (n, from) = client.recv_from(&mut back).unwrap();
-        assert_eq!((&back[..n], from), (&b"pong"[..], server.local_addr().unwrap()));
+        assert_eq!((&back[..n], from), (&b"pong"[..], (Ipv4Addr::LOCALHOST, port).into()));
+        if cfg!(any(target_os = "linux", target_vendor = "apple")) {
+            assert!(
+                send(server.as_raw_fd(), b"lost", to, 999_999, Ipv4Addr::UNSPECIFIED).is_err(),
+                "no such interface"
+            );
+        }
     }
 }

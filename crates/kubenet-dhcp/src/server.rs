@@ -209,8 +209,8 @@ impl Server {
                 () = shutdown.cancelled() => return Ok(()),
                 r = socket.async_io(Interest::READABLE, || inbox.recv(fd)) => match r {
                     Ok(n) => self.serve_batch(socket, &inbox, n, &mut outboxes).await,
-                    // ICMP errors from earlier sends surface here on some systems: not fatal.
-                    Err(e) => tracing::debug!("DHCP receive: {e}"),
+                    // Not fatal: the next datagram may be fine.
+                    Err(e) => tracing::warn!("DHCP receive: {e}"),
                 },
                 Some(reply) = next(&mut self.lease_queries) => {
                     let now = unix_now();

@@ -106,7 +106,7 @@ fn decode_reply(bytes: &[u8]) -> Message {
 fn a_reply_too_long_for_the_client_drops_the_host_name_then_the_domain() {
     let mut e = engine();
     let mut cfg = e.config().clone();
-    // 296 bytes of header and other options, then the two names: 253 + 63 is over 576.
+    // 296 bytes of header and other options, then the two names: 252 + 63 is over 576.
     cfg.domain = format!("{}.lab", "d".repeat(248));
     cfg.statics.insert(WORKER0, (ip(14), "w".repeat(63)));
     e.set_config(cfg);

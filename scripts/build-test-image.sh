@@ -67,15 +67,30 @@ if [ "$arch" = amd64 ] && { [ ! -f /usr/lib/grub/i386-pc/boot.img ] || [ ! -d /u
 fi
 
 mkdir -p "$cache"
+# One build per architecture at a time: the end-to-end tests ask for the images from parallel
+# threads, and two arm64 builds at once would both mount and register binfmt_misc (the second
+# fails) and the first to finish would unregister it under the other. A second caller waits here,
+# then finds the first one's image in the cache.
+exec 9>"$cache/build-$arch.lock"
+flock 9
+if [ -f "$out" ]; then
+    echo "$out"
+    exit 0
+fi
 work="$(mktemp -d "$cache/build-$arch-$hash.XXXXXX")"
 binfmt=/proc/sys/fs/binfmt_misc
 added_binfmt=""
+root="$work/rootfs"
 cleanup() {
     [ -z "$added_binfmt" ] || echo -1 >"$binfmt/qemu-aarch64" || true
-    rm -rf "$work"
+    # debootstrap mounts proc and sys inside the root while it configures it, and unmounts them
+    # only when it finishes: a build cut short (a failure, Ctrl-C) leaves them mounted.
+    for m in "$root/proc" "$root/sys"; do
+        ! mountpoint -q "$m" 2>/dev/null || umount -l "$m" || true
+    done
+    rm -rf --one-file-system "$work"
 }
 trap cleanup EXIT
-root="$work/rootfs"
 
 # arm64 binaries run here through qemu-user-static, by the kernel's binfmt_misc.
 if [ "$arch" = arm64 ] && [ "$(uname -m)" != aarch64 ] && [ ! -e "$binfmt/qemu-aarch64" ]; then

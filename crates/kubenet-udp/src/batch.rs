@@ -333,7 +333,7 @@ mod sys {
             for c in m.cmsgs()? {
                 if let nix::sys::socket::ControlMessageOwned::Ipv4PacketInfo(info) = c {
                     dst = Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr));
-                    ifindex = info.ipi_ifindex as u32;
+                    ifindex = info.ipi_ifindex;
                 }
             }
             let src = m.address.as_ref().and_then(|a| {

@@ -153,7 +153,8 @@ pub fn load(choice: &Choice, cwd: &Path) -> Result<Lab, ConfigError> {
     match choice {
         Choice::Embedded => parse(REFERENCE_CONFIG, Source::Embedded, cwd),
         Choice::File(path) => {
-            let text = std::fs::read_to_string(cwd.join(path))
+            // 1 MiB: the reference lab is 4 KiB; a bigger file is a mistake (or /dev/zero).
+            let text = state::read_capped(&cwd.join(path), 1 << 20)
                 .map_err(|source| ConfigError::Read { path: path.clone(), source })?;
             let dir = match path.parent() {
                 Some(p) if !p.as_os_str().is_empty() => cwd.join(p),

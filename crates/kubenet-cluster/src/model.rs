@@ -204,6 +204,10 @@ pub struct Network {
     /// On Linux, masquerade the lab's traffic to other networks (nftables) and turn on IP
     /// forwarding while `kubenet serve` runs.
     pub nat: bool,
+    /// DHCP relay agents (RFC 1542) allowed to forward requests from a network other than the
+    /// lab's interface, by the address they send from. Empty: relayed requests are served only
+    /// when they arrive on the lab's own interface.
+    pub dhcp_relays: Vec<Ipv4Addr>,
     /// Extra names in the lab's domain, sorted by name.
     pub hosts: Vec<HostEntry>,
 }

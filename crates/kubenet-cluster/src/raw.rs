@@ -38,6 +38,7 @@ pub struct RawNetwork {
     pub upstream: Option<Vec<Spanned<String>>>,
     pub bridge: Option<Spanned<String>>,
     pub nat: Option<bool>,
+    pub dhcp_relays: Option<Vec<Spanned<String>>>,
     #[serde(default)]
     pub hosts: BTreeMap<String, Spanned<Ipv4Addr>>,
 }

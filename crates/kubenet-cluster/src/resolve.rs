@@ -139,17 +139,8 @@ pub fn check_public_key_file(path: &str, home: Option<&Path>, base_dir: &Path) -
         _ => base_dir.join(path),
     };
     // A key is a line; a regular file, read no further than 16 KiB (never /dev/zero to its end).
-    let text = (|| {
-        use std::io::Read;
-        let f = std::fs::File::open(&full)?;
-        if !f.metadata()?.is_file() {
-            return Err(std::io::Error::other("not a regular file"));
-        }
-        let mut text = String::new();
-        f.take(16 << 10).read_to_string(&mut text)?;
-        Ok(text)
-    })()
-    .map_err(|e: std::io::Error| format!("cannot read {}: {e}", full.display()))?;
+    let text =
+        crate::state::read_capped(&full, 16 << 10).map_err(|e| format!("cannot read {}: {e}", full.display()))?;
     let mut words = text.split_whitespace();
     let kind = words.next().unwrap_or("");
     let key = words.next().unwrap_or("");
@@ -171,6 +162,15 @@ fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
     }
     s.parse::<SocketAddr>()
         .map_err(|_| format!("`{s}` is not an address: write \"IP\" or \"IP:PORT\" (\"[IPv6]:PORT\")"))
+}
+
+/// A DHCP relay agent's address: one host's IPv4 address, as its datagrams carry it.
+fn parse_relay(s: &str) -> Result<Ipv4Addr, String> {
+    let ip: Ipv4Addr = s.parse().map_err(|_| format!("`{s}` is not an IPv4 address: write \"a.b.c.d\""))?;
+    if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
+        return Err(format!("{ip} is not one host's address: name the relay agent's own address"));
+    }
+    Ok(ip)
 }
 
 /// Why `ip` cannot be a VM's or host entry's address: outside the subnet, or its network or
@@ -274,6 +274,13 @@ fn network(cx: &mut Ctx, n: &RawNetwork) -> Option<Network> {
             .collect(),
         bridge: opt(cx, &n.bridge, "network.bridge", check_bridge, BRIDGE.into()),
         nat: n.nat.unwrap_or(true),
+        dhcp_relays: n
+            .dhcp_relays
+            .iter()
+            .flatten()
+            .enumerate()
+            .filter_map(|(i, v)| cx.parse(v, &format!("network.dhcp_relays[{i}]"), parse_relay))
+            .collect(),
         hosts: Vec::new(),
     })
 }

@@ -10,6 +10,29 @@ pub fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+/// A small text file that someone else may have put there (the lab definition, a public key,
+/// read by the root agent too): opened without blocking (a FIFO cannot hang the reader), only a
+/// regular file, and at most `cap` bytes (a longer one, or /dev/zero, is an error, not memory).
+pub fn read_capped(path: &Path, cap: u64) -> std::io::Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new().read(true).custom_flags(libc_nonblock()).open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut text = String::new();
+    f.take(cap + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > cap {
+        return Err(std::io::Error::other(format!("longer than {cap} bytes")));
+    }
+    Ok(text)
+}
+
+/// O_NONBLOCK: 0o4000 on Linux, 0x4 on macOS and the BSDs.
+fn libc_nonblock() -> i32 {
+    if cfg!(target_os = "linux") { 0o4000 } else { 0x4 }
+}
+
 /// Replaces `path` with `contents` atomically; the file gets `mode` (less the umask), whatever
 /// the mode of the file it replaces or of a temporary one a crash left.
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
@@ -40,6 +63,25 @@ pub fn write_atomic_with(
     }
     std::fs::rename(&tmp, path)?;
     std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod read_tests {
+    use super::read_capped;
+
+    #[test]
+    fn only_a_small_regular_file_is_read() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("kubenet.toml");
+        std::fs::write(&p, "a = 1\n").unwrap();
+        assert_eq!(read_capped(&p, 6).unwrap(), "a = 1\n");
+        assert!(read_capped(&p, 5).unwrap_err().to_string().contains("longer than 5 bytes"));
+        assert!(read_capped(std::path::Path::new("/dev/zero"), 1 << 20).unwrap_err().to_string().contains("regular"));
+        // A FIFO with no writer: opened and refused at once, not waited on.
+        let fifo = d.path().join("fifo");
+        assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        assert!(read_capped(&fifo, 1 << 20).unwrap_err().to_string().contains("regular"));
+    }
 }
 
 #[cfg(test)]

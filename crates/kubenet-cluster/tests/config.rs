@@ -29,6 +29,7 @@ fn reference_lab_matches_the_tutorial() {
     assert_eq!((n.dhcp_range.start, n.dhcp_range.end), (Ipv4Addr::new(192, 168, 1, 2), Ipv4Addr::new(192, 168, 1, 20)));
     assert_eq!(n.lease_time, LeaseTime::Finite(std::time::Duration::from_secs(12 * 3600)));
     assert_eq!(n.domain, "kubevms");
+    assert!(n.dhcp_relays.is_empty(), "no relay is trusted unless listed");
     assert_eq!(lab.state_dir, Path::new("/cwd"));
 
     let rows: Vec<(u32, &str, &str, String, String, u32, Bytes, Bytes)> = lab
@@ -96,6 +97,12 @@ count = 300
     assert_eq!(macs.len(), 300);
     assert_eq!(lab.vm_by_name("n299").unwrap().mac.to_string(), "52:52:52:00:01:2b");
     assert_eq!(lab.vm_by_name("n299").unwrap().ip, Ipv4Addr::new(10, 20, 1, 53));
+}
+
+#[test]
+fn listed_dhcp_relays_are_kept_in_order() {
+    let lab = lab("[network]\ndhcp_relays = [\"10.99.0.2\", \"172.16.5.1\"]\n[[group]]\nname = \"a\"\n");
+    assert_eq!(lab.network.dhcp_relays, [Ipv4Addr::new(10, 99, 0, 2), Ipv4Addr::new(172, 16, 5, 1)]);
 }
 
 #[test]
@@ -181,6 +188,18 @@ const BROKEN: &[(&str, &str, usize, &str)] = &[
     ("[network]\ndomain = \"kube_vms\"\n[[group]]\nname = \"a\"\n", "network.domain", 2, "not a valid domain"),
     ("[network]\nmac_prefix = \"53:52:52\"\n[[group]]\nname = \"a\"\n", "network.mac_prefix", 2, "multicast"),
     ("[network]\nupstream = [\"dns.example\"]\n[[group]]\nname = \"a\"\n", "network.upstream[0]", 2, "not an address"),
+    (
+        "[network]\ndhcp_relays = [\"10.0.0.1\", \"10.0.0.300\"]\n[[group]]\nname = \"a\"\n",
+        "network.dhcp_relays[1]",
+        2,
+        "`10.0.0.300` is not an IPv4 address",
+    ),
+    (
+        "[network]\ndhcp_relays = [\"255.255.255.255\"]\n[[group]]\nname = \"a\"\n",
+        "network.dhcp_relays[0]",
+        2,
+        "not one host's address",
+    ),
     ("[network]\nsubnett = \"192.168.1.0/24\"\n", "network.subnett", 2, "unknown field"),
     ("colour = \"blue\"\n", "colour", 1, "unknown field"),
     ("[[group]]\nname = \"worker_0\"\n", "group[0].name", 2, "not a valid VM name"),

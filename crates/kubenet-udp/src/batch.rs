@@ -150,7 +150,9 @@ mod sys {
         // SAFETY: all-zero is a valid value of these plain C structs.
         let mut names: [libc::sockaddr_storage; BATCH] = unsafe { zeroed() };
         let mut controls = [[0u64; 8]; BATCH];
+        // SAFETY: as above: plain C structs, whose null pointers are filled in below.
         let mut iovs: [libc::iovec; BATCH] = unsafe { zeroed() };
+        // SAFETY: as above.
         let mut headers: [libc::mmsghdr; BATCH] = unsafe { zeroed() };
         let slots = data.chunks_exact_mut(size).zip(names.iter_mut()).zip(controls.iter_mut());
         for (((buf, name), control), (iov, h)) in slots.zip(iovs.iter_mut().zip(headers.iter_mut())) {
@@ -190,7 +192,9 @@ mod sys {
         // SAFETY: all-zero is a valid value of these plain C structs.
         let mut names: [libc::sockaddr_storage; BATCH] = unsafe { zeroed() };
         let mut controls = [[0u64; 8]; BATCH];
+        // SAFETY: as above: plain C structs, whose null pointers are filled in below.
         let mut iovs: [libc::iovec; BATCH] = unsafe { zeroed() };
+        // SAFETY: as above.
         let mut headers: [libc::mmsghdr; BATCH] = unsafe { zeroed() };
         let count = letters.len().min(BATCH);
         for (i, l) in letters.iter().take(count).enumerate() {
@@ -270,13 +274,17 @@ mod sys {
     ///
     /// SAFETY: `h`'s control pointer and length describe a filled control area.
     unsafe fn destination(h: &libc::msghdr) -> (Ipv4Addr, u32) {
+        // SAFETY: the caller vouches for the control area; CMSG_FIRSTHDR stays inside it.
         let mut c = unsafe { libc::CMSG_FIRSTHDR(h) };
         while !c.is_null() {
+            // SAFETY: a non-null header CMSG_FIRSTHDR/NXTHDR returned lies inside the area.
             let m = unsafe { &*c };
             if m.cmsg_level == libc::IPPROTO_IP && m.cmsg_type == libc::IP_PKTINFO {
+                // SAFETY: an IP_PKTINFO header carries an in_pktinfo, read unaligned.
                 let info = unsafe { libc::CMSG_DATA(c).cast::<libc::in_pktinfo>().read_unaligned() };
                 return (Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr)), info.ipi_ifindex as u32);
             }
+            // SAFETY: `c` is a header of this area; CMSG_NXTHDR returns the next or null.
             c = unsafe { libc::CMSG_NXTHDR(h, c) };
         }
         (Ipv4Addr::UNSPECIFIED, 0)
@@ -294,6 +302,7 @@ mod sys {
             ipi_addr: libc::in_addr { s_addr: 0 },
         };
         let len = size_of::<libc::in_pktinfo>() as libc::c_uint;
+        // SAFETY: the caller vouches for a zeroed, aligned area with room for one in_pktinfo.
         unsafe {
             let c = libc::CMSG_FIRSTHDR(h);
             (*c).cmsg_level = libc::IPPROTO_IP;
@@ -439,8 +448,7 @@ mod tests {
 
     /// The index of the interface that holds 127.0.0.1.
     fn loopback_index() -> u32 {
-        let lo = crate::addresses().into_iter().find(|a| a.address == Ipv4Addr::LOCALHOST).expect("a loopback");
-        nix::net::if_::if_nametoindex(lo.interface.as_str()).unwrap()
+        crate::addresses().into_iter().find(|a| a.address == Ipv4Addr::LOCALHOST).expect("a loopback").index
     }
 
     #[test]

@@ -50,6 +50,9 @@ pub fn bind_error(
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InterfaceAddress {
     pub interface: String,
+    /// The interface's index (what IP_PKTINFO names a datagram's interface by); 0 if the
+    /// interface went away while the list was read.
+    pub index: u32,
     pub address: IpAddr,
     /// The prefix length, when the system gives the netmask.
     pub prefix: Option<u8>,
@@ -67,7 +70,8 @@ pub fn addresses() -> Vec<InterfaceAddress> {
             IpAddr::V4(m) => u32::from(m).count_ones() as u8,
             IpAddr::V6(m) => u128::from(m).count_ones() as u8,
         });
-        Some(InterfaceAddress { interface: a.interface_name, address, prefix })
+        let index = nix::net::if_::if_nametoindex(a.interface_name.as_str()).unwrap_or(0);
+        Some(InterfaceAddress { interface: a.interface_name, index, address, prefix })
     })
     .collect()
 }
@@ -125,8 +129,7 @@ mod tests {
         client.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
         let std::net::SocketAddr::V4(to) = client.local_addr().unwrap() else { unreachable!() };
         let port = server.local_addr().unwrap().port();
-        let lo = addresses().into_iter().find(|a| a.address == IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap();
-        let lo = nix::net::if_::if_nametoindex(lo.interface.as_str()).unwrap();
+        let lo = addresses().into_iter().find(|a| a.address == IpAddr::V4(Ipv4Addr::LOCALHOST)).unwrap().index;
         // From a wildcard socket: the source is the one given, not whatever the route picks.
         send(server.as_raw_fd(), b"pong", to, lo, Ipv4Addr::LOCALHOST).unwrap();
         let mut back = [0u8; 8];

@@ -11,6 +11,7 @@ use ipnet::Ipv4Net;
 use kubenet_cluster::{DhcpRange, Lab, LeaseTime, Mac};
 
 use crate::lease::{Lease, LeaseTable};
+use crate::throttle::Throttle;
 use crate::wire::Request;
 
 pub const SERVER_PORT: u16 = 67;
@@ -20,6 +21,13 @@ const OFFER_HOLD_SECS: u64 = 60;
 /// How long a declined address stays out of the pool (RFC 2131 3.1.5 leaves it to the server;
 /// dnsmasq uses 10 minutes).
 const DECLINE_HOLD_SECS: u64 = 600;
+/// At most this many declined addresses in quarantine, and as many offers held. A lab has tens
+/// of machines and dnsmasq's default pool holds 150; a few thousand leaves room for a large pool,
+/// while a flood of DECLINEs or DISCOVERs from made-up MACs cannot grow the tables without end.
+/// A full table drops the quarter of its entries that end soonest (every hold lasts as long,
+/// so these are the oldest): one pass every thousand inserts, a constant cost per packet.
+const MAX_DECLINED: usize = 4096;
+const MAX_OFFERS: usize = 4096;
 
 /// What the engine serves, taken from the lab.
 #[derive(Clone, Debug)]
@@ -37,6 +45,18 @@ pub struct Config {
     pub statics: HashMap<Mac, (Ipv4Addr, String)>,
     /// Addresses the pool never hands out: the host's, the VMs', the extra host entries'.
     pub reserved: std::collections::HashSet<Ipv4Addr>,
+    /// Relay agents allowed to forward requests from outside the lab's interface, by the
+    /// source address of their datagrams (`network.dhcp_relays`).
+    pub relays: Vec<Ipv4Addr>,
+}
+
+/// Why a datagram is not the lab's to answer (see [`Config::admit`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Foreign {
+    #[error("a request on an interface with no address in the lab's subnet")]
+    Interface,
+    #[error("a relayed request from a host that network.dhcp_relays does not list")]
+    Relay,
 }
 
 impl Config {
@@ -51,6 +71,25 @@ impl Config {
             authoritative: true,
             statics: lab.vms.iter().map(|v| (v.mac, (v.ip, v.name.clone()))).collect(),
             reserved: lab.names().map(|(_, ip)| ip).collect(),
+            relays: n.dhcp_relays.clone(),
+        }
+    }
+
+    /// Whether a datagram from `src`, carrying `giaddr`, is the lab's to answer, before the
+    /// engine sees it. `on_lab_interface`: it arrived on an interface holding an address in the
+    /// lab's subnet. Anything from there is the lab's (a relay among the VMs included). From
+    /// elsewhere only a relayed request (RFC 2131 4.1: giaddr set) may come, and only from a
+    /// relay agent the lab lists, sending from its listed address: otherwise any host on any
+    /// network the host is on could take leases and names in the lab by setting giaddr.
+    pub fn admit(&self, giaddr: Ipv4Addr, src: Ipv4Addr, on_lab_interface: bool) -> Result<(), Foreign> {
+        if on_lab_interface {
+            Ok(())
+        } else if giaddr.is_unspecified() {
+            Err(Foreign::Interface)
+        } else if self.relays.contains(&src) {
+            Ok(())
+        } else {
+            Err(Foreign::Relay)
         }
     }
 }
@@ -115,8 +154,11 @@ pub struct Engine {
     /// here, so a growing pool costs a step per new client, not a walk over every lease. Each
     /// event that frees an address lowers it ([`Engine::freed`]).
     next_scan: u32,
-    /// Address -> end of its quarantine after a DECLINE.
+    /// Pool address -> end of its quarantine after a DECLINE; at most [`MAX_DECLINED`].
     declined: HashMap<Ipv4Addr, u64>,
+    /// Warnings a client can trigger at will, each written at most once per period.
+    warn_decline: Throttle,
+    warn_pool_empty: Throttle,
     pub stats: Stats,
 }
 
@@ -155,6 +197,24 @@ impl Offers {
         self.by_ip.retain(|_, mac| by_mac.contains_key(mac));
     }
 
+    fn len(&self) -> usize {
+        self.by_mac.len()
+    }
+
+    /// Room for a new client's offer: expired holds go, then, if the table is still full, the
+    /// quarter that ends soonest. Returns the lowest address withdrawn, if any.
+    fn make_room(&mut self, mac: Mac, now: u64) -> Option<Ipv4Addr> {
+        if self.len() < MAX_OFFERS || self.by_mac.contains_key(&mac) {
+            return None;
+        }
+        self.expire(now);
+        let mut lowest = None;
+        for mac in soonest_ending(&self.by_mac, MAX_OFFERS, |(_, until)| *until) {
+            lowest = self.remove(&mac).into_iter().chain(lowest).min();
+        }
+        lowest
+    }
+
     fn clear(&mut self) {
         self.by_mac.clear();
         self.by_ip.clear();
@@ -182,6 +242,8 @@ impl Engine {
             leases,
             offers: Offers::default(),
             declined: HashMap::new(),
+            warn_decline: Throttle::default(),
+            warn_pool_empty: Throttle::default(),
             next_scan: 0,
             stats: Stats::default(),
         }
@@ -201,8 +263,11 @@ impl Engine {
     }
 
     /// A new lab definition (SIGHUP): leases stay; a lease that now collides with a VM's
-    /// reserved address is kept until it expires, but not renewed.
-    pub fn set_config(&mut self, cfg: Config) {
+    /// reserved address is kept until it expires, but not renewed. The relays stay those the
+    /// server started with: who may reach it from outside the lab is root's choice at start
+    /// (`network.dhcp_relays` needs a restart).
+    pub fn set_config(&mut self, mut cfg: Config) {
+        cfg.relays = std::mem::take(&mut self.cfg.relays);
         self.cfg = cfg;
         self.offers.clear();
         self.next_scan = 0;
@@ -254,8 +319,13 @@ impl Engine {
     }
 
     fn discover(&mut self, req: &Request, rx: Received, now: u64) -> Outcome {
+        if let Some(freed) = self.offers.make_room(req.mac, now) {
+            self.freed(freed);
+        }
         let Some(ip) = self.choose_address(req, now) else {
-            tracing::warn!(mac = %req.mac, pool = %format_args!("{}-{}", self.cfg.pool.start, self.cfg.pool.end), "DHCPDISCOVER: no free address in the pool");
+            if let Some(suppressed) = self.warn_pool_empty.check(now) {
+                tracing::warn!(mac = %req.mac, pool = %format_args!("{}-{}", self.cfg.pool.start, self.cfg.pool.end), suppressed, "DHCPDISCOVER: no free address in the pool");
+            }
             return self.ignore(req, "pool exhausted");
         };
         self.offers.insert(req.mac, ip, now + OFFER_HOLD_SECS);
@@ -413,14 +483,31 @@ impl Engine {
         };
         let ip = *ip;
         self.stats.declines += 1;
-        if let Some((fixed, name)) = self.cfg.statics.get(&req.mac).filter(|(f, _)| *f == ip) {
-            tracing::warn!(mac = %req.mac, ip = %fixed, %name, "DHCPDECLINE: another host on the network uses VM {name}'s address");
-        } else {
-            tracing::warn!(mac = %req.mac, %ip, "DHCPDECLINE: address in use by another host; out of the pool for 10 minutes");
+        if let Some(suppressed) = self.warn_decline.check(now) {
+            if let Some((fixed, name)) = self.cfg.statics.get(&req.mac).filter(|(f, _)| *f == ip) {
+                tracing::warn!(mac = %req.mac, ip = %fixed, %name, suppressed, "DHCPDECLINE: another host on the network uses VM {name}'s address");
+            } else {
+                tracing::warn!(mac = %req.mac, %ip, suppressed, "DHCPDECLINE: address in use by another host; out of the pool for 10 minutes");
+            }
         }
-        self.declined.insert(ip, now + DECLINE_HOLD_SECS);
+        // Only the pool's addresses are handed out, so only they need a quarantine.
+        if self.cfg.pool.contains(ip) {
+            self.quarantine(ip, now);
+        }
         let changed = self.leases.get(ip).is_some_and(|l| l.mac == req.mac) && self.leases.remove(ip).is_some();
         Outcome { reply: None, leases_changed: changed }
+    }
+
+    /// Keeps `ip` out of the pool for [`DECLINE_HOLD_SECS`], within [`MAX_DECLINED`] entries.
+    fn quarantine(&mut self, ip: Ipv4Addr, now: u64) {
+        if self.declined.len() >= MAX_DECLINED && !self.declined.contains_key(&ip) {
+            self.declined.retain(|_, until| *until > now);
+            for ip in soonest_ending(&self.declined, MAX_DECLINED, |until| *until) {
+                self.declined.remove(&ip);
+                self.freed(ip);
+            }
+        }
+        self.declined.insert(ip, now + DECLINE_HOLD_SECS);
     }
 
     fn release(&mut self, req: &Request) -> Outcome {
@@ -513,6 +600,19 @@ impl Engine {
         };
         seal(req, msg, dest, rx.ifindex)
     }
+}
+
+/// The keys of the quarter of `table`'s entries that end soonest, when it holds `cap` or more;
+/// none otherwise.
+fn soonest_ending<K: Copy, V>(table: &HashMap<K, V>, cap: usize, until: impl Fn(&V) -> u64) -> Vec<K> {
+    if table.len() < cap {
+        return Vec::new();
+    }
+    let mut ends: Vec<(u64, K)> = table.iter().map(|(k, v)| (until(v), *k)).collect();
+    let n = (cap / 4).clamp(1, ends.len());
+    ends.select_nth_unstable_by_key(n - 1, |(until, _)| *until);
+    ends.truncate(n);
+    ends.into_iter().map(|(_, k)| k).collect()
 }
 
 /// The reply encoded within the client's size limit: option 57, never below 576 (RFC 2131 2).

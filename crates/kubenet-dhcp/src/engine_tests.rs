@@ -7,7 +7,7 @@ use dhcproto::Encodable;
 use dhcproto::v4::{DhcpOption, Flags, Message, MessageType, Opcode, OptionCode};
 use kubenet_cluster::Mac;
 
-use crate::engine::{Config, Destination, Engine, Outcome, Received};
+use crate::engine::{Config, Destination, Engine, Foreign, Outcome, Received};
 use crate::lease::LeaseTable;
 use crate::wire::{Request, decode_request};
 
@@ -503,4 +503,117 @@ fn the_lowest_free_address_is_offered_even_after_the_pool_filled_past_it() {
     // Expiry starts the search from the bottom again.
     assert!(e.expire(NOW + 43200 + 1));
     assert_eq!(dora(&mut e, Mac([0x02, 0xcc, 0, 0, 0, 1])), ip(2));
+}
+
+#[test]
+fn only_the_lab_interface_and_listed_relays_are_admitted() {
+    let mut cfg = engine().config().clone();
+    let relay = Ipv4Addr::new(10, 99, 0, 2);
+    let stranger = Ipv4Addr::new(10, 99, 0, 3);
+    let (none, giaddr) = (Ipv4Addr::UNSPECIFIED, ip(50));
+    // No relay listed: the lab's interface only, whatever giaddr says.
+    assert_eq!(cfg.admit(none, ip(99), true), Ok(()));
+    assert_eq!(cfg.admit(giaddr, ip(50), true), Ok(()));
+    assert_eq!(cfg.admit(none, stranger, false), Err(Foreign::Interface));
+    assert_eq!(cfg.admit(giaddr, relay, false), Err(Foreign::Relay));
+    cfg.relays = vec![relay];
+    assert_eq!(cfg.admit(giaddr, relay, false), Ok(()));
+    // A listed relay's giaddr from another source, or a direct request from the relay's host,
+    // is still not the lab's.
+    assert_eq!(cfg.admit(giaddr, stranger, false), Err(Foreign::Relay));
+    assert_eq!(cfg.admit(none, relay, false), Err(Foreign::Interface));
+}
+
+#[test]
+fn a_reload_keeps_the_relays_the_server_started_with() {
+    let mut e = engine();
+    let mut cfg = e.config().clone();
+    cfg.relays = vec![Ipv4Addr::new(10, 99, 0, 2)];
+    let mut started = Engine::new(cfg.clone(), LeaseTable::default());
+    let mut reloaded = cfg.clone();
+    reloaded.relays = vec![Ipv4Addr::new(203, 0, 113, 7)];
+    started.set_config(reloaded);
+    assert_eq!(started.config().relays, cfg.relays);
+    e.set_config(cfg);
+    assert!(e.config().relays.is_empty());
+}
+
+/// An engine whose pool is a whole /8 (16 million addresses), so only the caps bound its tables.
+fn engine_with_a_huge_pool() -> Engine {
+    let mut cfg = engine().config().clone();
+    cfg.subnet = "10.0.0.0/8".parse().unwrap();
+    cfg.server_id = Ipv4Addr::new(10, 0, 0, 1);
+    cfg.pool = kubenet_cluster::DhcpRange { start: Ipv4Addr::new(10, 0, 0, 2), end: Ipv4Addr::new(10, 255, 255, 254) };
+    Engine::new(cfg, LeaseTable::default())
+}
+
+/// Made-up MACs and pool addresses from a fixed seed (xorshift64).
+fn randoms(seed: u64) -> impl Iterator<Item = (Mac, Ipv4Addr)> {
+    std::iter::successors(Some(seed), |x| {
+        let mut x = *x;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        Some(x)
+    })
+    .skip(1)
+    .map(|x| {
+        let b = x.to_be_bytes();
+        (Mac([0x02, b[0], b[1], b[2], b[3], b[4]]), Ipv4Addr::new(10, b[5], b[6], b[7].max(2)))
+    })
+}
+
+#[test]
+fn a_flood_of_declines_from_random_macs_stays_bounded_and_the_engine_still_answers() {
+    let mut e = engine_with_a_huge_pool();
+    for (i, (mac, addr)) in randoms(7).take(100_000).enumerate() {
+        let d = msg(MessageType::Decline, mac, |m| {
+            m.opts_mut().insert(DhcpOption::RequestedIpAddress(addr));
+        });
+        let o = e.handle(&d, RX, NOW + i as u64 / 1000);
+        assert!(o.reply.is_none() && !o.leases_changed);
+        assert!(e.declined.len() <= super::MAX_DECLINED, "{} declined after {i}", e.declined.len());
+    }
+    assert_eq!(e.stats.declines, 100_000);
+    assert!(e.declined.len() > super::MAX_DECLINED / 2, "the quarantine still holds the latest declines");
+    // The latest decline is still honoured; a new client is still served.
+    let (_, last) = randoms(7).nth(99_999).unwrap();
+    assert!(e.declined.contains_key(&last));
+    let offer = e.handle(&msg(MessageType::Discover, STRAY, |_| {}), RX, NOW + 100).reply.expect("an offer");
+    assert!(!e.declined.contains_key(&offer.msg.yiaddr()));
+    // An address outside the pool is never quarantined: nothing hands it out.
+    let before = e.declined.len();
+    e.handle(
+        &msg(MessageType::Decline, STRAY2, |m| {
+            m.opts_mut().insert(DhcpOption::RequestedIpAddress(Ipv4Addr::new(192, 168, 1, 99)));
+        }),
+        RX,
+        NOW + 100,
+    );
+    assert_eq!(e.declined.len(), before);
+}
+
+#[test]
+fn a_flood_of_discovers_from_random_macs_keeps_the_offers_bounded() {
+    let mut e = engine_with_a_huge_pool();
+    for (i, (mac, _)) in randoms(11).take(100_000).enumerate() {
+        let o = e.handle(&msg(MessageType::Discover, mac, |_| {}), RX, NOW + i as u64 / 10_000);
+        assert_eq!(kind(&o), Some(MessageType::Offer), "discover {i}");
+        assert!(e.offers.len() <= super::MAX_OFFERS, "{} offers after {i}", e.offers.len());
+        assert_eq!(e.offers.by_ip.len(), e.offers.by_mac.len());
+    }
+    // The latest clients' offers are held and honoured; the server still answers a VM.
+    let (latest, _) = randoms(11).nth(99_999).unwrap();
+    let held = e.offers.get(&latest).map(|(ip, _)| *ip).expect("the latest offer is held");
+    let ack = e.handle(&requesting_from(latest, held, Ipv4Addr::new(10, 0, 0, 1)), RX, NOW + 10);
+    assert_eq!(kind(&ack), Some(MessageType::Ack));
+    let vm = e.handle(&msg(MessageType::Discover, WORKER0, |_| {}), RX, NOW + 10);
+    assert_eq!(vm.reply.unwrap().msg.yiaddr(), ip(14));
+}
+
+fn requesting_from(mac: Mac, want: Ipv4Addr, server: Ipv4Addr) -> Request {
+    msg(MessageType::Request, mac, |m| {
+        m.opts_mut().insert(DhcpOption::ServerIdentifier(server));
+        m.opts_mut().insert(DhcpOption::RequestedIpAddress(want));
+    })
 }

@@ -1,5 +1,5 @@
-//! The lease table and its file format. The table is pure; [`Journal`], [`save`] and [`load`]
-//! are the only file I/O.
+//! The lease table and its file format. The table and the parser ([`LeaseTable::from_bytes`])
+//! are pure; [`Journal`], [`save`] and [`load`] are the only file I/O.
 //!
 //! The file uses dnsmasq's lease-file lines, `EXPIRY MAC IP HOSTNAME CLIENT-ID` with `*` for an
 //! absent field and expiry 0 for an infinite lease, so tools that read dnsmasq.leases read ours.
@@ -12,11 +12,23 @@
 //! disk however large the table, and a crash loses at most a batch whose replies were never
 //! sent. Until the next snapshot, a reader of the file may see several lines for one address:
 //! the last one is the lease.
+//!
+//! The file lives in the lab owner's state directory, and root (`kubenet serve`) reads and
+//! writes it, so no path is trusted past its directory: [`load`] opens the file with O_NOFOLLOW
+//! and O_NONBLOCK, reads only a regular file, and at most [`MAX_FILE_BYTES`] of it, so a
+//! symbolic link to /etc/shadow, /dev/zero or a FIFO is refused at once. A snapshot is created
+//! with O_CREAT|O_EXCL|O_NOFOLLOW relative to the state directory, itself opened with
+//! O_DIRECTORY|O_NOFOLLOW, and renamed over the old name, which replaces whatever the owner put
+//! there (a link is replaced, never followed). Appends go through the descriptor of the
+//! snapshot the journal itself created, never through a path: the first write of a server is
+//! always a snapshot, so a file left there by anyone else is replaced, not written through.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
+use std::fs::File;
+use std::io::{Read, Write};
 use std::net::Ipv4Addr;
-use std::path::Path;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 
 use kubenet_cluster::Mac;
 
@@ -166,10 +178,16 @@ impl LeaseTable {
     /// `now` included, drops the address. Returns the table and the number of lines that did
     /// not parse (kept out, and logged by the caller).
     pub fn from_text(text: &str, now: u64) -> (Self, usize) {
+        Self::from_bytes(text.as_bytes(), now)
+    }
+
+    /// [`LeaseTable::from_text`] for the file's bytes as read: a line that is not UTF-8 is one
+    /// that does not parse.
+    pub fn from_bytes(bytes: &[u8], now: u64) -> (Self, usize) {
         let mut t = LeaseTable::default();
         let mut bad = 0;
-        for line in text.lines().filter(|l| !l.trim().is_empty()) {
-            match parse_line(line) {
+        for line in bytes.split(|b| *b == b'\n').filter(|l| !l.iter().all(u8::is_ascii_whitespace)) {
+            match std::str::from_utf8(line).ok().and_then(parse_line) {
                 Some(l) if l.active(now) => t.insert(l),
                 Some(l) => {
                     t.remove(l.ip);
@@ -223,16 +241,15 @@ fn parse_line(line: &str) -> Option<Lease> {
     })
 }
 
-/// Writes the table atomically: temporary file in the same directory, fsync, rename over the
-/// old file, fsync of the directory so the rename itself is durable.
 /// The lease file, written as a journal (see the module's header): a snapshot, then appended
 /// batches. Opened lazily, at the first write, so a file that cannot be written is found when
 /// a reply depends on it; any failed write makes the next one a whole new snapshot.
 #[derive(Debug)]
 pub struct Journal {
-    path: std::path::PathBuf,
-    /// Open for appending after the last snapshot; None until then, or after a failure.
-    file: Option<std::fs::File>,
+    path: PathBuf,
+    /// The snapshot this journal created, open for appending; None until then, or after a
+    /// failure.
+    file: Option<File>,
     /// Lines appended since the snapshot.
     appended: usize,
     /// The last write failed: the table in memory is ahead of the file until a write succeeds.
@@ -240,7 +257,7 @@ pub struct Journal {
 }
 
 impl Journal {
-    pub fn new(path: std::path::PathBuf) -> Self {
+    pub fn new(path: PathBuf) -> Self {
         Journal { path, file: None, appended: 0, behind: false }
     }
 
@@ -273,27 +290,137 @@ impl Journal {
         r
     }
 
-    /// Replaces the file with the table, atomically, and reopens it for appending.
+    /// Replaces the file with the table, atomically, and keeps the new file open for appending.
     pub fn snapshot(&mut self, table: &LeaseTable) -> std::io::Result<()> {
         self.file = None;
-        save(&self.path, table)?;
-        self.file = Some(std::fs::OpenOptions::new().append(true).open(&self.path)?);
+        self.file = Some(replace(&self.path, table)?);
         self.appended = 0;
         Ok(())
     }
 }
 
+/// Writes the table as the file at `path`, atomically; see [`replace`].
 pub fn save(path: &Path, table: &LeaseTable) -> std::io::Result<()> {
-    kubenet_cluster::state::write_atomic_with(path, 0o644, |out| table.write_to(out))
+    replace(path, table).map(drop)
 }
 
-/// Reads the lease file; a missing file is an empty table.
-pub fn load(path: &Path, now: u64) -> std::io::Result<(LeaseTable, usize)> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => Ok(LeaseTable::from_text(&text, now)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((LeaseTable::default(), 0)),
-        Err(e) => Err(e),
+/// Writes the table into a new temporary file beside `path` and renames it over `path`, with
+/// fsyncs of the file and the directory so the rename itself is durable. Nothing is opened by a
+/// path the directory's owner could redirect: the directory is opened with O_NOFOLLOW, the
+/// temporary file is created in it with O_EXCL|O_NOFOLLOW (a leftover one, or a link by its
+/// name, is unlinked first), and the rename replaces the name itself. Returns the new file,
+/// positioned at its end, for the journal's appends.
+fn replace(path: &Path, table: &LeaseTable) -> std::io::Result<File> {
+    use nix::fcntl::{OFlag, openat, renameat};
+    use nix::sys::stat::Mode;
+    use nix::unistd::{UnlinkatFlags, unlinkat};
+
+    let dir_path = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let Some(name) = path.file_name() else {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{} names no file", path.display())));
+    };
+    let dir = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(dir_path)
+        .map_err(|e| refused_link(e, dir_path))?;
+    let mut tmp = std::ffi::OsString::from(".");
+    tmp.push(name);
+    tmp.push(".tmp");
+    let tmp = Path::new(&tmp);
+    match unlinkat(&dir, tmp, UnlinkatFlags::NoRemoveDir) {
+        Ok(()) | Err(nix::errno::Errno::ENOENT) => {}
+        Err(e) => return Err(e.into()),
     }
+    let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let file = File::from(openat(&dir, tmp, flags, Mode::from_bits_truncate(0o644))?);
+    let mut out = std::io::BufWriter::new(file);
+    table.write_to(&mut out)?;
+    let file = out.into_inner().map_err(std::io::IntoInnerError::into_error)?;
+    file.sync_all()?;
+    renameat(&dir, tmp, &dir, name)?;
+    dir.sync_all()?;
+    Ok(file)
+}
+
+/// An open with O_NOFOLLOW that met a link (ELOOP; ENOTDIR with O_DIRECTORY on Linux), said as
+/// what it means.
+fn refused_link(e: std::io::Error, path: &Path) -> std::io::Error {
+    let link = || std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+    if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) && link() {
+        std::io::Error::other(format!("{} is a symbolic link: kubenet does not follow it", path.display()))
+    } else {
+        e
+    }
+}
+
+/// The most a lease file may hold: over 100,000 leases at their longest lines, far more than a
+/// pool hands out. A bigger file is not one kubenet wrote, and is refused, not read into memory.
+pub const MAX_FILE_BYTES: u64 = 16 << 20;
+
+/// Why the lease file cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{0} is a symbolic link: kubenet reads only a regular file there (remove the link)")]
+    Symlink(PathBuf),
+    #[error("{path} is a {kind}, not a regular file: kubenet reads only a regular file there (remove it)")]
+    NotRegular { path: PathBuf, kind: &'static str },
+    #[error("{path} holds more than {max} bytes: that is not a lease file kubenet wrote (remove it)")]
+    TooBig { path: PathBuf, max: u64 },
+    #[error("cannot read {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+/// Reads the lease file; a missing file is an empty table. Returns the table and the number of
+/// lines that did not parse.
+pub fn load(path: &Path, now: u64) -> Result<(LeaseTable, usize), LoadError> {
+    match read_capped(path, MAX_FILE_BYTES)? {
+        Some(bytes) => Ok(LeaseTable::from_bytes(&bytes, now)),
+        None => Ok((LeaseTable::default(), 0)),
+    }
+}
+
+/// The bytes of the regular file at `path`, at most `max` of them; None if there is no file.
+/// O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer.
+fn read_capped(path: &Path, max: u64) -> Result<Option<Vec<u8>>, LoadError> {
+    let io = |source| LoadError::Io { path: path.to_path_buf(), source };
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Err(LoadError::Symlink(path.to_path_buf())),
+        Err(e) => return Err(io(e)),
+    };
+    let meta = file.metadata().map_err(io)?;
+    let t = meta.file_type();
+    if !t.is_file() {
+        let kind = if t.is_dir() {
+            "directory"
+        } else if t.is_fifo() {
+            "FIFO"
+        } else if t.is_char_device() || t.is_block_device() {
+            "device"
+        } else if t.is_socket() {
+            "socket"
+        } else {
+            "special file"
+        };
+        return Err(LoadError::NotRegular { path: path.to_path_buf(), kind });
+    }
+    let too_big = || LoadError::TooBig { path: path.to_path_buf(), max };
+    if meta.len() > max {
+        return Err(too_big());
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    // The file may grow while it is read: one byte past the cap tells.
+    file.take(max + 1).read_to_end(&mut bytes).map_err(io)?;
+    if bytes.len() as u64 > max {
+        return Err(too_big());
+    }
+    Ok(Some(bytes))
 }
 
 #[cfg(test)]
@@ -452,5 +579,134 @@ mod tests {
         assert_eq!(bad, 0);
         let held: Vec<(Ipv4Addr, Option<&str>)> = t.iter().map(|l| (l.ip, l.hostname.as_deref())).collect();
         assert_eq!(held, [(ip(11), Some("c")), (ip(13), Some("b"))]);
+    }
+
+    /// A file outside the state directory, as an attacker would aim a link at: its bytes.
+    fn outside(dir: &Path) -> PathBuf {
+        let p = dir.join("shadow");
+        std::fs::write(&p, b"root:secret\n").unwrap();
+        p
+    }
+
+    fn mkfifo(p: &Path) {
+        nix::unistd::mkfifo(p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    }
+
+    /// Runs `f` on a thread and fails the test if it takes more than 5 s (a FIFO read hangs).
+    fn promptly<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(f()));
+        rx.recv_timeout(std::time::Duration::from_secs(5)).expect("hung")
+    }
+
+    #[test]
+    fn load_refuses_a_symlink_a_fifo_a_device_and_a_huge_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = outside(dir.path());
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        let path = state.join("leases");
+
+        std::os::unix::fs::symlink(&secret, &path).unwrap();
+        let e = load(&path, 0).unwrap_err();
+        assert!(matches!(e, LoadError::Symlink(_)), "{e}");
+        assert!(e.to_string().contains("state/leases is a symbolic link"), "{e}");
+
+        std::fs::remove_file(&path).unwrap();
+        mkfifo(&path);
+        let p = path.clone();
+        let e = promptly(move || load(&p, 0).unwrap_err());
+        assert!(e.to_string().contains("is a FIFO, not a regular file"), "{e}");
+
+        let e = promptly(|| load(Path::new("/dev/zero"), 0).unwrap_err());
+        assert!(e.to_string().contains("/dev/zero is a device"), "{e}");
+
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, "0 52:52:52:00:00:09 192.168.1.3 * *\n".repeat(10)).unwrap();
+        let e = read_capped(&path, 100).unwrap_err();
+        assert!(matches!(e, LoadError::TooBig { max: 100, .. }), "{e}");
+        assert!(e.to_string().contains("state/leases holds more than 100 bytes"), "{e}");
+        assert_eq!(load(&path, 0).unwrap().0.len(), 1);
+        assert_eq!(std::fs::read(&secret).unwrap(), b"root:secret\n");
+    }
+
+    #[test]
+    fn writes_replace_links_and_fifos_and_never_write_through_them() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let secret = outside(dir.path());
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        let path = state.join("leases");
+        let mut t = LeaseTable::default();
+        t.insert(lease(14, 4, Some(500)));
+
+        // The lease file and the temporary's name both links to the outside file.
+        symlink(&secret, &path).unwrap();
+        symlink(&secret, state.join(".leases.tmp")).unwrap();
+        let mut j = Journal::new(path.clone());
+        write(&mut j, &mut t);
+        assert!(std::fs::symlink_metadata(&path).unwrap().file_type().is_file());
+        assert!(!state.join(".leases.tmp").exists());
+        assert_eq!(load(&path, 100).unwrap().0, t);
+        assert_eq!(std::fs::read(&secret).unwrap(), b"root:secret\n");
+
+        // The owner swaps a link in after the snapshot: appends go to the journal's own file,
+        // and the next snapshot replaces the link.
+        std::fs::remove_file(&path).unwrap();
+        symlink(&secret, &path).unwrap();
+        t.insert(lease(15, 5, Some(500)));
+        write(&mut j, &mut t);
+        j.snapshot(&t).unwrap();
+        assert_eq!(std::fs::read(&secret).unwrap(), b"root:secret\n");
+        assert_eq!(load(&path, 100).unwrap().0, t);
+
+        // A FIFO in its place is replaced too, without waiting for a reader.
+        std::fs::remove_file(&path).unwrap();
+        mkfifo(&path);
+        let (p, table) = (path.clone(), t.clone());
+        promptly(move || Journal::new(p).snapshot(&table).unwrap());
+        assert_eq!(load(&path, 100).unwrap().0, t);
+    }
+
+    #[test]
+    fn a_state_directory_that_is_a_link_is_not_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, dir.path().join("state")).unwrap();
+        let mut t = LeaseTable::default();
+        t.insert(lease(14, 4, Some(500)));
+        let e = save(&dir.path().join("state/leases"), &t).unwrap_err();
+        assert!(e.to_string().contains("state is a symbolic link"), "{e}");
+        assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn lines_that_are_not_utf8_count_as_bad() {
+        let (t, bad) = LeaseTable::from_bytes(b"500 52:52:52:00:00:01 192.168.1.11 a *\n\xff\xfe\r\n\n  \n", 100);
+        assert_eq!((t.len(), bad), (1, 1));
+    }
+
+    /// The fuzz target's property (fuzz/fuzz_targets/lease_file.rs) over every cut and
+    /// one-byte change of a journal: what parses writes out and reads back whole.
+    #[test]
+    fn every_cut_and_mutation_of_a_journal_parses_and_round_trips() {
+        let seed: &[u8] = b"0 52:52:52:00:00:09 192.168.1.3 * *\n2000000000 52:52:52:00:00:04 192.168.1.14 worker0 01:52:52:52:00:00:04\n1 00:00:00:00:00:00 192.168.1.3 * *\n";
+        let check = |data: &[u8]| {
+            let (table, _) = LeaseTable::from_bytes(data, 1_000_000_000);
+            let (again, bad) = LeaseTable::from_text(&table.to_text(), 1_000_000_000);
+            assert_eq!((bad, again.len()), (0, table.len()), "{:?}", String::from_utf8_lossy(data));
+        };
+        for cut in 0..=seed.len() {
+            check(&seed[..cut]);
+        }
+        for at in 0..seed.len() {
+            for b in [b' ', b'\n', b'*', b':', b'0', b'f', 0xff] {
+                let mut m = seed.to_vec();
+                m[at] = b;
+                check(&m);
+            }
+        }
     }
 }

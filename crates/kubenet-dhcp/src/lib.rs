@@ -6,12 +6,14 @@
 //! - `engine`: RFC 2131 decisions: request in, reply and destination out (pure).
 //! - `lease`: the lease table and its dnsmasq-format file, written atomically.
 //! - `server`: the UDP socket, per-packet interface, the receive loop (I/O).
+//! - `throttle`: at most one warning of a kind per period, for what packets trigger (pure).
 
 pub mod engine;
 pub mod lease;
 pub mod server;
+pub mod throttle;
 pub mod wire;
 
-pub use engine::{Config, Destination, Engine, Outcome, Received, Reply, Stats};
+pub use engine::{Config, Destination, Engine, Foreign, Outcome, Received, Reply, Stats};
 pub use lease::{Lease, LeaseTable};
 pub use wire::{Malformed, Request, decode_request};

@@ -3,9 +3,10 @@
 //!
 //! One socket on 0.0.0.0:67 serves every interface: on macOS the VM bridge (bridge100) exists only
 //! while a VM runs, so the server must not need it at start. Each packet's interface comes from
-//! IP_PKTINFO, and a packet is served only if that interface has an address in the lab's subnet
-//! (or it was relayed from it), so a host on another LAN never hears from kubenet. Replies leave
-//! by the interface the request came in on.
+//! IP_PKTINFO, and a packet is served only if that interface has an address in the lab's subnet,
+//! or it was relayed by an agent the lab lists in `network.dhcp_relays` ([`crate::Config::admit`]),
+//! so a host on another LAN never hears from kubenet. Replies leave by the interface the request
+//! came in on.
 //!
 //! The per-packet interface works on Linux and macOS (IP_PKTINFO in both kernels, see
 //! `kubenet_udp`); an interface index the server has not seen (bridge100 appearing with the first
@@ -27,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::engine::{CLIENT_PORT, Destination, Engine, Received, Reply};
 use crate::lease::{Changes, Journal};
+use crate::throttle::Throttle;
 use crate::wire::{self, Malformed};
 use kubenet_udp::{Inbox, Outbox};
 
@@ -65,7 +67,8 @@ pub fn bind(addr: SocketAddrV4) -> Result<std::net::UdpSocket, BindError> {
 pub struct Counters {
     pub received: u64,
     pub malformed: HashMap<Malformed, u64>,
-    /// Well-formed, but from an interface with no address in the lab's subnet.
+    /// Well-formed, but not the lab's: from an interface with no address in the lab's subnet,
+    /// or relayed by a host the lab does not list ([`crate::Config::admit`]).
     pub foreign: u64,
     /// Replies not sent because the lease file could not be written.
     pub unpersisted: u64,
@@ -93,20 +96,24 @@ impl Interfaces {
         self.read_at = Some(Instant::now());
         for a in kubenet_udp::addresses() {
             let (std::net::IpAddr::V4(addr), Some(prefix)) = (a.address, a.prefix) else { continue };
-            let Ok(index) = nix::net::if_::if_nametoindex(a.interface.as_str()) else { continue };
-            if let Ok(net) = Ipv4Net::new(addr, prefix) {
+            if let (index @ 1.., Ok(net)) = (a.index, Ipv4Net::new(addr, prefix)) {
                 self.by_index.entry(index).or_default().push(net);
             }
         }
     }
 
-    /// The interface's own address inside `subnet`, if it has one.
-    fn lab_address(&mut self, ifindex: u32, subnet: &Ipv4Net) -> Option<Ipv4Addr> {
-        let stale = self.read_at.is_none_or(|t| t.elapsed() > IFACE_TTL);
-        if stale || !self.by_index.contains_key(&ifindex) {
+    /// Whether interface `ifindex` holds the lab's host address: the lab's own interface (the
+    /// bridge, vmnet's bridge100), not merely one with an address in the lab's subnet (a Wi-Fi
+    /// that happens to use the same network is not the lab). The list is read again when it is
+    /// older than [`IFACE_TTL`], or for an index it does not know, at most once a second.
+    fn is_lab(&mut self, ifindex: u32, host: Ipv4Addr) -> bool {
+        let age = self.read_at.map(|t| t.elapsed());
+        let stale = age.is_none_or(|a| a > IFACE_TTL);
+        let unknown = !self.by_index.contains_key(&ifindex) && age.is_none_or(|a| a > Duration::from_secs(1));
+        if stale || unknown {
             self.refresh();
         }
-        self.by_index.get(&ifindex)?.iter().map(|n| n.addr()).find(|a| subnet.contains(a))
+        self.by_index.get(&ifindex).is_some_and(|nets| nets.iter().any(|n| n.addr() == host))
     }
 }
 
@@ -203,6 +210,8 @@ impl Server {
         // One byte more than a request may have, so a longer one is seen as cut and dropped.
         let mut inbox = Inbox::new(wire::MAX_LEN + 1);
         let mut outboxes = Outboxes::default();
+        // A socket error repeats with every datagram: one line per period.
+        let mut warn_recv = Throttle::default();
         let fd = socket.as_raw_fd();
         loop {
             tokio::select! {
@@ -210,7 +219,11 @@ impl Server {
                 r = socket.async_io(Interest::READABLE, || inbox.recv(fd)) => match r {
                     Ok(n) => self.serve_batch(socket, &inbox, n, &mut outboxes).await,
                     // Not fatal: the next datagram may be fine.
-                    Err(e) => tracing::warn!("DHCP receive: {e}"),
+                    Err(e) => {
+                        if let Some(suppressed) = warn_recv.check(unix_now()) {
+                            tracing::warn!(suppressed, "DHCP receive: {e}");
+                        }
+                    }
                 },
                 Some(reply) = next(&mut self.lease_queries) => {
                     let now = unix_now();
@@ -254,13 +267,14 @@ impl Server {
                 }
             };
             let std::net::SocketAddr::V4(src) = d.src else { continue };
-            let subnet = self.engine.config().subnet;
-            if req.msg.giaddr().is_unspecified()
-                && cfg!(any(target_os = "linux", target_vendor = "apple"))
-                && self.ifaces.lab_address(d.ifindex, &subnet).is_none()
-            {
+            let cfg = self.engine.config();
+            let subnet = cfg.subnet;
+            // Elsewhere the packet's interface is unknown: the routing table decides.
+            let on_lab = !cfg!(any(target_os = "linux", target_vendor = "apple"))
+                || self.ifaces.is_lab(d.ifindex, cfg.server_id);
+            if let Err(why) = cfg.admit(req.msg.giaddr(), *src.ip(), on_lab) {
                 self.counters.foreign += 1;
-                tracing::debug!(ifindex = d.ifindex, mac = %req.mac, "DHCP request on an interface outside {subnet}: not ours");
+                tracing::debug!(ifindex = d.ifindex, %src, mac = %req.mac, giaddr = %req.msg.giaddr(), "DHCP request outside {subnet}: not ours: {why}");
                 continue;
             }
             let outcome = self.engine.handle(&req, Received { ifindex: d.ifindex, src }, now);
@@ -275,7 +289,7 @@ impl Server {
                 post(socket, reply, &mut out.now);
             }
         }
-        send_all(socket, &mut out.now).await;
+        send_all(socket, &mut out.now, &mut out.warn_send).await;
         if changed && let Err(e) = self.persist() {
             // An ACK whose lease is not on disk would be forgotten by a crash: send none.
             // Clients retry, and are answered once the file can be written again.
@@ -288,7 +302,7 @@ impl Server {
             out.durable.clear();
             return;
         }
-        send_all(socket, &mut out.durable).await;
+        send_all(socket, &mut out.durable, &mut out.warn_send).await;
     }
 
     /// Writes the lease table's changes, blocking this thread until they are on disk (see
@@ -321,6 +335,8 @@ fn is_ack(out: &crate::engine::Outcome) -> bool {
 struct Outboxes {
     now: Outbox,
     durable: Outbox,
+    /// A send refused for one reply is often refused for all (no route, a full buffer).
+    warn_send: Throttle,
 }
 
 /// Queues one reply for the destination the engine chose (RFC 2131 4.1).
@@ -343,11 +359,13 @@ fn post(socket: &UdpSocket, r: &Reply, outbox: &mut Outbox) {
 }
 
 /// Sends what `outbox` holds; a reply the socket refuses is logged and dropped.
-async fn send_all(socket: &UdpSocket, outbox: &mut Outbox) {
+async fn send_all(socket: &UdpSocket, outbox: &mut Outbox, warn: &mut Throttle) {
     let fd = socket.as_raw_fd();
     while !outbox.is_empty() {
         if let Err(e) = socket.async_io(Interest::WRITABLE, || outbox.send(fd)).await {
-            tracing::warn!(to = ?outbox.next_to(), "DHCP send: {e}");
+            if let Some(suppressed) = warn.check(unix_now()) {
+                tracing::warn!(to = ?outbox.next_to(), suppressed, "DHCP send: {e}");
+            }
             outbox.skip();
         }
     }

@@ -3,7 +3,6 @@
 //! the client's protocol; an upstream that does not answer in time is skipped, and when none
 //! answers the client gets SERVFAIL instead of waiting.
 
-use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -12,14 +11,22 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Message, ResponseCode};
-use hickory_proto::rr::{DNSClass, Name, RData, RecordType};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
 /// How long one upstream gets before the next is tried.
 pub const UPSTREAM_TIMEOUT: Duration = Duration::from_millis(1500);
-/// The cache never holds more entries than this; when full, expired entries go first, then all.
-const CACHE_MAX: usize = 10_000;
+/// The most the answer cache may hold, in bytes as [`Entry::weight`] counts them. A typical
+/// forwarded answer weighs under 1 KiB, so this keeps several thousand (what a lab's clients
+/// ask for in an hour is far less), while a client asking for one huge answer after another
+/// (64 KiB each over TCP) can no longer make the root agent hold hundreds of megabytes, as the
+/// former limit of 10,000 entries of any size allowed. Over budget, the cache evicts what was
+/// least used (quick_cache's CLOCK-Pro-like policy: one-off answers go before ones asked again).
+pub const CACHE_BYTES: u64 = 8 << 20;
+/// The bytes an entry costs beyond its wire size: the key, the entry, and the cache's own
+/// bookkeeping for it (hash, slot, links), rounded up.
+const ENTRY_OVERHEAD: usize = std::mem::size_of::<Key>() + std::mem::size_of::<Entry>() + 64;
 /// No answer is cached longer than an hour, whatever its TTL.
 const TTL_CAP: u32 = 3600;
 
@@ -30,10 +37,39 @@ struct Key {
     qclass: DNSClass,
 }
 
+#[derive(Clone)]
 struct Entry {
     response: Message,
     stored: Instant,
     ttl: u32,
+    /// What the entry costs, in bytes: its wire size, plus each record's in-memory form (a
+    /// parsed record keeps its names inline, so it is larger than on the wire), plus
+    /// [`ENTRY_OVERHEAD`]. Counted once when stored, as the cache wants it cheap.
+    weight: u32,
+}
+
+/// Weighs entries by [`Entry::weight`] for the byte-bounded cache.
+#[derive(Clone)]
+struct Bytes;
+
+impl quick_cache::Weighter<Key, Entry> for Bytes {
+    fn weight(&self, _: &Key, e: &Entry) -> u64 {
+        u64::from(e.weight)
+    }
+}
+
+type Cache = quick_cache::sync::Cache<Key, Entry, Bytes>;
+
+/// A cache of at most `bytes`. Few shards: its users are the DNS thread and the agent's main
+/// runtime, and a shard must hold the largest answer (64 KiB) many times over.
+fn cache(bytes: u64) -> Cache {
+    let options = quick_cache::OptionsBuilder::new()
+        .shards(4)
+        .estimated_items_capacity(usize::try_from(bytes / 1024).unwrap_or(usize::MAX).max(16))
+        .weight_capacity(bytes)
+        .build()
+        .expect("every option is set");
+    Cache::with_options(options, Bytes, Default::default(), Default::default())
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -46,7 +82,7 @@ pub struct ForwardStats {
 pub struct Forwarder {
     upstreams: Vec<SocketAddr>,
     timeout: Duration,
-    cache: Mutex<HashMap<Key, Entry>>,
+    cache: Cache,
     ids: AtomicU64,
     seed: std::hash::RandomState,
     stats: Mutex<ForwardStats>,
@@ -54,10 +90,15 @@ pub struct Forwarder {
 
 impl Forwarder {
     pub fn new(upstreams: Vec<SocketAddr>, timeout: Duration) -> Self {
+        Self::with_cache_bytes(upstreams, timeout, CACHE_BYTES)
+    }
+
+    /// A forwarder whose cache holds at most `cache_bytes` (tests use a small one).
+    pub fn with_cache_bytes(upstreams: Vec<SocketAddr>, timeout: Duration, cache_bytes: u64) -> Self {
         Forwarder {
             upstreams,
             timeout,
-            cache: Mutex::new(HashMap::new()),
+            cache: cache(cache_bytes),
             ids: AtomicU64::new(0),
             seed: std::hash::RandomState::new(),
             stats: Mutex::new(ForwardStats::default()),
@@ -93,10 +134,10 @@ impl Forwarder {
         }
         for up in &self.upstreams {
             match tokio::time::timeout(self.timeout, self.ask(*up, query, tcp)).await {
-                Ok(Ok(resp)) => {
+                Ok(Ok((resp, wire))) => {
                     self.stats.lock().expect("stats lock").forwarded += 1;
                     if let Some(k) = key {
-                        self.store(k, &resp);
+                        self.store(k, &resp, wire);
                     }
                     return finish(query, resp);
                 }
@@ -108,7 +149,8 @@ impl Forwarder {
         crate::message::response(query, ResponseCode::ServFail, false)
     }
 
-    async fn ask(&self, up: SocketAddr, query: &Message, tcp: bool) -> io::Result<Message> {
+    /// The upstream's answer, and its size on the wire.
+    async fn ask(&self, up: SocketAddr, query: &Message, tcp: bool) -> io::Result<(Message, usize)> {
         let mut q = query.clone();
         let id = self.next_id();
         q.metadata.id = id;
@@ -125,33 +167,32 @@ impl Forwarder {
         if resp.metadata.id != id || resp.queries != q.queries {
             return Err(io::Error::other("upstream answered another question"));
         }
-        Ok(resp)
+        Ok((resp, raw.len()))
     }
 
     fn cached(&self, key: &Key) -> Option<Message> {
-        let cache = self.cache.lock().expect("cache lock");
-        let e = cache.get(key)?;
+        let e = self.cache.get(key)?;
         let age = e.stored.elapsed().as_secs() as u32;
         if age >= e.ttl {
+            // Its bytes go back to the budget now rather than when evicted.
+            self.cache.remove(key);
             return None;
         }
-        let mut m = e.response.clone();
+        let mut m = e.response;
         for r in m.answers.iter_mut().chain(m.authorities.iter_mut()).chain(m.additionals.iter_mut()) {
             r.ttl = r.ttl.saturating_sub(age);
         }
         Some(m)
     }
 
-    fn store(&self, key: Key, resp: &Message) {
+    /// Caches `resp`, `wire` bytes long on the wire, under `key`, if it may be cached at all.
+    fn store(&self, key: Key, resp: &Message, wire: usize) {
         let Some(ttl) = cache_ttl(resp) else { return };
-        let mut cache = self.cache.lock().expect("cache lock");
-        if cache.len() >= CACHE_MAX {
-            cache.retain(|_, e| e.stored.elapsed().as_secs() < u64::from(e.ttl));
-            if cache.len() >= CACHE_MAX {
-                cache.clear();
-            }
-        }
-        cache.insert(key, Entry { response: resp.clone(), stored: Instant::now(), ttl });
+        let records = resp.answers.len() + resp.authorities.len() + resp.additionals.len();
+        let weight = wire + records * std::mem::size_of::<Record>() + ENTRY_OVERHEAD;
+        // An answer is at most 64 KiB on the wire, so this never saturates in practice.
+        let weight = u32::try_from(weight).unwrap_or(u32::MAX);
+        self.cache.insert(key, Entry { response: resp.clone(), stored: Instant::now(), ttl, weight });
     }
 }
 
@@ -188,7 +229,10 @@ async fn ask_udp(up: SocketAddr, bytes: &[u8], id: u16) -> io::Result<Vec<u8>> {
     let s = UdpSocket::bind(local).await?;
     s.connect(up).await?;
     s.send(bytes).await?;
-    let mut buf = vec![0u8; 65535];
+    // We offer upstreams EDNS_PAYLOAD bytes (or 512 without EDNS); an answer larger than
+    // that breaks the protocol, arrives cut and fails to parse. A few KiB a query waiting, not
+    // 64 KiB, keeps a burst of forwarded queries cheap.
+    let mut buf = vec![0u8; 4096];
     loop {
         let n = s.recv(&mut buf).await?;
         // Ignore stray datagrams; the caller's timeout bounds the wait.
@@ -246,6 +290,74 @@ pub fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn key(name: &str) -> Key {
+        Key { name: name.parse().unwrap(), qtype: RecordType::A, qclass: DNSClass::IN }
+    }
+
+    /// An answer to `name` with `n` A records, and its wire size.
+    fn answer(name: &str, n: u16) -> (Message, usize) {
+        let mut m = Message::query();
+        m.metadata.message_type = hickory_proto::op::MessageType::Response;
+        m.add_query(hickory_proto::op::Query::query(name.parse().unwrap(), RecordType::A));
+        for i in 0..n {
+            let [a, b] = i.to_be_bytes();
+            let rdata = RData::A(hickory_proto::rr::rdata::A::new(10, 0, a, b));
+            m.add_answer(Record::from_rdata(name.parse().unwrap(), 300, rdata));
+        }
+        let wire = m.to_vec().unwrap().len();
+        (m, wire)
+    }
+
+    #[test]
+    fn the_cache_stays_within_its_bytes_and_keeps_what_is_asked_again() {
+        const BUDGET: u64 = 1 << 20;
+        let f = Forwarder::with_cache_bytes(vec![], UPSTREAM_TIMEOUT, BUDGET);
+        let (small, wire) = answer("lab-asks-this.example.", 1);
+        f.store(key("lab-asks-this.example."), &small, wire);
+        // Large answers (200 records, 3 KiB on the wire and some 40 KiB in memory each), 20 times
+        // the budget in all, with the small one asked for between them, as a lab's clients keep
+        // asking for their own few names.
+        let (big, big_wire) = answer("big.example.", 200);
+        assert!(big_wire > 3000, "{big_wire}");
+        let mut inserted = 0u64;
+        for i in 0..10_000 {
+            let name = format!("big{i}.example.");
+            f.store(key(&name), &big, big_wire);
+            inserted += f.cache.peek(&key(&name)).map_or(0, |e| u64::from(e.weight));
+            assert!(f.cache.weight() <= BUDGET, "{} bytes cached, over {BUDGET}", f.cache.weight());
+            let hit = f.cached(&key("lab-asks-this.example.")).expect("the small answer is still cached");
+            assert_eq!(hit.answers, small.answers);
+            if inserted > 20 * BUDGET {
+                break;
+            }
+        }
+        assert!(inserted > 20 * BUDGET, "large answers are cached too");
+        // The weight is no guess of zero: a large entry counts at least its wire bytes.
+        assert!(f.cache.weight() >= big_wire as u64);
+    }
+
+    #[test]
+    fn the_largest_answer_fits_in_a_shard_of_the_cache() {
+        // 64 KiB of A records on the wire, weighed as `store` does: a shard must take it, or
+        // quick_cache would refuse it as overweight.
+        let f = Forwarder::new(vec![], UPSTREAM_TIMEOUT);
+        let records = 65535 / 16;
+        let weight = 65535 + records * std::mem::size_of::<Record>() + ENTRY_OVERHEAD;
+        assert!((weight as u64) <= f.cache.shard_capacity(), "{weight} against {}", f.cache.shard_capacity());
+    }
+
+    #[test]
+    fn an_expired_answer_is_not_served_and_leaves_the_cache() {
+        let f = Forwarder::new(vec![], UPSTREAM_TIMEOUT);
+        let (m, wire) = answer("old.example.", 1);
+        f.store(key("old.example."), &m, wire);
+        let mut e = f.cache.get(&key("old.example.")).unwrap();
+        e.stored -= Duration::from_secs(301);
+        f.cache.insert(key("old.example."), e);
+        assert!(f.cached(&key("old.example.")).is_none());
+        assert_eq!((f.cache.len(), f.cache.weight()), (0, 0));
+    }
 
     #[test]
     fn upstreams_that_are_this_server_are_dropped() {

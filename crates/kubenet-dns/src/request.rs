@@ -17,8 +17,10 @@ pub enum Handled {
     Local(Message, usize),
     /// The client is not on the access list.
     Refused(Message, usize),
-    /// The bytes did not parse, but their header did: FORMERR.
-    FormErr(Message),
+    /// The bytes did not parse, but their header did: FORMERR, or NOTIMP when the header names
+    /// an opcode this server does not implement (the body of such a message is not ours to
+    /// judge: RFC 1035 4.1.1, RFC 6895 2.2).
+    HeaderOnly(Message),
     /// Not the lab's: for the upstream resolvers.
     Forward(Message, usize),
     /// Not a query at all (a response, or less than a header): no reply.
@@ -29,14 +31,18 @@ pub enum Handled {
 pub fn handle(zone: &Zone, allow: &[IpNet], src: IpAddr, bytes: &[u8]) -> Handled {
     let msg = match Message::from_vec(bytes) {
         Ok(m) => m,
-        // A readable header earns a FORMERR; anything shorter is dropped.
+        // A readable header earns a FORMERR (NOTIMP for an opcode other than QUERY); anything
+        // shorter is dropped.
         Err(_) => {
             return match bytes.get(..12) {
                 Some(h) if h[2] & 0x80 == 0 => {
-                    let mut m = Message::new(u16::from_be_bytes([h[0], h[1]]), MessageType::Response, OpCode::Query);
-                    m.metadata.response_code = ResponseCode::FormErr;
-                    m.metadata.recursion_available = true;
-                    Handled::FormErr(m)
+                    let op_code = OpCode::from_u8((h[2] >> 3) & 0x0f);
+                    let query = op_code == OpCode::Query;
+                    let mut m = Message::new(u16::from_be_bytes([h[0], h[1]]), MessageType::Response, op_code);
+                    m.metadata.response_code = if query { ResponseCode::FormErr } else { ResponseCode::NotImp };
+                    // RA means something only for QUERY, as in `message::response`.
+                    m.metadata.recursion_available = query;
+                    Handled::HeaderOnly(m)
                 }
                 _ => Handled::Drop,
             };
@@ -87,9 +93,22 @@ mod tests {
         assert!(matches!(handle(&zone, &lab_net, mapped, &query("worker0.kubevms.")), Handled::Local(..)));
         // A header and garbage: FORMERR with the id; less than a header, or a response: nothing.
         match handle(&zone, &lab_net, inside, &[0x12, 0x34, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0xff]) {
-            Handled::FormErr(m) => {
+            Handled::HeaderOnly(m) => {
                 assert_eq!((m.metadata.id, m.metadata.response_code), (0x1234, ResponseCode::FormErr))
             }
+            other => panic!("{other:?}"),
+        }
+        // The same garbage under an unknown opcode is NOTIMP, with that opcode and no RA.
+        match handle(&zone, &lab_net, inside, &[0x12, 0x34, 15 << 3, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0xff]) {
+            Handled::HeaderOnly(m) => {
+                assert_eq!((m.metadata.response_code, m.metadata.op_code), (ResponseCode::NotImp, OpCode::Unknown(15)));
+                assert!(!m.metadata.recursion_available);
+            }
+            other => panic!("{other:?}"),
+        }
+        // A bare header (no question) under an unknown opcode parses, and is NOTIMP too.
+        match handle(&zone, &lab_net, inside, &[0x12, 0x34, 15 << 3, 0, 0, 0, 0, 0, 0, 0, 0, 0]) {
+            Handled::Local(m, _) => assert_eq!(m.metadata.response_code, ResponseCode::NotImp),
             other => panic!("{other:?}"),
         }
         assert!(matches!(handle(&zone, &lab_net, inside, &[1, 2, 3]), Handled::Drop));

@@ -157,12 +157,15 @@ impl Zone {
         if msg.edns.as_ref().is_some_and(|e| e.version() > 0) {
             return Decision::Answer(response(msg, ResponseCode::BADVERS, false));
         }
-        let Some(q) = msg.queries.first().filter(|_| msg.queries.len() == 1) else {
-            return Decision::Answer(response(msg, ResponseCode::FormErr, false));
-        };
+        // An opcode this server does not implement is NOTIMP whatever the rest of the message
+        // holds (RFC 1035 4.1.1, RFC 6895 2.2): its question count means nothing to us, so it
+        // is checked before the count.
         if msg.metadata.op_code != OpCode::Query {
             return Decision::Answer(response(msg, ResponseCode::NotImp, false));
         }
+        let Some(q) = msg.queries.first().filter(|_| msg.queries.len() == 1) else {
+            return Decision::Answer(response(msg, ResponseCode::FormErr, false));
+        };
         let name = q.name().to_lowercase();
         let qtype = q.query_type();
         let in_class = matches!(q.query_class(), DNSClass::IN | DNSClass::ANY);
@@ -482,6 +485,24 @@ mod tests {
         let Decision::Answer(m) = zone().decide(&q) else { panic!("forwarded") };
         assert_eq!(m.metadata.response_code, ResponseCode::NotImp);
         assert!(!m.metadata.authoritative && !m.metadata.recursion_available);
+    }
+
+    #[test]
+    fn an_unknown_opcode_is_notimp_whatever_the_question_count() {
+        // No question (what an EDNS compliance checker sends), and two.
+        let mut none = Message::query();
+        none.metadata.op_code = OpCode::Unknown(15);
+        let mut two = query("worker0.kubevms.", RecordType::A);
+        two.add_query(Query::query(Name::from_str("worker1.kubevms.").unwrap(), RecordType::A));
+        two.metadata.op_code = OpCode::Unknown(15);
+        for q in [none, two] {
+            let Decision::Answer(m) = zone().decide(&q) else { panic!("forwarded") };
+            assert_eq!(m.metadata.response_code, ResponseCode::NotImp, "{} questions", q.queries.len());
+            assert_eq!(m.metadata.op_code, OpCode::Unknown(15));
+        }
+        // A plain QUERY with no question stays FORMERR.
+        let Decision::Answer(m) = zone().decide(&Message::query()) else { panic!("forwarded") };
+        assert_eq!(m.metadata.response_code, ResponseCode::FormErr);
     }
 
     #[test]

@@ -1,10 +1,15 @@
 //! Where things live. One folder per VM under the state directory, named after the VM, holding
 //! everything that VM owns, so `rm -r STATE/worker0` forgets it completely; lab-wide SSH files
 //! beside them. Pure: paths only.
+//!
+//! One exception to "everything in the VM's folder": on macOS QEMU starts as root (vmnet needs
+//! it) and writes its pidfile by path before it drops root, so the pidfile lives in a runtime
+//! directory only root can write, one per lab ([`run_dir`]), where no link of the owner's can
+//! send that write elsewhere. On Linux QEMU runs as the owner and the pidfile stays in the folder.
 
 use std::path::{Path, PathBuf};
 
-use kubenet_cluster::{Arch, Lab, Vm};
+use kubenet_cluster::{Arch, Lab, Os, Vm};
 
 /// The base image of `vm` on a host of architecture `host`, absolute: the group's `image`
 /// (`{arch}` replaced by the guest's architecture) from the state directory.
@@ -12,15 +17,45 @@ pub fn base_image(lab: &Lab, vm: &Vm, host: Arch) -> PathBuf {
     lab.state_dir.join(vm.image_for(host))
 }
 
+/// Where root keeps the runtime files of all labs on macOS (`/var/run` is root's, 0755).
+pub const MACOS_RUN_ROOT: &str = "/var/run/kubenet";
+
+/// The root-owned runtime directory of the lab in `state_dir` on `os`, if that OS needs one:
+/// macOS, `/var/run/kubenet/<lab id>`, the id a short hash of the state directory so that two
+/// labs of one host (or of two users) never share one. Linux needs none.
+pub fn run_dir(state_dir: &Path, os: Os) -> Option<PathBuf> {
+    match os {
+        Os::Linux => None,
+        Os::MacOs => Some(Path::new(MACOS_RUN_ROOT).join(lab_id(state_dir))),
+    }
+}
+
+/// 16 hex digits of the SHA-256 of the state directory's path: stable across restarts of the
+/// agent and the same for the CLI, which finds the pidfile by it too.
+pub fn lab_id(state_dir: &Path) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(state_dir.as_os_str().as_encoded_bytes());
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// One VM's files.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmFiles {
     pub dir: PathBuf,
+    /// The VM's name, which names its pidfile in `run_dir`.
+    pub name: String,
+    /// The lab's root-owned runtime directory ([`run_dir`]), where the pidfile goes when set.
+    pub run_dir: Option<PathBuf>,
 }
 
 impl VmFiles {
+    /// The files of `vm` on this host.
     pub fn new(lab: &Lab, vm: &Vm) -> Self {
-        VmFiles { dir: lab.vm_dir(vm) }
+        VmFiles::for_os(lab, vm, Os::HOST.unwrap_or(Os::Linux))
+    }
+    /// The files of `vm` on a host running `os`.
+    pub fn for_os(lab: &Lab, vm: &Vm, os: Os) -> Self {
+        VmFiles { dir: lab.vm_dir(vm), name: vm.name.clone(), run_dir: run_dir(&lab.state_dir, os) }
     }
     /// The qcow2 overlay backed by the base image.
     pub fn disk(&self) -> PathBuf {
@@ -50,9 +85,13 @@ impl VmFiles {
     pub fn qmp_socket(&self) -> PathBuf {
         self.dir.join("qmp.sock")
     }
-    /// QEMU's pid, written by QEMU itself (`-pidfile`).
+    /// QEMU's pid, written by QEMU itself (`-pidfile`): in the VM's folder, or on macOS, where
+    /// QEMU writes it as root, in the lab's runtime directory as `<vm>.pid`.
     pub fn pidfile(&self) -> PathBuf {
-        self.dir.join("qemu.pid")
+        match &self.run_dir {
+            Some(run) => run.join(format!("{}.pid", self.name)),
+            None => self.dir.join("qemu.pid"),
+        }
     }
     /// QEMU's own messages (stderr) from the last start.
     pub fn qemu_log(&self) -> PathBuf {
@@ -150,6 +189,25 @@ mod tests {
             ]
         );
         assert!(made.iter().all(|p| !p.starts_with(lab.state_dir.join("images"))));
+    }
+
+    #[test]
+    fn the_pidfile_is_in_the_vm_folder_on_linux_and_in_roots_runtime_directory_on_macos() {
+        let lab = kubenet_cluster::load(&kubenet_cluster::Choice::Embedded, Path::new("/lab")).unwrap();
+        let vm = lab.vm_by_name("worker0").unwrap();
+        let linux = VmFiles::for_os(&lab, vm, Os::Linux);
+        assert_eq!(linux.pidfile(), Path::new("/lab/worker0/qemu.pid"));
+        let mac = VmFiles::for_os(&lab, vm, Os::MacOs);
+        let id = lab_id(Path::new("/lab"));
+        assert_eq!(id.len(), 16);
+        assert!(id.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+        assert_eq!(mac.pidfile(), PathBuf::from(format!("/var/run/kubenet/{id}/worker0.pid")));
+        // Everything else stays in the owner's folder on both.
+        assert_eq!(mac.disk(), linux.disk());
+        assert_eq!(mac.qmp_socket(), Path::new("/lab/worker0/qmp.sock"));
+        // Another lab gets another directory; the same lab always the same one.
+        assert_ne!(lab_id(Path::new("/lab2")), id);
+        assert_eq!(lab_id(Path::new("/lab")), id);
     }
 
     #[test]

@@ -12,6 +12,11 @@
 //!   the user's login key, and the live host-key check after boot.
 //! - [`qmp`]: a minimal QMP client (graceful power-down, status).
 //! - [`live`]: live snapshots over QMP: every VM paused, saved (or loaded), resumed.
+//! - [`owner`]: the lab's owner, whose rights the root agent uses for the owner's files and QEMU.
+//! - [`trust`]: whether a file root runs can be replaced by anyone but root.
+//! - [`handover`]: the guest's files opened as the owner and its sockets bound as the owner,
+//!   handed to a QEMU that starts as root (macOS) as descriptors; the lab's root-owned runtime directory.
+//! - `tap` (Linux): the VM's tap, opened by the agent and handed to QEMU as a descriptor.
 //! - [`process`]: starting a VM from its argv, finding it again by pidfile, stopping it.
 //! - [`snapshot`]: lab snapshots, one name across the VMs' disks, all or nothing, with a manifest.
 //!
@@ -19,14 +24,19 @@
 
 pub mod disk;
 pub mod files;
+pub mod handover;
 pub mod image;
 pub mod keys;
 pub mod live;
+pub mod owner;
 pub mod prepare;
 pub mod process;
 pub mod qemu;
 pub mod qmp;
 pub mod seed;
 pub mod snapshot;
+#[cfg(target_os = "linux")]
+pub mod tap;
+pub mod trust;
 
 pub use files::{LabFiles, VmFiles};

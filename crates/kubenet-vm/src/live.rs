@@ -11,6 +11,11 @@ use serde_json::{Value, json};
 
 use crate::qmp::Qmp;
 
+/// How long QEMU may take to answer during a snapshot: a save or load runs in QEMU's main
+/// loop, so its monitor can be silent while gigabytes of guest memory are written or read.
+/// Still a bound: a QMP peer that never answers cannot hold the agent's request for ever.
+const JOB_ANSWER_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+
 /// What to do with a tag in running VMs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -49,6 +54,29 @@ pub fn disk_node(query_block: &Value) -> Option<String> {
     })
 }
 
+/// Why a live snapshot operation failed on one VM, named.
+#[derive(Debug, thiserror::Error)]
+pub enum LiveError {
+    #[error("{name}: QMP at {}: {source}", socket.display())]
+    Connect { name: String, socket: PathBuf, source: std::io::Error },
+    #[error("{name}: {source}")]
+    Qmp { name: String, source: std::io::Error },
+    #[error("{0}: QEMU shows no writable qcow2 disk")]
+    NoDisk(String),
+    #[error("{name}: {command} {tag}: {why}")]
+    Job { name: String, command: &'static str, tag: String, why: String },
+    #[error("{name}: the {command} job vanished")]
+    Vanished { name: String, command: &'static str },
+}
+
+/// A failed [`run`]: the first error, and the VMs the operation was done on before it, so that
+/// the caller can undo them.
+#[derive(Debug)]
+pub struct Partial {
+    pub error: LiveError,
+    pub done: Vec<String>,
+}
+
 /// One running VM reached over QMP.
 pub struct Live {
     pub name: String,
@@ -56,55 +84,77 @@ pub struct Live {
     node: String,
 }
 
+/// A running VM to work on: its name, QMP socket and QEMU's pid.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub name: String,
+    pub qmp: PathBuf,
+    pub pid: u32,
+}
+
 impl Live {
-    /// Connects to the VM's QMP socket and finds its disk.
-    pub async fn connect(name: &str, socket: &Path) -> Result<Live, String> {
-        let mut qmp = Qmp::connect(socket).await.map_err(|e| format!("{name}: QMP at {}: {e}", socket.display()))?;
-        let blocks = qmp.execute("query-block").await.map_err(|e| format!("{name}: {e}"))?;
-        let node = disk_node(&blocks).ok_or_else(|| format!("{name}: QEMU shows no writable qcow2 disk"))?;
+    /// Connects to the QMP socket of the VM's QEMU (`pid`) and finds its disk.
+    pub async fn connect(name: &str, socket: &Path, pid: u32) -> Result<Live, LiveError> {
+        let mut qmp = Qmp::connect_to(socket, pid).await.map_err(|source| LiveError::Connect {
+            name: name.to_owned(),
+            socket: socket.to_path_buf(),
+            source,
+        })?;
+        qmp.set_answer_timeout(JOB_ANSWER_TIMEOUT);
+        let blocks =
+            qmp.execute("query-block").await.map_err(|source| LiveError::Qmp { name: name.to_owned(), source })?;
+        let node = disk_node(&blocks).ok_or_else(|| LiveError::NoDisk(name.to_owned()))?;
         Ok(Live { name: name.to_owned(), qmp, node })
     }
 
-    pub async fn pause(&mut self) -> Result<(), String> {
-        self.qmp.execute("stop").await.map(drop).map_err(|e| format!("{}: {e}", self.name))
+    fn failed(&self) -> impl FnOnce(std::io::Error) -> LiveError + use<> {
+        let name = self.name.clone();
+        move |source| LiveError::Qmp { name, source }
     }
 
-    pub async fn resume(&mut self) -> Result<(), String> {
-        self.qmp.execute("cont").await.map(drop).map_err(|e| format!("{}: {e}", self.name))
+    pub async fn pause(&mut self) -> Result<(), LiveError> {
+        let fail = self.failed();
+        self.qmp.execute("stop").await.map(drop).map_err(fail)
+    }
+
+    pub async fn resume(&mut self) -> Result<(), LiveError> {
+        let fail = self.failed();
+        self.qmp.execute("cont").await.map(drop).map_err(fail)
     }
 
     /// Runs the job `op` on `tag` to its end; the job's own error if it failed.
-    pub async fn job(&mut self, op: LiveOp, tag: &str) -> Result<(), String> {
-        let job = format!("kubenet-{}", op.command());
-        let fail = |e: std::io::Error| format!("{}: {e}", self.name);
+    pub async fn job(&mut self, op: LiveOp, tag: &str) -> Result<(), LiveError> {
+        let (job, command) = (format!("kubenet-{}", op.command()), op.command());
         // A job of ours left by an agent that died mid-way would block the id.
         let _ = self.qmp.execute_with("job-dismiss", json!({ "id": job })).await;
-        self.qmp.execute_with(op.command(), job_arguments(op, &job, tag, &self.node)).await.map_err(fail)?;
+        let fail = self.failed();
+        self.qmp.execute_with(command, job_arguments(op, &job, tag, &self.node)).await.map_err(fail)?;
         loop {
+            let fail = self.failed();
             let jobs = self.qmp.execute("query-jobs").await.map_err(fail)?;
             let ours = jobs.as_array().and_then(|a| a.iter().find(|j| j["id"] == job.as_str())).cloned();
+            let name = self.name.clone();
             match ours {
                 Some(j) if j["status"] == "concluded" => {
                     let _ = self.qmp.execute_with("job-dismiss", json!({ "id": job })).await;
                     return match j.get("error").and_then(Value::as_str) {
-                        Some(e) => Err(format!("{}: {} {tag}: {e}", self.name, op.command())),
+                        Some(why) => Err(LiveError::Job { name, command, tag: tag.to_owned(), why: why.to_owned() }),
                         None => Ok(()),
                     };
                 }
                 Some(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-                None => return Err(format!("{}: the {} job vanished", self.name, op.command())),
+                None => return Err(LiveError::Vanished { name, command }),
             }
         }
     }
 }
 
-/// `op` on `tag` in every VM of `vms` (name, QMP socket), all paused first and all resumed at the
-/// end. Returns the names done; on an error, the names done before it as well, so that the
-/// caller can undo them.
-pub async fn run(op: LiveOp, tag: &str, vms: &[(String, PathBuf)]) -> Result<Vec<String>, (String, Vec<String>)> {
+/// `op` on `tag` in every VM of `vms`, all paused first and all resumed at the end. Returns
+/// the names done; on an error, the names done before it as well ([`Partial`]).
+pub async fn run(op: LiveOp, tag: &str, vms: &[Target]) -> Result<Vec<String>, Partial> {
     let mut live = Vec::new();
-    for (name, socket) in vms {
-        live.push(Live::connect(name, socket).await.map_err(|e| (e, Vec::new()))?);
+    for Target { name, qmp, pid } in vms {
+        live.push(Live::connect(name, qmp, *pid).await.map_err(|error| Partial { error, done: Vec::new() })?);
     }
     let mut paused = Vec::new();
     let mut first_error = None;
@@ -139,7 +189,7 @@ pub async fn run(op: LiveOp, tag: &str, vms: &[(String, PathBuf)]) -> Result<Vec
     }
     match first_error {
         None => Ok(done),
-        Some(e) => Err((e, done)),
+        Some(error) => Err(Partial { error, done }),
     }
 }
 

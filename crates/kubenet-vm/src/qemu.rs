@@ -4,6 +4,11 @@
 //! vmnet-shared, edk2) is tested on Linux and the Linux profile (kvm or tcg, a tap on the lab
 //! bridge, OVMF/AAVMF) anywhere. A guest of another architecture than the host's (an arm64
 //! worker on an x86 laptop) runs under TCG. Only [`HostProfile::detect`] looks at the host.
+//!
+//! Where QEMU starts as root (macOS, [`HostProfile::files_by_fd`]) the command line names no
+//! file of the owner's: the guest's files are fd sets (`-add-fd`, `/dev/fdset/N`), the disk a
+//! `-blockdev` tree whose base has no backing of its own, the sockets listening descriptors,
+//! all at the numbers the agent's [`crate::handover`] gives ([`FdNumbers`]).
 
 use std::ffi::OsString;
 use std::fmt;
@@ -13,6 +18,7 @@ pub use kubenet_cluster::Arch;
 use kubenet_cluster::{Accelerator, FirmwareChoice, Lab, Vm};
 
 use crate::files::VmFiles;
+use crate::owner::Owner;
 
 pub use kubenet_cluster::Os;
 
@@ -44,7 +50,8 @@ pub enum Firmware {
     Uefi { code: PathBuf, vars_template: PathBuf },
 }
 
-/// How QEMU, started as root, gives root up once the network is open.
+/// How QEMU, started as root, gives root up once the network is open: macOS only, where
+/// vmnet needs root when QEMU starts. On Linux QEMU starts as the lab's owner instead.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DropTo {
     /// `-run-with user=NAME` (QEMU 9.1 and later).
@@ -67,6 +74,11 @@ pub struct HostProfile {
     /// The host's CPU: guests of this architecture run with `accel`, others under TCG.
     pub arch: Arch,
     pub accel: Accel,
+    /// Whether QEMU gets the guest's files and sockets as descriptors the agent opened as the
+    /// owner ([`FdNumbers`]) rather than by path: macOS, where QEMU opens them as root before
+    /// it drops root. (Linux starts QEMU as the owner, so paths are safe there; a test sets it
+    /// on Linux to run the by-descriptor form against a real QEMU.)
+    pub files_by_fd: bool,
     /// Per guest architecture, what runs it here, or why nothing can.
     pub guests: Vec<(Arch, Result<Guest, ProfileError>)>,
 }
@@ -74,7 +86,7 @@ pub struct HostProfile {
 /// What runs guests of one architecture on this host.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Guest {
-    /// The QEMU binary (a name looked up in PATH, or a path).
+    /// The QEMU binary: an absolute path, found in PATH.
     pub qemu: PathBuf,
     pub firmware: Firmware,
     pub drop_to: Option<DropTo>,
@@ -86,6 +98,8 @@ pub struct Launch<'a> {
     pub os: Os,
     pub arch: Arch,
     pub accel: Accel,
+    /// [`HostProfile::files_by_fd`].
+    pub files_by_fd: bool,
     pub guest: &'a Guest,
 }
 
@@ -96,7 +110,7 @@ impl HostProfile {
         let arch = vm.arch_on(self.arch);
         let accel = if arch == self.arch { self.accel } else { Accel::Tcg };
         match self.guests.iter().find(|(a, _)| *a == arch) {
-            Some((_, Ok(guest))) => Ok(Launch { os: self.os, arch, accel, guest }),
+            Some((_, Ok(guest))) => Ok(Launch { os: self.os, arch, accel, files_by_fd: self.files_by_fd, guest }),
             Some((_, Err(e))) => Err(e.clone()),
             None => {
                 Err(ProfileError::NoQemu { arch, binary: arch.qemu_binary(), package: qemu_package(self.os, arch) })
@@ -143,6 +157,8 @@ pub enum ProfileError {
     NoQemu { arch: Arch, binary: &'static str, package: &'static str },
     #[error("this host is neither Linux nor macOS, or its CPU is neither x86_64 nor aarch64")]
     UnsupportedHost,
+    #[error("QEMU is not safe to run as root: {0} (install QEMU where only root can change it)")]
+    Untrusted(String),
 }
 
 /// The accelerator for `choice` on `os`, and a warning when `auto` falls back to TCG.
@@ -262,47 +278,84 @@ pub fn parse_version(text: &str) -> Option<(u32, u32)> {
 }
 
 impl HostProfile {
-    /// Looks at this host: OS and CPU, /dev/kvm, and per guest architecture QEMU (in PATH, and
-    /// its version when it must drop root to `owner`, the user behind sudo) and firmware.
-    /// Returns the profile and any warning to show.
-    pub fn detect(lab: &Lab, owner: Option<&str>) -> Result<(HostProfile, Option<String>), ProfileError> {
+    /// Looks at this host: OS and CPU, /dev/kvm, and per guest architecture QEMU (in PATH, by
+    /// absolute path) and firmware. `owner` is given by the root agent, which starts QEMU for
+    /// that user: /dev/kvm must then open for the owner (Linux runs QEMU as the owner), QEMU
+    /// and its firmware must be files only root can replace ([`crate::trust`]), and on macOS
+    /// QEMU's version decides how it drops root. Returns the profile and any warning to show.
+    pub fn detect(lab: &Lab, owner: Option<&Owner>) -> Result<(HostProfile, Option<String>), ProfileError> {
         let os = Os::HOST.ok_or(ProfileError::UnsupportedHost)?;
-        let kvm =
-            std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").map(drop).map_err(|e| e.to_string());
+        let kvm = match owner {
+            Some(o) if os == Os::Linux => owner_opens_kvm(o),
+            _ => {
+                std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").map(drop).map_err(|e| e.to_string())
+            }
+        };
         let (accel, warning) = resolve_accel(lab.accelerator, os, kvm)?;
         let guests = Arch::ALL.iter().map(|&arch| (arch, Guest::detect(lab.firmware, os, arch, owner))).collect();
-        Ok((HostProfile { os, arch: Arch::HOST, accel, guests }, warning))
+        Ok((HostProfile { os, arch: Arch::HOST, accel, files_by_fd: os == Os::MacOs, guests }, warning))
+    }
+}
+
+/// Whether `owner` may open /dev/kvm (its groups and the device's ACL decide): asked of
+/// `test -r -w`, run as the owner, which is exactly what QEMU will be.
+fn owner_opens_kvm(owner: &Owner) -> Result<(), String> {
+    let mut cmd = std::process::Command::new("test");
+    cmd.args(["-r", "/dev/kvm", "-a", "-w", "/dev/kvm"]);
+    owner.drop_in_child(&mut cmd);
+    match cmd.status() {
+        Ok(s) if s.success() => Ok(()),
+        Ok(_) => Err(format!(
+            "the lab's owner {} may not open it: add them to the group of /dev/kvm (usually `kvm`)",
+            owner.name
+        )),
+        Err(e) => Err(format!("cannot check it as {}: {e}", owner.name)),
     }
 }
 
 impl Guest {
     /// QEMU for `arch` guests found in PATH, its firmware, and how it drops root to `owner`.
-    fn detect(choice: FirmwareChoice, os: Os, arch: Arch, owner: Option<&str>) -> Result<Guest, ProfileError> {
-        let qemu = PathBuf::from(arch.qemu_binary());
-        let found = find_in_path(&qemu).ok_or(ProfileError::NoQemu {
+    fn detect(choice: FirmwareChoice, os: Os, arch: Arch, owner: Option<&Owner>) -> Result<Guest, ProfileError> {
+        let found = find_in_path(Path::new(arch.qemu_binary())).ok_or(ProfileError::NoQemu {
             arch,
             binary: arch.qemu_binary(),
             package: qemu_package(os, arch),
         })?;
-        let share = found.parent().and_then(Path::parent).map(|p| p.join("share/qemu"));
+        // The agent runs QEMU as root (macOS) or hands it the owner's guest (Linux): either way
+        // no one but root may be able to swap the binary, or its firmware, underneath.
+        let qemu = match owner {
+            Some(_) => crate::trust::root_only_as_named(&found).map_err(|e| ProfileError::Untrusted(e.to_string()))?,
+            None => found,
+        };
+        let share = qemu.parent().and_then(Path::parent).map(|p| p.join("share/qemu"));
         let candidates = firmware_candidates(os, arch, share.as_deref());
-        let firmware = pick_firmware(choice, os, arch, &candidates, Path::exists)?;
-        let drop_to = owner.map(|user| {
+        let trusted = |p: &Path| p.exists() && (owner.is_none() || crate::trust::root_only(p).is_ok());
+        let firmware = pick_firmware(choice, os, arch, &candidates, trusted)?;
+        // Linux starts QEMU as the owner (see [`crate::process::start`]); only macOS's QEMU,
+        // which needs root to open vmnet, gives root up itself.
+        let drop_to = owner.filter(|o| os == Os::MacOs && o.uid != 0).map(|o| {
             let version = std::process::Command::new(&qemu)
                 .arg("--version")
                 .output()
                 .ok()
                 .and_then(|o| parse_version(&String::from_utf8_lossy(&o.stdout)))
                 .unwrap_or((0, 0));
-            DropTo::for_version(version, user)
+            DropTo::for_version(version, &o.name)
         });
         Ok(Guest { qemu, firmware, drop_to })
     }
 }
 
 fn find_in_path(name: &Path) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(name)).find(|p| p.is_file())
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .filter(|d| d.is_absolute())
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
 }
+
+/// Where QEMU finds its tap on Linux, opened by the agent (`crate::tap`): a number on every OS
+/// so that the Linux command line is built and tested anywhere.
+pub const TAP_FD: i32 = 3;
 
 /// The tap device of `vm` on the lab's bridge (Linux): at most 15 bytes, unique per id.
 pub fn tap_name(lab: &Lab, vm: &Vm) -> String {
@@ -317,34 +370,106 @@ pub fn tap_of(bridge: &str, id: u32) -> String {
     format!("{bridge}{id}")
 }
 
+/// The descriptor numbers, in QEMU, of what the agent opened for it when files go by
+/// descriptor ([`HostProfile::files_by_fd`]; [`crate::handover`] opens them). Writable images
+/// come twice, read-write and read-only, because QEMU picks from an fd set (`-add-fd`) the
+/// descriptor whose access mode matches each open it makes, and its file driver reopens an
+/// image read-only while probing and locking.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FdNumbers {
+    /// The UEFI variable store (read-write, read-only), when the firmware is UEFI.
+    pub efi_vars: Option<(i32, i32)>,
+    /// The qcow2 overlay (read-write, read-only).
+    pub disk: (i32, i32),
+    /// The overlay's base image, read-only.
+    pub base: i32,
+    /// The cloud-init seed, read-only.
+    pub seed: i32,
+    /// The console log, write-only, appending.
+    pub console_log: i32,
+    /// The listening serial-console socket, bound as the owner at `serial.sock`.
+    pub serial: i32,
+    /// The listening QMP socket, bound as the owner at `qmp.sock`.
+    pub qmp: i32,
+    /// The base image's format (`qcow2` or `raw`), read from its header by the agent.
+    pub base_format: &'static str,
+}
+
+impl FdNumbers {
+    /// The numbers shown by `kubenet up --dry-run` and in the golden tests: the real ones are
+    /// whatever the agent's descriptors are when it starts the VM.
+    pub const NOMINAL: FdNumbers = FdNumbers {
+        efi_vars: Some((4, 5)),
+        disk: (6, 7),
+        base: 8,
+        seed: 9,
+        console_log: 10,
+        serial: 11,
+        qmp: 12,
+        base_format: "qcow2",
+    };
+}
+
+/// The fd sets (`-add-fd set=N`) the guest's files are in; `/dev/fdset/N` names them.
+const SET_EFI_VARS: u32 = 1;
+const SET_DISK: u32 = 2;
+const SET_BASE: u32 = 3;
+const SET_SEED: u32 = 4;
+const SET_CONSOLE_LOG: u32 = 5;
+
 /// The exact QEMU command line of `vm` on a host like `profile`, or why the VM cannot run there
 /// (no QEMU or firmware for its architecture). QEMU daemonizes once the VM runs and writes its
 /// pid to the pidfile; the serial console goes to a socket and a log file; QMP listens on a
-/// socket; there is no display.
+/// socket; there is no display. Files by descriptor show [`FdNumbers::NOMINAL`].
 pub fn argv(lab: &Lab, vm: &Vm, profile: &HostProfile) -> Result<Vec<OsString>, ProfileError> {
-    Ok(launch_argv(lab, vm, &profile.launch(vm)?))
+    let launch = profile.launch(vm)?;
+    let fds = launch.files_by_fd.then_some(FdNumbers::NOMINAL);
+    Ok(launch_argv(lab, vm, &launch, fds.as_ref()))
 }
 
-/// [`argv`] for a VM whose launch is decided.
-fn launch_argv(lab: &Lab, vm: &Vm, launch: &Launch) -> Vec<OsString> {
+/// [`argv`] for a VM whose launch is decided, with the guest's files at the descriptors `fds`
+/// when they go by descriptor (`launch.files_by_fd`; ignored otherwise).
+pub fn launch_argv(lab: &Lab, vm: &Vm, launch: &Launch, fds: Option<&FdNumbers>) -> Vec<OsString> {
     let guest = launch.guest;
-    let files = VmFiles::new(lab, vm);
-    let mut a: Vec<OsString> = Vec::new();
-    let mut push = |parts: &[&dyn AsRef<std::ffi::OsStr>]| {
-        for p in parts {
-            a.push(p.as_ref().to_owned());
-        }
+    let files = VmFiles::for_os(lab, vm, launch.os);
+    let fds = fds.filter(|_| launch.files_by_fd);
+    let uefi = match &guest.firmware {
+        Firmware::Uefi { code, .. } => Some(code.as_path()),
+        Firmware::Bios => None,
     };
-    let path = |p: PathBuf| p.into_os_string();
-    // A path inside an option list (`file=PATH,...`) with its commas doubled, as QEMU reads them.
-    let joined = |prefix: &str, p: PathBuf, suffix: &str| {
-        let mut s = OsString::from(prefix);
-        s.push(option_value(p.as_os_str()));
-        s.push(suffix);
-        s
-    };
+    let mut a = words(&[&guest.qemu, &"-name", &vm.name]);
+    a.extend(machine_args(vm, launch));
+    a.extend(match fds {
+        None => drives_by_path(&files, uefi),
+        Some(fd) => drives_by_fd(fd, uefi),
+    });
+    a.extend(nic_args(lab, vm, launch.os));
+    a.extend(words(&[&"-device", &"virtio-rng-pci"]));
+    a.extend(console_args(&files, fds));
+    match &guest.drop_to {
+        Some(DropTo::RunWith(u)) => a.extend(words(&[&"-run-with", &format!("user={u}")])),
+        Some(DropTo::Runas(u)) => a.extend(words(&[&"-runas", u])),
+        None => {}
+    }
+    a.extend(words(&[&"-pidfile", &files.pidfile(), &"-daemonize"]));
+    a
+}
 
-    push(&[&guest.qemu, &"-name", &vm.name]);
+/// Command-line words from anything that is one.
+fn words(parts: &[&dyn AsRef<std::ffi::OsStr>]) -> Vec<OsString> {
+    parts.iter().map(|p| p.as_ref().to_owned()).collect()
+}
+
+/// A path inside an option list (`file=PATH,...`) with its commas doubled, as QEMU reads them.
+fn joined(prefix: &str, p: &Path, suffix: &str) -> OsString {
+    let mut s = OsString::from(prefix);
+    s.push(option_value(p.as_os_str()));
+    s.push(suffix);
+    s
+}
+
+/// The machine, CPU, size and no display.
+fn machine_args(vm: &Vm, launch: &Launch) -> Vec<OsString> {
     let machine = match launch.arch {
         Arch::X86_64 => format!("q35,accel={}", launch.accel),
         Arch::Aarch64 => format!("virt,accel={},highmem=on", launch.accel),
@@ -358,17 +483,63 @@ fn launch_argv(lab: &Lab, vm: &Vm, launch: &Launch) -> Vec<OsString> {
         (Accel::Tcg, Arch::X86_64) => "max",
         _ => "host",
     };
-    push(&[&"-machine", &machine, &"-cpu", &cpu]);
-    push(&[&"-smp", &vm.vcpus.to_string(), &"-m", &format!("{}M", vm.memory.mib())]);
-    push(&[&"-nodefaults", &"-display", &"none"]);
-    if let Firmware::Uefi { code, .. } = &guest.firmware {
-        push(&[&"-drive", &joined("if=pflash,format=raw,unit=0,readonly=on,file=", code.clone(), "")]);
-        push(&[&"-drive", &joined("if=pflash,format=raw,unit=1,file=", files.efi_vars(), "")]);
+    let mut a = words(&[&"-machine", &machine, &"-cpu", &cpu]);
+    a.extend(words(&[&"-smp", &vm.vcpus.to_string(), &"-m", &format!("{}M", vm.memory.mib())]));
+    a.extend(words(&[&"-nodefaults", &"-display", &"none"]));
+    a
+}
+
+/// The firmware's flash, the disk and the seed, opened by QEMU by path (Linux: QEMU is the owner).
+fn drives_by_path(files: &VmFiles, uefi: Option<&Path>) -> Vec<OsString> {
+    let mut a = Vec::new();
+    if let Some(code) = uefi {
+        a.extend(words(&[&"-drive", &joined("if=pflash,format=raw,unit=0,readonly=on,file=", code, "")]));
+        a.extend(words(&[&"-drive", &joined("if=pflash,format=raw,unit=1,file=", &files.efi_vars(), "")]));
     }
-    push(&[&"-drive", &joined("if=virtio,format=qcow2,file=", files.disk(), "")]);
-    push(&[&"-drive", &joined("if=virtio,format=raw,readonly=on,file=", files.seed(), "")]);
+    a.extend(words(&[&"-drive", &joined("if=virtio,format=qcow2,file=", &files.disk(), "")]));
+    a.extend(words(&[&"-drive", &joined("if=virtio,format=raw,readonly=on,file=", &files.seed(), "")]));
+    a
+}
+
+/// The same drives as descriptors the agent opened as the owner (macOS: QEMU starts as root).
+fn drives_by_fd(fd: &FdNumbers, uefi: Option<&Path>) -> Vec<OsString> {
+    let mut sets: Vec<(i32, u32)> = Vec::new();
+    if let (Some(_), Some((rw, ro))) = (uefi, fd.efi_vars) {
+        sets.extend([(rw, SET_EFI_VARS), (ro, SET_EFI_VARS)]);
+    }
+    sets.extend([
+        (fd.disk.0, SET_DISK),
+        (fd.disk.1, SET_DISK),
+        (fd.base, SET_BASE),
+        (fd.seed, SET_SEED),
+        (fd.console_log, SET_CONSOLE_LOG),
+    ]);
+    let mut a = Vec::new();
+    for (n, set) in sets {
+        a.extend(words(&[&"-add-fd", &format!("fd={n},set={set}")]));
+    }
+    // The firmware's code is root's (checked by `crate::trust`), so QEMU may open it by path as
+    // root; the variables are the owner's.
+    if let Some(code) = uefi {
+        a.extend(words(&[&"-drive", &joined("if=pflash,format=raw,unit=0,readonly=on,file=", code, "")]));
+        a.extend(words(&[&"-drive", &format!("if=pflash,format=raw,unit=1,file=/dev/fdset/{SET_EFI_VARS}")]));
+    }
+    // The overlay and its base as one node tree, both by descriptor, the base with no backing of
+    // its own (`null`): else QEMU would open a backing file named inside the base, which the
+    // owner can rewrite at any time, by path and as root.
+    let disk = format!(
+        r#"{{"driver":"qcow2","node-name":"disk0","file":{{"driver":"file","filename":"/dev/fdset/{SET_DISK}"}},"backing":{{"driver":"{}","file":{{"driver":"file","filename":"/dev/fdset/{SET_BASE}"}},"backing":null}}}}"#,
+        fd.base_format
+    );
+    a.extend(words(&[&"-blockdev", &disk, &"-device", &"virtio-blk-pci,drive=disk0"]));
+    a.extend(words(&[&"-drive", &format!("if=virtio,format=raw,readonly=on,file=/dev/fdset/{SET_SEED}")]));
+    a
+}
+
+/// The NIC: vmnet-shared on macOS, the lab bridge's tap on Linux.
+fn nic_args(lab: &Lab, vm: &Vm, os: Os) -> Vec<OsString> {
     let n = &lab.network;
-    match launch.os {
+    match os {
         Os::MacOs => {
             let nic = format!(
                 "vmnet-shared,start-address={},end-address={},subnet-mask={},mac={},model=virtio-net-pci",
@@ -377,30 +548,39 @@ fn launch_argv(lab: &Lab, vm: &Vm, launch: &Launch) -> Vec<OsString> {
                 n.subnet.netmask(),
                 vm.mac
             );
-            push(&[&"-nic", &nic]);
+            words(&[&"-nic", &nic])
         }
         Os::Linux => {
-            let tap = tap_name(lab, vm).replace(',', ",,");
-            let netdev = format!("tap,id=net0,ifname={tap},script=no,downscript=no");
-            push(&[&"-netdev", &netdev, &"-device", &format!("virtio-net-pci,netdev=net0,mac={}", vm.mac)]);
+            // The agent opens the tap (`tap_name`) and QEMU finds it at this descriptor.
+            let netdev = format!("tap,id=net0,fd={TAP_FD}");
+            words(&[&"-netdev", &netdev, &"-device", &format!("virtio-net-pci,netdev=net0,mac={}", vm.mac)])
         }
     }
-    push(&[&"-device", &"virtio-rng-pci"]);
-    let serial = {
-        let mut s = joined("socket,id=serial0,server=on,wait=off,path=", files.serial_socket(), ",logfile=");
-        s.push(option_value(files.console_log().as_os_str()));
-        s.push(",logappend=on");
-        s
-    };
-    push(&[&"-chardev", &serial, &"-serial", &"chardev:serial0"]);
-    push(&[&"-qmp", &joined("unix:", files.qmp_socket(), ",server=on,wait=off")]);
-    match &guest.drop_to {
-        Some(DropTo::RunWith(u)) => push(&[&"-run-with", &format!("user={u}")]),
-        Some(DropTo::Runas(u)) => push(&[&"-runas", u]),
-        None => {}
+}
+
+/// The serial console (a socket and a log) and QMP, by path or as sockets the agent bound.
+fn console_args(files: &VmFiles, fds: Option<&FdNumbers>) -> Vec<OsString> {
+    match fds {
+        None => {
+            let mut serial = joined("socket,id=serial0,server=on,wait=off,path=", &files.serial_socket(), ",logfile=");
+            serial.push(option_value(files.console_log().as_os_str()));
+            serial.push(",logappend=on");
+            let mut a = words(&[&"-chardev", &serial, &"-serial", &"chardev:serial0"]);
+            a.extend(words(&[&"-qmp", &joined("unix:", &files.qmp_socket(), ",server=on,wait=off")]));
+            a
+        }
+        Some(fd) => {
+            // Sockets the agent bound as the owner, already listening.
+            let serial = format!(
+                "socket,id=serial0,fd={},server=on,wait=off,logfile=/dev/fdset/{SET_CONSOLE_LOG},logappend=on",
+                fd.serial
+            );
+            let mut a = words(&[&"-chardev", &serial, &"-serial", &"chardev:serial0"]);
+            let qmp = format!("socket,id=qmp,fd={},server=on,wait=off", fd.qmp);
+            a.extend(words(&[&"-chardev", &qmp, &"-mon", &"chardev=qmp,mode=control"]));
+            a
+        }
     }
-    push(&[&"-pidfile", &path(files.pidfile()), &"-daemonize"]);
-    a
 }
 
 /// `value` as a value inside a QEMU option list (`-drive file=VALUE,format=...`): QEMU ends a

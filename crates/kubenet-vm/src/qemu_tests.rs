@@ -23,6 +23,7 @@ fn mac_profile() -> HostProfile {
         os: Os::MacOs,
         arch: Arch::Aarch64,
         accel: Accel::Hvf,
+        files_by_fd: true,
         guests: vec![
             guest(
                 Arch::X86_64,
@@ -44,6 +45,7 @@ fn linux_profile(accel: Accel, firmware: Firmware) -> HostProfile {
         os: Os::Linux,
         arch: Arch::X86_64,
         accel,
+        files_by_fd: false,
         guests: vec![
             guest(Arch::X86_64, firmware, None),
             guest(Arch::Aarch64, uefi("/usr/share/AAVMF/AAVMF_CODE.fd", "/usr/share/AAVMF/AAVMF_VARS.fd"), None),
@@ -63,22 +65,82 @@ pub(crate) fn lab_with_workers(arch: &str) -> Lab {
     kubenet_cluster::parse(&text, kubenet_cluster::Source::Embedded, Path::new("/lab")).unwrap()
 }
 
+/// macOS: QEMU starts as root, so every file of the owner's comes as a descriptor the agent
+/// opened as the owner (the variables and the overlay twice, read-write and read-only), the
+/// overlay's base too, with no backing of its own; the sockets come bound; only the firmware's
+/// code (root's) and the pidfile (in root's runtime directory) are named by path.
 #[test]
 fn macos_worker_golden() {
+    let id = crate::files::lab_id(Path::new("/lab"));
     assert_eq!(
         line(&lab(), "worker0", &mac_profile()),
-        "qemu-system-aarch64 -name worker0 -machine virt,accel=hvf,highmem=on -cpu host -smp 4 -m 8192M \
-         -nodefaults -display none \
-         -drive if=pflash,format=raw,unit=0,readonly=on,file=/opt/homebrew/share/qemu/edk2-aarch64-code.fd \
-         -drive if=pflash,format=raw,unit=1,file=/lab/worker0/efi-vars.fd \
-         -drive if=virtio,format=qcow2,file=/lab/worker0/disk.img \
-         -drive if=virtio,format=raw,readonly=on,file=/lab/worker0/seed.iso \
-         -nic vmnet-shared,start-address=192.168.1.1,end-address=192.168.1.20,subnet-mask=255.255.255.0,mac=52:52:52:00:00:04,model=virtio-net-pci \
-         -device virtio-rng-pci \
-         -chardev socket,id=serial0,server=on,wait=off,path=/lab/worker0/serial.sock,logfile=/lab/worker0/console.log,logappend=on \
-         -serial chardev:serial0 -qmp unix:/lab/worker0/qmp.sock,server=on,wait=off -run-with user=alice \
-         -pidfile /lab/worker0/qemu.pid -daemonize"
+        format!(
+            "qemu-system-aarch64 -name worker0 -machine virt,accel=hvf,highmem=on -cpu host -smp 4 -m 8192M \
+             -nodefaults -display none \
+             -add-fd fd=4,set=1 -add-fd fd=5,set=1 -add-fd fd=6,set=2 -add-fd fd=7,set=2 -add-fd fd=8,set=3 \
+             -add-fd fd=9,set=4 -add-fd fd=10,set=5 \
+             -drive if=pflash,format=raw,unit=0,readonly=on,file=/opt/homebrew/share/qemu/edk2-aarch64-code.fd \
+             -drive if=pflash,format=raw,unit=1,file=/dev/fdset/1 \
+             -blockdev '{{\"driver\":\"qcow2\",\"node-name\":\"disk0\",\"file\":{{\"driver\":\"file\",\"filename\":\"/dev/fdset/2\"}},\
+             \"backing\":{{\"driver\":\"qcow2\",\"file\":{{\"driver\":\"file\",\"filename\":\"/dev/fdset/3\"}},\"backing\":null}}}}' \
+             -device virtio-blk-pci,drive=disk0 \
+             -drive if=virtio,format=raw,readonly=on,file=/dev/fdset/4 \
+             -nic vmnet-shared,start-address=192.168.1.1,end-address=192.168.1.20,subnet-mask=255.255.255.0,mac=52:52:52:00:00:04,model=virtio-net-pci \
+             -device virtio-rng-pci \
+             -chardev socket,id=serial0,fd=11,server=on,wait=off,logfile=/dev/fdset/5,logappend=on -serial chardev:serial0 \
+             -chardev socket,id=qmp,fd=12,server=on,wait=off -mon chardev=qmp,mode=control -run-with user=alice \
+             -pidfile /var/run/kubenet/{id}/worker0.pid -daemonize"
+        )
     );
+}
+
+/// Whatever the VM, the macOS command line names nothing in the lab's folder: a link there can
+/// send no open of root's QEMU anywhere.
+#[test]
+fn macos_names_no_path_in_the_owners_folder() {
+    for lab in [lab(), lab_with_workers("x86_64")] {
+        for vm in &lab.vms {
+            let l = line(&lab, &vm.name, &mac_profile());
+            assert!(!l.contains("/lab"), "{l}");
+            assert!(l.contains("-add-fd fd=6,set=2 ") && l.contains(" -mon chardev=qmp,mode=control "), "{l}");
+        }
+    }
+}
+
+/// The descriptors' numbers are the agent's, given at launch; a BIOS guest has no variables to
+/// pass; a raw base image is described as raw.
+#[test]
+fn files_by_descriptor_take_the_agents_numbers() {
+    let lab = lab();
+    let mut p = linux_profile(Accel::Tcg, Firmware::Bios);
+    p.files_by_fd = true;
+    let vm = lab.vm_by_name("gateway").unwrap();
+    let fds = FdNumbers {
+        efi_vars: None,
+        disk: (20, 21),
+        base: 22,
+        seed: 23,
+        console_log: 24,
+        serial: 25,
+        qmp: 26,
+        base_format: "raw",
+    };
+    let l = shell_line(&launch_argv(&lab, vm, &p.launch(vm).unwrap(), Some(&fds)));
+    assert!(
+        l.contains(
+            "-display none -add-fd fd=20,set=2 -add-fd fd=21,set=2 -add-fd fd=22,set=3 -add-fd fd=23,set=4 \
+             -add-fd fd=24,set=5 -blockdev "
+        ),
+        "{l}"
+    );
+    assert!(!l.contains("set=1") && !l.contains("pflash"), "{l}");
+    assert!(l.contains(r#""backing":{"driver":"raw","file""#), "{l}");
+    assert!(l.contains("socket,id=serial0,fd=25,") && l.contains("socket,id=qmp,fd=26,"), "{l}");
+    // The tap stays at 3, and Linux keeps the pidfile in the VM's folder.
+    assert!(l.contains("-netdev tap,id=net0,fd=3 ") && l.ends_with("-pidfile /lab/gateway/qemu.pid -daemonize"), "{l}");
+    // Numbers given to a profile that passes files by path change nothing.
+    p.files_by_fd = false;
+    assert_eq!(launch_argv(&lab, vm, &p.launch(vm).unwrap(), Some(&fds)), argv(&lab, vm, &p).unwrap());
 }
 
 #[test]
@@ -97,7 +159,7 @@ fn linux_kvm_uefi_golden() {
          -drive if=pflash,format=raw,unit=1,file=/lab/gateway/efi-vars.fd \
          -drive if=virtio,format=qcow2,file=/lab/gateway/disk.img \
          -drive if=virtio,format=raw,readonly=on,file=/lab/gateway/seed.iso \
-         -netdev tap,id=net0,ifname=kubenet0-0,script=no,downscript=no \
+         -netdev tap,id=net0,fd=3 \
          -device virtio-net-pci,netdev=net0,mac=52:52:52:00:00:00 -device virtio-rng-pci \
          -chardev socket,id=serial0,server=on,wait=off,path=/lab/gateway/serial.sock,logfile=/lab/gateway/console.log,logappend=on \
          -serial chardev:serial0 -qmp unix:/lab/gateway/qmp.sock,server=on,wait=off \
@@ -113,7 +175,9 @@ fn every_group_gets_its_size_mac_and_tap() {
         let l = line(&lab, &vm.name, &p);
         let (smp, mem) = if vm.role == "worker" { ("4", "8192M") } else { ("2", "2048M") };
         assert!(l.contains(&format!("-smp {smp} -m {mem} ")), "{l}");
-        assert!(l.contains(&format!("ifname=kubenet0-{},", vm.id)), "{l}");
+        // The tap is the agent's to open (kubenet0-ID on the lab's bridge), QEMU's at fd 3.
+        assert!(l.contains("-netdev tap,id=net0,fd=3 "), "{l}");
+        assert_eq!(tap_name(&lab, vm), format!("kubenet0-{}", vm.id));
         assert!(l.contains(&format!("mac=52:52:52:00:00:{:02x} ", vm.id)), "{l}");
         // TCG has no host CPU to pass through; BIOS needs no pflash.
         assert!(l.contains("-machine q35,accel=tcg -cpu max "), "{l}");
@@ -122,11 +186,12 @@ fn every_group_gets_its_size_mac_and_tap() {
 }
 
 /// An arm64 Linux host (a Raspberry Pi, an Ampere server) with KVM and Debian's AAVMF.
-fn linux_arm_profile(drop_to: Option<DropTo>) -> HostProfile {
+fn linux_arm_profile(drop_to: Option<DropTo>, files_by_fd: bool) -> HostProfile {
     HostProfile {
         os: Os::Linux,
         arch: Arch::Aarch64,
         accel: Accel::Kvm,
+        files_by_fd,
         guests: vec![
             guest(
                 Arch::X86_64,
@@ -140,18 +205,19 @@ fn linux_arm_profile(drop_to: Option<DropTo>) -> HostProfile {
 
 #[test]
 fn linux_aarch64_uses_virt_like_the_mac() {
-    let l = line(&lab(), "control1", &linux_arm_profile(None));
+    let l = line(&lab(), "control1", &linux_arm_profile(None, false));
     assert!(l.starts_with("qemu-system-aarch64 -name control1 -machine virt,accel=kvm,highmem=on -cpu host "), "{l}");
 }
 
-/// The same VM on an Apple Silicon Mac and on an arm64 Linux host: the command lines differ in
-/// the accelerator, the NIC and the firmware's paths, and in nothing else.
+/// The same VM on an Apple Silicon Mac and on an arm64 Linux host that passes files by
+/// descriptor too: the command lines differ in the accelerator, the NIC, the firmware's paths
+/// and where the pidfile is, and in nothing else.
 #[test]
 fn macos_and_linux_aarch64_differ_only_in_accelerator_nic_and_firmware_paths() {
     let lab = lab();
     let vm = lab.vm_by_name("worker0").unwrap();
     let mac = argv(&lab, vm, &mac_profile()).unwrap();
-    let linux = argv(&lab, vm, &linux_arm_profile(Some(DropTo::RunWith("alice".into())))).unwrap();
+    let linux = argv(&lab, vm, &linux_arm_profile(Some(DropTo::RunWith("alice".into())), true)).unwrap();
     let text = |a: &[OsString]| a.iter().map(|s| s.to_string_lossy().into_owned()).collect::<Vec<_>>();
     let (mac, linux) = (text(&mac), text(&linux));
     // The NIC: one `-nic` pair on macOS, a `-netdev` and a `-device` pair on Linux.
@@ -164,12 +230,7 @@ fn macos_and_linux_aarch64_differ_only_in_accelerator_nic_and_firmware_paths() {
     );
     assert_eq!(
         linux[l..l + 4],
-        [
-            "-netdev",
-            "tap,id=net0,ifname=kubenet0-4,script=no,downscript=no",
-            "-device",
-            "virtio-net-pci,netdev=net0,mac=52:52:52:00:00:04"
-        ]
+        ["-netdev", "tap,id=net0,fd=3", "-device", "virtio-net-pci,netdev=net0,mac=52:52:52:00:00:04"]
     );
     let mac_rest: Vec<&String> = mac[..m].iter().chain(&mac[m + 2..]).collect();
     let linux_rest: Vec<&String> = linux[..l].iter().chain(&linux[l + 4..]).collect();
@@ -183,6 +244,10 @@ fn macos_and_linux_aarch64_differ_only_in_accelerator_nic_and_firmware_paths() {
             (
                 "if=pflash,format=raw,unit=0,readonly=on,file=/opt/homebrew/share/qemu/edk2-aarch64-code.fd",
                 "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/AAVMF/AAVMF_CODE.fd"
+            ),
+            (
+                &format!("/var/run/kubenet/{}/worker0.pid", crate::files::lab_id(Path::new("/lab"))),
+                "/lab/worker0/qemu.pid"
             ),
         ]
     );
@@ -201,7 +266,7 @@ fn a_foreign_guest_runs_under_tcg_with_its_own_qemu_and_firmware() {
         "{w}"
     );
     assert!(w.contains("file=/usr/share/AAVMF/AAVMF_CODE.fd "), "{w}");
-    assert!(w.contains("ifname=kubenet0-6,") && w.contains("mac=52:52:52:00:00:06 "), "{w}");
+    assert!(w.contains("tap,id=net0,fd=3 ") && w.contains("mac=52:52:52:00:00:06 "), "{w}");
     let launch = p.launch(lab.vm_by_name("worker2").unwrap()).unwrap();
     assert_eq!((launch.arch, launch.accel), (Arch::Aarch64, Accel::Tcg));
     assert_eq!(launch.guest.firmware, uefi("/usr/share/AAVMF/AAVMF_CODE.fd", "/usr/share/AAVMF/AAVMF_VARS.fd"));

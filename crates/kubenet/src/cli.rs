@@ -312,6 +312,12 @@ pub struct ServeArgs {
     /// Where --host-resolver writes on macOS.
     #[arg(long, default_value = "/etc/resolver", value_name = "DIR", hide = true)]
     pub resolver_dir: std::path::PathBuf,
+
+    /// Read reloads (SIGHUP, `kubenet reload`) from this lab definition instead of the one
+    /// serve started with. The service starts from a root-owned copy and reloads from the
+    /// owner's own file; a reload changes only what may change live either way.
+    #[arg(long, value_name = "FILE")]
+    pub reload_from: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -3,24 +3,15 @@
 //! line, loads the lab, and maps results to exit codes (0 ok, 1 failure, 2 usage or config
 //! error). The subcommands live in their own modules.
 
+mod agent;
 mod cli;
-mod console;
-mod control;
-mod doctor;
-mod host_resolver;
-// Linux only: on macOS vmnet-shared makes the bridge and QEMU the interfaces.
-#[cfg(target_os = "linux")]
-mod hostnet;
-mod lifecycle;
-mod memory;
-mod proto;
-mod reload;
-mod serve;
-mod service;
-mod snapshot;
-mod table;
-mod tmux;
-mod vms;
+mod client;
+mod commands;
+// Public for fuzz/ only: the agent's `decode_request` is what the control_request target feeds.
+pub mod proto;
+
+use agent::{control, serve};
+use commands::{console, doctor, lifecycle, service, snapshot, table, tmux};
 
 use std::io::Write;
 use std::path::Path;
@@ -318,25 +309,45 @@ fn init(dir: &Path, stdout: &mut Out<std::io::Stdout>) -> Result<(), Failure> {
 
 /// `kubenet serve`: the agent, with a reload that reads the lab definition as this run did.
 fn serve_command(cli: &Cli, args: &cli::ServeArgs) -> Result<(), Failure> {
-    let lab = load_lab(cli, None)?;
-    // SIGHUP reads the lab definition again the same way.
+    // The lab definition lives in the owner's folder: it is read with the owner's rights, so
+    // that a link there to a file only root may read gets the owner's "permission denied".
+    let (uid, gid) = control::owner();
+    // Root runs this binary again at every `sudo kubenet serve`: one its user can replace is
+    // one any program running as that user can replace (service install copies it for that).
+    if nix::unistd::geteuid().is_root()
+        && uid != 0
+        && let Err(e) = std::env::current_exe()
+            .map_err(|e| e.to_string())
+            .and_then(|exe| kubenet_vm::trust::root_only(&exe).map(drop).map_err(|e| e.to_string()))
+    {
+        tracing::warn!(
+            "this kubenet runs as root but can be replaced by others than root ({e}): install it where only root can change it, e.g. `sudo install -m 755 $(command -v kubenet) /usr/local/bin/`"
+        );
+    }
+    let owner = kubenet_vm::owner::Owner::for_agent(uid, gid).map_err(|e| e.to_string());
+    let reader = owner.clone().unwrap_or_else(|_| kubenet_vm::owner::Owner::bare(uid, gid));
+    let load = |file: Option<&Path>| {
+        reader.run_as(|| load_lab(cli, file)).map_err(|e| Failure::Other(e.into())).and_then(|r| r)
+    };
+    let lab = load(None)?;
+    // SIGHUP reads the lab definition again the same way, or from --reload-from.
     let reload = || {
-        load_lab(cli, None).map_err(|e| match e {
+        load(args.reload_from.as_deref()).map_err(|e| match e {
             Failure::Config(c) => anyhow::Error::new(c),
             Failure::Usage(o) | Failure::Other(o) => o,
             Failure::StdoutClosed => anyhow::anyhow!("standard output closed"),
         })
     };
-    serve::run(lab, args, &reload)?;
+    serve::run(lab, reader.clone(), owner, args, &reload)?;
     Ok(())
 }
 
 /// `kubenet reload`: asks the running agent, and shows what waits for a restart.
 fn reload(cli: &Cli, stdout: &mut Out<std::io::Stdout>) -> Result<(), Failure> {
     let lab = load_lab(cli, None)?;
-    let answer = control::request(&lab.state_dir, &crate::proto::Request::Reload)?;
+    let answer = client::request(&lab.state_dir, &crate::proto::Request::Reload)?;
     let crate::proto::Answer::Reloaded { source, warnings } = answer else {
-        return Err(control::unexpected(answer).into());
+        return Err(client::unexpected(answer).into());
     };
     writeln!(stdout, "reloaded {source}").map_err(output)?;
     for w in warnings {

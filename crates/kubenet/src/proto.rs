@@ -11,6 +11,11 @@
 //! Every message carries the protocol version `v`. An agent and a client of different versions
 //! say so ("version mismatch: restart kubenet serve") instead of failing on a field they do not
 //! know. Version 1 was the untyped protocol before it, with no `v`.
+//!
+//! Whoever holds the socket is untrusted input to root: [`decode_request`] checks every number
+//! and name against [`Request::validate`]'s limits before the agent acts on it, so that nothing
+//! later (a `Duration` added to an `Instant`, a loop over names) can overflow or grow without
+//! bound. Pure: no I/O in this module.
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -22,6 +27,32 @@ use serde_json::Value;
 
 /// This build's protocol version.
 pub const VERSION: u32 = 2;
+
+/// The longest `stop` grace time a request may ask for: an hour is more than any guest needs to
+/// power off, and far from `Instant + Duration` overflowing.
+pub const MAX_GRACE_SECS: u64 = 3600;
+/// The most VM names one request may list: more than a lab holds in practice, few enough that
+/// matching them against the lab stays cheap.
+pub const MAX_VM_NAMES: usize = 1024;
+
+/// A request that decoded but asks for something out of range; each names the field and its
+/// range.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Invalid {
+    #[error("grace_secs {0} is out of range: it must be 0 to {MAX_GRACE_SECS} (seconds)")]
+    GraceSecs(u64),
+    #[error("vms lists {0} names: at most {MAX_VM_NAMES}")]
+    TooManyVms(usize),
+    /// The name itself only when short: a long one is named by its length.
+    #[error(
+        "vms[{index}] is not a VM name ({}): a VM name is 1-63 letters, digits and hyphens",
+        if name.len() <= 63 { format!("`{name}`") } else { format!("{} bytes", name.len()) }
+    )]
+    VmName { index: usize, name: String },
+    /// The tag's own error from [`kubenet_vm::snapshot::check_name`] (1-64 bytes).
+    #[error("tag: {0}")]
+    Tag(String),
+}
 
 /// What a client asks.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,6 +81,33 @@ pub enum Request {
         #[serde(default)]
         vms: Vec<String>,
     },
+}
+
+impl Request {
+    /// Checks every number and name the request holds against this module's limits; the agent
+    /// acts only on a request that passed.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        let (vms, grace, tag) = match self {
+            Request::Status | Request::Leases | Request::Reload | Request::Vms => return Ok(()),
+            Request::Start { vms } => (vms, None, None),
+            Request::Stop { vms, grace_secs } => (vms, *grace_secs, None),
+            Request::Snapshot { op: _, tag, vms } => (vms, None, Some(tag)),
+        };
+        if let Some(g) = grace.filter(|g| *g > MAX_GRACE_SECS) {
+            return Err(Invalid::GraceSecs(g));
+        }
+        if vms.len() > MAX_VM_NAMES {
+            return Err(Invalid::TooManyVms(vms.len()));
+        }
+        if let Some((index, name)) = vms.iter().enumerate().find(|(_, n)| !kubenet_cluster::is_dns_label(n)) {
+            return Err(Invalid::VmName { index, name: name.clone() });
+        }
+        if let Some(tag) = tag {
+            // The error names a long tag in full; the line cap bounds it to 64 KiB.
+            kubenet_vm::snapshot::check_name(tag).map_err(|e| Invalid::Tag(e.to_string()))?;
+        }
+        Ok(())
+    }
 }
 
 /// What the agent answers, one variant per request.
@@ -92,7 +150,16 @@ pub struct DnsCounters {
 
 impl From<kubenet_dns::server::Totals> for DnsCounters {
     fn from(t: kubenet_dns::server::Totals) -> Self {
-        let kubenet_dns::server::Totals { queries, local, forwarded, cache_hits, servfail, refused, malformed: _ } = t;
+        let kubenet_dns::server::Totals {
+            queries,
+            local,
+            forwarded,
+            cache_hits,
+            servfail,
+            refused,
+            malformed: _,
+            outside: _,
+        } = t;
         DnsCounters { queries, local, forwarded, cache_hits, servfail, refused }
     }
 }
@@ -106,33 +173,13 @@ pub struct LeaseRow {
     pub expires: Option<u64>,
 }
 
-/// What a VM is doing, from its folder.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VmState {
-    pub name: String,
-    #[serde(flatten)]
-    pub run: RunState,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "state", rename_all = "lowercase")]
-pub enum RunState {
-    /// QEMU runs as `pid`, since `since` (Unix seconds, its pidfile's time).
-    Running {
-        pid: u32,
-        since: Option<u64>,
-    },
-    Stopped,
-}
-
-impl RunState {
-    pub fn pid(&self) -> Option<u32> {
-        match self {
-            RunState::Running { pid, .. } => Some(*pid),
-            RunState::Stopped => None,
-        }
+impl From<&kubenet_dhcp::lease::Lease> for LeaseRow {
+    fn from(l: &kubenet_dhcp::lease::Lease) -> Self {
+        LeaseRow { mac: l.mac.to_string(), ip: l.ip, hostname: l.hostname.clone(), expires: l.expires }
     }
 }
+
+pub use kubenet_vm::process::{RunState, VmState};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StartResult {
@@ -185,10 +232,11 @@ pub fn encode_request(req: &Request) -> String {
 }
 
 /// A request line as the agent reads it: another version, or a line that is not a request,
-/// comes back as the error to answer with.
-pub fn decode_request(line: &str) -> Result<Request, String> {
+/// comes back as the error to answer with, and so does a request out of range
+/// ([`Request::validate`]).
+pub fn decode_request(line: &[u8]) -> Result<Request, String> {
     let example = r#"send one JSON object per line, e.g. {"v":2,"cmd":"status"}"#;
-    let mut v: Value = serde_json::from_str(line).map_err(|e| format!("bad request: {e}; {example}"))?;
+    let mut v: Value = serde_json::from_slice(line).map_err(|e| format!("bad request: {e}; {example}"))?;
     let version = v.as_object_mut().and_then(|o| o.remove("v")).and_then(|v| v.as_u64());
     if version != Some(u64::from(VERSION)) {
         let theirs = version.map_or_else(|| "1 (no version)".to_owned(), |v| v.to_string());
@@ -196,7 +244,9 @@ pub fn decode_request(line: &str) -> Result<Request, String> {
             "version mismatch: this kubenet serve speaks control protocol {VERSION}, the client {theirs}: use the kubenet that started serve, or restart kubenet serve with this one"
         ));
     }
-    serde_json::from_value(v).map_err(|e| format!("bad request: {e}; {example}"))
+    let req: Request = serde_json::from_value(v).map_err(|e| format!("bad request: {e}; {example}"))?;
+    req.validate().map_err(|e| format!("bad request: {e}"))?;
+    Ok(req)
 }
 
 /// An answer line as the client reads it.
@@ -224,14 +274,14 @@ mod tests {
         let req = Request::Stop { vms: vec!["worker0".into()], grace_secs: Some(5) };
         let line = encode_request(&req);
         assert_eq!(line, r#"{"cmd":"stop","grace_secs":5,"v":2,"vms":["worker0"]}"#);
-        assert_eq!(decode_request(&line), Ok(req));
+        assert_eq!(decode_request(line.as_bytes()), Ok(req));
         let snap = Request::Snapshot { op: LiveOp::Save, tag: "s1".into(), vms: vec![] };
-        assert_eq!(decode_request(&encode_request(&snap)), Ok(snap));
+        assert_eq!(decode_request(encode_request(&snap).as_bytes()), Ok(snap));
     }
 
     #[test]
     fn another_version_is_named_as_such_both_ways() {
-        let old = decode_request(r#"{"cmd":"status"}"#).unwrap_err();
+        let old = decode_request(br#"{"cmd":"status"}"#).unwrap_err();
         assert!(
             old.starts_with(
                 "version mismatch: this kubenet serve speaks control protocol 2, the client 1 (no version)"
@@ -249,8 +299,50 @@ mod tests {
             untyped.starts_with("version mismatch: kubenet serve speaks control protocol 1 (no version)"),
             "{untyped}"
         );
-        assert!(decode_request(r#"{"v":2,"cmd":"format-disk"}"#).unwrap_err().starts_with("bad request"));
-        assert!(decode_request("not json").unwrap_err().starts_with("bad request"));
+        assert!(decode_request(br#"{"v":2,"cmd":"format-disk"}"#).unwrap_err().starts_with("bad request"));
+        assert!(decode_request(b"not json").unwrap_err().starts_with("bad request"));
+    }
+
+    #[test]
+    fn numbers_and_names_out_of_range_are_refused_naming_the_field() {
+        let stop = |g: u64| format!(r#"{{"v":2,"cmd":"stop","grace_secs":{g}}}"#);
+        assert_eq!(
+            decode_request(stop(u64::MAX).as_bytes()).unwrap_err(),
+            "bad request: grace_secs 18446744073709551615 is out of range: it must be 0 to 3600 (seconds)"
+        );
+        assert_eq!(
+            decode_request(stop(MAX_GRACE_SECS).as_bytes()),
+            Ok(Request::Stop { vms: vec![], grace_secs: Some(MAX_GRACE_SECS) })
+        );
+        assert!(decode_request(stop(MAX_GRACE_SECS + 1).as_bytes()).unwrap_err().contains("grace_secs 3601"));
+        // Above u64 or negative: serde refuses it before validation sees it.
+        assert!(decode_request(br#"{"v":2,"cmd":"stop","grace_secs":18446744073709551616}"#).is_err());
+        assert!(decode_request(br#"{"v":2,"cmd":"stop","grace_secs":-1}"#).is_err());
+
+        let many = |n: usize| Request::Start { vms: vec!["worker0".to_owned(); n] };
+        assert_eq!(many(MAX_VM_NAMES).validate(), Ok(()));
+        assert_eq!(many(MAX_VM_NAMES + 1).validate(), Err(Invalid::TooManyVms(1025)));
+        assert_eq!(
+            decode_request(encode_request(&many(MAX_VM_NAMES + 1)).as_bytes()).unwrap_err(),
+            "bad request: vms lists 1025 names: at most 1024"
+        );
+        let long = Request::Stop { vms: vec!["w0".into(), "x".repeat(70_000)], grace_secs: None };
+        assert_eq!(
+            decode_request(encode_request(&long).as_bytes()).unwrap_err(),
+            "bad request: vms[1] is not a VM name (70000 bytes): a VM name is 1-63 letters, digits and hyphens"
+        );
+        let odd = Request::Start { vms: vec!["../etc".into()] };
+        assert!(odd.validate().unwrap_err().to_string().starts_with("vms[0] is not a VM name (`../etc`)"));
+        assert!(Request::Start { vms: vec![String::new()] }.validate().is_err());
+
+        let snap = |tag: &str| Request::Snapshot { op: LiveOp::Save, tag: tag.into(), vms: vec![] };
+        assert_eq!(snap("before-upgrade.1").validate(), Ok(()));
+        for bad in ["", "-x", ".hidden", "a/b", &"t".repeat(65)] {
+            let e = snap(bad).validate().unwrap_err();
+            assert!(matches!(e, Invalid::Tag(_)) && e.to_string().starts_with("tag: "), "{bad:?}: {e}");
+        }
+        // Requests without numbers or names pass as they are.
+        assert_eq!(Request::Status.validate(), Ok(()));
     }
 
     #[test]

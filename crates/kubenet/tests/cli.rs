@@ -209,7 +209,10 @@ fn dry_run_shows_the_firmware_the_config_asks_for() {
     let o = lab("bios");
     assert!(o.status.success(), "{}", stderr(&o));
     let line = stdout(&o);
-    assert!(line.starts_with("qemu-system-x86_64 -name gateway -machine q35,accel=tcg -cpu max"), "{line}");
+    // QEMU by the absolute path found in PATH: what root will run is what is shown.
+    let (qemu, rest) = line.split_once(' ').unwrap();
+    assert!(qemu.starts_with('/') && qemu.ends_with("/qemu-system-x86_64"), "{line}");
+    assert!(rest.starts_with("-name gateway -machine q35,accel=tcg -cpu max"), "{line}");
     assert!(!line.contains("pflash"), "SeaBIOS needs no flash drives: {line}");
     let ovmf = Path::new("/usr/share/OVMF/OVMF_CODE_4M.fd");
     let o = lab("uefi");

@@ -8,7 +8,7 @@ use anyhow::bail;
 use kubenet_cluster::Lab;
 use kubenet_vm::LabFiles;
 
-use crate::proto::RunState;
+use crate::proto::{Answer, LeaseRow, Request, RunState, VmState};
 
 use super::{now, require_running, short};
 
@@ -34,22 +34,17 @@ pub struct LeaseCell {
     pub expires: Option<u64>,
 }
 
-/// The rows of `kubenet status` from the VMs' states, the lease table, which VMs answer on port
-/// 22, and the time. Pure.
-pub fn status_rows(
-    lab: &Lab,
-    states: &[crate::proto::VmState],
-    leases: Option<&kubenet_dhcp::lease::LeaseTable>,
-    ssh: &[bool],
-    now: u64,
-) -> Vec<StatusRow> {
+/// The rows of `kubenet status` from the VMs' states (by name: the agent's lab may be older than
+/// this file), the active leases, which VMs answer on port 22, and the time. Pure.
+pub fn status_rows(lab: &Lab, states: &[VmState], leases: &[LeaseRow], ssh: &[bool], now: u64) -> Vec<StatusRow> {
     lab.vms
         .iter()
-        .zip(states)
         .zip(ssh)
-        .map(|((vm, s), &ssh)| {
-            let lease = leases.and_then(|l| l.iter().find(|l| l.mac == vm.mac && l.active(now)));
-            let (state, pid, since) = match s.run {
+        .map(|(vm, &ssh)| {
+            let mac = vm.mac.to_string();
+            let lease = leases.iter().find(|l| l.mac == mac && l.expires.is_none_or(|e| e > now));
+            let run = states.iter().find(|s| s.name == vm.name).map_or(&RunState::Stopped, |s| &s.run);
+            let (state, pid, since) = match *run {
                 RunState::Running { pid, since } => ("running", Some(pid), since),
                 RunState::Stopped => ("stopped", None, None),
             };
@@ -68,27 +63,46 @@ pub fn status_rows(
         .collect()
 }
 
-/// What `kubenet status` reads: the VM folders, the lease file and port 22 of each running VM.
+/// The VMs' states and the active leases: asked of `kubenet serve` when it runs (its own view,
+/// the one it acts on), else read from the VM folders and the lease file, as the VMs outlive it.
+/// A VM of this file that the agent does not know (added since its last reload) is read from its
+/// folder. An agent that does not answer within 3 s counts as not running.
+fn states_and_leases(lab: &Lab, now: u64) -> (Vec<VmState>, Vec<LeaseRow>) {
+    let ask = |req| crate::client::request_within(&lab.state_dir, &req, Some(Duration::from_secs(3)));
+    let on_disk = || kubenet_vm::process::states(lab);
+    if let (Ok(Answer::Vms(mut states)), Ok(Answer::Leases(leases))) = (ask(Request::Vms), ask(Request::Leases)) {
+        if lab.vms.iter().any(|vm| !states.iter().any(|s| s.name == vm.name)) {
+            let missing: Vec<VmState> =
+                on_disk().into_iter().filter(|s| !states.iter().any(|a| a.name == s.name)).collect();
+            states.extend(missing);
+        }
+        return (states, leases);
+    }
+    let table = kubenet_dhcp::lease::load(&lab.lease_file(), now).map(|(l, _)| l).unwrap_or_default();
+    let leases = table.iter().filter(|l| l.active(now)).map(LeaseRow::from).collect();
+    (on_disk(), leases)
+}
+
+/// What `kubenet status` shows: the VMs' states and leases, and port 22 of each running VM.
 /// Works whether or not `kubenet serve` runs.
 fn read_status(lab: &Lab) -> Vec<StatusRow> {
     let t = now();
-    let leases = kubenet_dhcp::lease::load(&lab.lease_file(), t).map(|(l, _)| l).ok();
-    let states = crate::vms::states(lab);
+    let (states, leases) = states_and_leases(lab, t);
     // Port 22 of every running VM at once: a busy guest (TCG, or a loaded host) may take a
     // second to answer, and seven of those one after another would make `status` slow.
     let ssh: Vec<bool> = std::thread::scope(|scope| {
-        let probes: Vec<_> = states
+        let probes: Vec<_> = lab
+            .vms
             .iter()
-            .zip(&lab.vms)
-            .map(|(s, vm)| {
-                let running = s.run.pid().is_some();
+            .map(|vm| {
+                let running = states.iter().any(|s| s.name == vm.name && s.run.pid().is_some());
                 let addr = SocketAddr::new(vm.ip.into(), 22);
                 scope.spawn(move || running && TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok())
             })
             .collect();
         probes.into_iter().map(|p| p.join().unwrap_or(false)).collect()
     });
-    status_rows(lab, &states, leases.as_ref(), &ssh, t)
+    status_rows(lab, &states, &leases, &ssh, t)
 }
 
 pub fn status(lab: &Lab, json_out: bool, out: &mut impl Write) -> anyhow::Result<()> {
@@ -128,7 +142,7 @@ pub fn status(lab: &Lab, json_out: bool, out: &mut impl Write) -> anyhow::Result
             kubenet_cluster::CONFIG_ENV
         );
     }
-    write!(out, "{}", crate::table::columns(&header, &cells))?;
+    write!(out, "{}", crate::commands::table::columns(&header, &cells))?;
     Ok(())
 }
 
@@ -153,7 +167,6 @@ mod tests {
 
     #[test]
     fn status_rows_join_states_leases_and_ssh() {
-        use crate::proto::VmState;
         let lab = kubenet_cluster::load(&kubenet_cluster::Choice::Embedded, Path::new("/lab")).unwrap();
         let states: Vec<VmState> = lab
             .vms
@@ -167,18 +180,13 @@ mod tests {
                 },
             })
             .collect();
-        let mut leases = kubenet_dhcp::lease::LeaseTable::default();
-        let lease = |vm: &Vm, expires| kubenet_dhcp::lease::Lease {
-            ip: vm.ip,
-            mac: vm.mac,
-            client_id: None,
-            hostname: None,
-            expires,
-        };
-        leases.insert(lease(&lab.vms[0], Some(1000)));
-        leases.insert(lease(&lab.vms[1], Some(150)));
+        let lease = |vm: &Vm, expires| LeaseRow { ip: vm.ip, mac: vm.mac.to_string(), hostname: None, expires };
+        let leases = [lease(&lab.vms[0], Some(1000)), lease(&lab.vms[1], Some(150))];
         let ssh: Vec<bool> = lab.vms.iter().map(|vm| vm.name == "gateway").collect();
-        let rows = status_rows(&lab, &states, Some(&leases), &ssh, 200);
+        // By name: a state the agent no longer has (a VM since removed) is left out, and one
+        // it lacks is stopped.
+        let states: Vec<VmState> = states.into_iter().filter(|s| s.name != "worker2").collect();
+        let rows = status_rows(&lab, &states, &leases, &ssh, 200);
         assert_eq!(
             rows[0],
             StatusRow {

@@ -279,12 +279,10 @@ fn e2e_a_real_lab_boots_resolves_and_answers_ssh() {
     assert_eq!(lab.ssh("worker1", "uname -m"), "aarch64");
     let argv = std::fs::read(format!("/proc/{}/cmdline", lab.status()[3]["pid"])).unwrap();
     let argv = String::from_utf8_lossy(&argv).replace('\0', " ");
-    assert!(
-        argv.starts_with(
-            "qemu-system-aarch64 -name worker1 -machine virt,accel=tcg,highmem=on -cpu max,pauth-impdef=on "
-        ),
-        "{argv}"
-    );
+    // QEMU by the absolute path the agent found and checked.
+    let (qemu, rest) = argv.split_once(' ').unwrap();
+    assert!(qemu.starts_with('/') && qemu.ends_with("/qemu-system-aarch64"), "{argv}");
+    assert!(rest.starts_with("-name worker1 -machine virt,accel=tcg,highmem=on -cpu max,pauth-impdef=on "), "{argv}");
     assert!(argv.contains(AAVMF_CODE), "{argv}");
 
     for (name, ip) in VMS {

@@ -316,9 +316,7 @@ fn qemu_starts_from_a_folder_whose_path_has_a_comma_and_a_space() {
     let ns = Netns::new("vmc");
     let dir = tempfile::Builder::new().prefix("kubenet, a lab ").tempdir().unwrap();
     let d = dir.path();
-    let lab = support::test_lab()
-        .replace("accelerator = \"auto\"", "accelerator = \"tcg\"")
-        .replace("memory = \"2G\"", "memory = \"256M\"");
+    let lab = support::tcg_lab();
     lab_dir(d, &d.join("state"), &lab);
     let agent = serve(&ns, d, &[]);
     let cli = |args: &[&str]| kubenet_cmd(ns.cmd(kubenet_bin()), d, &[&["--dir", "state"][..], args].concat());
@@ -349,11 +347,7 @@ fn serve_starts_finds_again_and_stops_qemu() {
     let ns = Netns::new("vm");
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    // TCG: this machine's KVM cannot run guests, and TCG runs anywhere.
-    let lab = support::test_lab()
-        .replace("accelerator = \"auto\"", "accelerator = \"tcg\"")
-        .replace("memory = \"2G\"", "memory = \"256M\"");
-    assert!(lab.contains("accelerator = \"tcg\""));
+    let lab = support::tcg_lab();
     // serve() keeps the lab's state in d/state; every command here is told the same.
     lab_dir(d, &d.join("state"), &lab);
     let agent = serve(&ns, d, &[]);
@@ -402,14 +396,10 @@ fn serve_starts_finds_again_and_stops_qemu() {
         .env("HOME", d.join("home"))
         .env_remove("KUBENET_CONFIG");
     let mut waiting = support::Proc::spawn(c, &d.join("up.log"));
-    let start = std::time::Instant::now();
-    let pid = loop {
-        if let Some(pid) = status(&ns, d)[0]["pid"].as_u64() {
-            break pid;
-        }
-        assert!(start.elapsed() < Duration::from_secs(30), "gateway did not start: {}", waiting.log_text());
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    // Killed once `up` says it started, and so waits: not as soon as the pidfile exists, which
+    // QEMU writes before it builds the machine, while the agent still waits for it to daemonize.
+    waiting.wait_for("gateway    started (pid ", Duration::from_secs(30));
+    let pid = status(&ns, d)[0]["pid"].as_u64().unwrap();
     assert!(Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap().success());
     let killed = std::time::Instant::now();
     let code = loop {
@@ -480,22 +470,14 @@ fn up_refuses_an_ssh_server_with_a_foreign_host_key() {
     let p = support::pair("imp", "192.168.1.1/24");
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let lab = support::test_lab()
-        .replace("accelerator = \"auto\"", "accelerator = \"tcg\"")
-        .replace("memory = \"8G\"", "memory = \"256M\"");
-    assert!(lab.contains("accelerator = \"tcg\""));
+    let lab = support::tcg_lab();
     lab_dir(d, &d.join("state"), &lab);
     // --no-bridge: the QEMU started below gets a tap of its own, on nothing, so the impostor
     // is the only worker0 on the wire.
     let agent = serve(&p.server, d, &[]);
     p.client.ip(&["link", "set", "knc", "address", "52:52:52:00:00:04"]);
-    let out = p
-        .client
-        .cmd("udhcpc")
-        .args(["-i", "knc", "-n", "-q", "-f", "-t", "5", "-T", "2", "-s", "/bin/true"])
-        .output()
-        .unwrap();
-    assert!(text(&out).contains("lease of 192.168.1.14 obtained"), "{}", text(&out));
+    let (_, said) = support::udhcpc_once(&p.client, "knc");
+    assert!(said.contains("lease of 192.168.1.14 obtained"), "{said}");
     p.client.ip(&["addr", "add", "192.168.1.14/24", "dev", "knc"]);
     let key = d.join("impostor_key");
     let impostor = kubenet_vm::keys::load_or_create(&key, "impostor").unwrap();
@@ -1018,10 +1000,7 @@ fn live_snapshots_pause_save_and_load_running_qemu() {
     let ns = Netns::new("snap");
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let lab = support::test_lab()
-        .replace("accelerator = \"auto\"", "accelerator = \"tcg\"")
-        .replace("memory = \"2G\"", "memory = \"256M\"")
-        .replace("memory = \"8G\"", "memory = \"256M\"");
+    let lab = support::tcg_lab();
     lab_dir(d, &d.join("state"), &lab);
     let agent = serve(&ns, d, &[]);
     let cli = |args: &[&str]| kubenet_cmd(ns.cmd(kubenet_bin()), d, &[&["--dir", "state"][..], args].concat());
@@ -1090,4 +1069,141 @@ fn live_snapshots_pause_save_and_load_running_qemu() {
         err.contains("restoring the live snapshot s2 needs kubenet serve") && err.contains("sudo kubenet serve"),
         "{err}"
     );
+}
+
+/// The by-descriptor start (what macOS uses, where QEMU begins as root) against a real QEMU on
+/// Linux: the agent opens the guest's files and binds its sockets as the owner (uid 65534) and
+/// QEMU gets only descriptors. It runs, as the owner, holding exactly the lab's files; its
+/// console log fills and QMP answers on the owner's socket; a seed.iso that is a link to a
+/// root-only file stops the start, and the file is neither opened nor changed.
+#[test]
+#[cfg(target_os = "linux")]
+fn qemu_gets_the_guests_files_as_descriptors_opened_as_the_owner() {
+    if prerequisites(&["qemu-system-x86_64", "qemu-img"]).is_some() {
+        return;
+    }
+    if kubenet_cluster::Arch::HOST != kubenet_cluster::Arch::X86_64 {
+        return support::skip("the test's guest is x86_64 and runs natively only on an x86_64 host");
+    }
+    use kubenet_vm::qemu::{Accel, Firmware, Guest, HostProfile};
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let ns = Netns::new("vmfd");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let lab = support::tcg_lab();
+    lab_dir(d, d, &lab);
+    ok(kubenet(d, &["setup", "gateway"]));
+    let out = Command::new("chown").args(["-R", "65534:65534"]).arg(d).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let lab = kubenet_cluster::load(&kubenet_cluster::Choice::File("kubenet.toml".into()), d).unwrap();
+    let vm = lab.vm_by_name("gateway").unwrap();
+    let files = kubenet_vm::VmFiles::new(&lab, vm);
+    let owner = kubenet_vm::owner::Owner { uid: 65534, gid: 65534, groups: vec![65534], name: "nobody".into() };
+    // UEFI where OVMF is installed, so the variable store goes by descriptor too.
+    let candidates =
+        kubenet_vm::qemu::firmware_candidates(kubenet_cluster::Os::Linux, kubenet_cluster::Arch::X86_64, None);
+    let firmware = candidates
+        .into_iter()
+        .find(|(c, v)| c.exists() && v.exists())
+        .map_or(Firmware::Bios, |(code, vars_template)| Firmware::Uefi { code, vars_template });
+    let uefi = matches!(firmware, Firmware::Uefi { .. });
+    let guest = Guest { qemu: support::which("qemu-system-x86_64").unwrap(), firmware, drop_to: None };
+    let profile = HostProfile {
+        os: kubenet_cluster::Os::Linux,
+        arch: kubenet_cluster::Arch::X86_64,
+        accel: Accel::Tcg,
+        files_by_fd: true,
+        guests: vec![(kubenet_cluster::Arch::X86_64, Ok(guest))],
+    };
+    // The agent's side, on a thread inside the test's namespace, where the tap is made.
+    let launch = || {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let ns_file = std::fs::File::open(format!("/run/netns/{}", ns.name)).unwrap();
+                use std::os::fd::AsRawFd;
+                // SAFETY: setns on an open namespace file, for this thread alone.
+                assert_eq!(unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+                kubenet_vm::process::launch(&lab, vm, &profile, &owner)
+            })
+            .join()
+            .unwrap()
+        })
+    };
+    let pid = match launch() {
+        Ok(kubenet_vm::process::Launched::Started(pid)) => pid as u64,
+        other => panic!("{other:?}: {}", std::fs::read_to_string(files.qemu_log()).unwrap_or_default()),
+    };
+    let _qemu = support::KillOnDrop(pid);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(status.lines().any(|l| l.split_whitespace().eq(["Uid:", "65534", "65534", "65534", "65534"])), "{status}");
+    // No file of the lab's is named on the command line; all come as descriptors.
+    let cmdline = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap()).into_owned();
+    assert!(cmdline.contains("\0-add-fd\0") && cmdline.contains("\"filename\":\"/dev/fdset/2\""), "{cmdline}");
+    for f in ["disk.img", "seed.iso", "efi-vars.fd", "console.log", ".sock", "images/"] {
+        assert!(!cmdline.contains(f), "{f} by path in {cmdline}");
+    }
+    let held: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+        .map(|p| p.display().to_string())
+        .collect();
+    let base = d.join(default_image()).display().to_string();
+    let mut want = vec![files.disk(), files.seed(), files.console_log()];
+    if uefi {
+        want.push(files.efi_vars());
+    }
+    for f in want.iter().map(|p| p.display().to_string()).chain([base]) {
+        assert!(held.contains(&f), "QEMU does not hold {f}: {held:?}");
+    }
+    assert!(held.iter().filter(|h| h.starts_with("socket:")).count() >= 2, "{held:?}");
+    // The sockets are the owner's, and QMP answers on one: the VM runs.
+    assert_eq!(std::fs::symlink_metadata(files.qmp_socket()).unwrap().uid(), 65534);
+    assert_eq!(std::fs::symlink_metadata(files.serial_socket()).unwrap().uid(), 65534);
+    let state = qemu_run_state(&files.qmp_socket());
+    assert_eq!(state, "running");
+    // The firmware prints to the serial console, which QEMU logs through its descriptor.
+    let start = std::time::Instant::now();
+    while std::fs::metadata(files.console_log()).unwrap().len() == 0 {
+        assert!(start.elapsed() < Duration::from_secs(60), "the console log stays empty");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(std::fs::metadata(files.console_log()).unwrap().uid(), 65534);
+    assert_eq!(kubenet_vm::process::running(&files), Some(pid as u32));
+    assert!(Command::new("kill").arg(pid.to_string()).status().unwrap().success());
+    let start = std::time::Instant::now();
+    while pid_alive(pid) {
+        assert!(start.elapsed() < Duration::from_secs(20), "QEMU {pid} did not end on SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // seed.iso as a link to a root-only file: nothing starts, and the file is as it was.
+    let secret = d.join("secret");
+    std::fs::write(&secret, "root only").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::chown(&secret, Some(0), Some(0)).unwrap();
+    let kept = files.dir.join("seed.kept");
+    std::fs::rename(files.seed(), &kept).unwrap();
+    std::os::unix::fs::symlink(&secret, files.seed()).unwrap();
+    let err = launch().unwrap_err().to_string();
+    assert!(err.contains("seed.iso"), "{err}");
+    std::fs::remove_file(files.seed()).unwrap();
+    std::fs::rename(&kept, files.seed()).unwrap();
+    // The overlay's backing file pointed at it (what the owner can do with qemu-img): refused
+    // before QEMU runs, naming the disk and the file.
+    let rebase = |to: &str| {
+        let out = Command::new("qemu-img")
+            .args(["rebase", "-u", "-f", "qcow2", "-F", "raw", "-b", to])
+            .arg(files.disk())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+    };
+    rebase(secret.to_str().unwrap());
+    let err = launch().unwrap_err().to_string();
+    assert!(err.contains("disk.img: its backing file") && err.contains("is not in the lab's images folder"), "{err}");
+    let meta = std::fs::metadata(&secret).unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o600));
+    assert_eq!(std::fs::read_to_string(&secret).unwrap(), "root only");
+    assert_eq!(kubenet_vm::process::running(&files), None);
 }

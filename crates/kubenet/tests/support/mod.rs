@@ -86,6 +86,42 @@ pub fn run(cmd: &mut Command) -> Output {
     out
 }
 
+/// Waits until the file `p` holds `needle`; returns its text, or panics with it after `timeout`.
+pub fn wait_file(p: &Path, needle: &str, timeout: Duration) -> String {
+    let start = Instant::now();
+    loop {
+        let t = std::fs::read_to_string(p).unwrap_or_default();
+        if t.contains(needle) {
+            return t;
+        }
+        assert!(start.elapsed() < timeout, "{} has no {needle:?} after {timeout:?}:\n{t}", p.display());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One DHCP exchange by busybox's udhcpc on `iface` in `ns`, configuring nothing: whether it
+/// got a lease, and what it said ("lease of IP obtained from SERVER").
+pub fn udhcpc_once(ns: &Netns, iface: &str) -> (bool, String) {
+    let out = ns
+        .cmd("udhcpc")
+        .args(["-i", iface, "-n", "-q", "-f", "-t", "4", "-T", "2", "-s", "/bin/true"])
+        .output()
+        .unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
+/// A daemonized process this test started (a QEMU), killed by its pid if the test ends before it
+/// stopped it, so a failed assertion leaves nothing running.
+pub struct KillOnDrop(pub u64);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if pid_alive(self.0) {
+            let _ = Command::new("kill").args(["-KILL", &self.0.to_string()]).status();
+        }
+    }
+}
+
 /// A network namespace, deleted on drop.
 pub struct Netns {
     pub name: String,
@@ -222,6 +258,19 @@ pub fn test_lab() -> String {
     reference.replace("upstream = []", "upstream = [\"127.0.0.1:9\"]")
 }
 
+/// The test lab for real QEMU here: TCG (this machine's /dev/kvm opens but runs no guest, and
+/// TCG runs anywhere) and 256 MiB a VM, so a few of them fit beside each other.
+pub fn tcg_lab() -> String {
+    let lab = test_lab()
+        .replace("accelerator = \"auto\"", "accelerator = \"tcg\"")
+        .replace("memory = \"2G\"", "memory = \"256M\"")
+        .replace("memory = \"8G\"", "memory = \"256M\"");
+    assert!(
+        lab.contains("accelerator = \"tcg\"") && !lab.contains("memory = \"2G\"") && !lab.contains("memory = \"8G\"")
+    );
+    lab
+}
+
 /// The test lab with its DNS upstream replaced (a fake the test runs itself).
 pub fn test_lab_with_upstream(upstream: &str) -> String {
     test_lab().replace("upstream = [\"127.0.0.1:9\"]", &format!("upstream = [\"{upstream}\"]"))
@@ -275,10 +324,14 @@ fn serve_in(ns: &Netns, dir: &Path, extra: &[&str]) -> Proc {
         std::fs::write(dir.join("kubenet.toml"), test_lab()).unwrap();
     }
     let mut cmd = ns.cmd(kubenet_bin());
+    // The test's lab is root's: under `sudo scripts/test`, SUDO_UID would make serve work for
+    // the developer instead, in root's folders.
     cmd.current_dir(dir)
         .args(["serve", "--dir"])
         .arg(dir.join("state"))
         .args(extra)
+        .env_remove("SUDO_UID")
+        .env_remove("SUDO_GID")
         .env_remove("KUBENET_CONFIG")
         .env("RUST_LOG", "debug");
     let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);

@@ -202,7 +202,7 @@ fn a_state_directory_gone_read_only_withholds_acks_with_a_clear_error() {
 #[test]
 fn a_full_disk_withholds_acks_with_a_clear_error() {
     unwritable_state(
-        "mount -t tmpfs -o size=16k tmpfs $S; dd if=/dev/zero of=$S/fill bs=4k count=64 2>/dev/null || true",
+        "mount -t tmpfs -o size=16k,mode=0755 tmpfs $S; dd if=/dev/zero of=$S/fill bs=4k count=64 2>/dev/null || true",
         When::BeforeStart,
     );
 }

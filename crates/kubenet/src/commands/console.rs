@@ -15,7 +15,7 @@ const DETACH: u8 = 0x1d;
 pub fn attach(lab: &Lab, name: &str) -> anyhow::Result<()> {
     let vm = lab.select(&[name.to_owned()]).map_err(crate::cli::unknown_vm)?[0];
     let files = VmFiles::new(lab, vm);
-    crate::lifecycle::require_running(lab, vm)?;
+    crate::commands::lifecycle::require_running(lab, vm)?;
     let path = files.serial_socket();
     let sock = UnixStream::connect(&path).with_context(|| format!("cannot attach to {}", path.display()))?;
     let tty = std::io::stdin().is_terminal();

@@ -40,15 +40,18 @@ pub fn run(lab: &Lab, json: bool, out: &mut impl Write) -> anyhow::Result<bool> 
     all.extend(qemu_and_firmware(lab));
     all.push(accelerator(lab));
     // Asked once: the port checks and the serve check both need it.
-    let agent = crate::control::status(&lab.state_dir).ok();
+    let agent = crate::client::status(&lab.state_dir).ok();
     for (port, what) in [(53, "DNS"), (67, "DHCP")] {
         all.push(port_verdict(port, what, &holders(port), agent.is_some()));
     }
     all.push(serve(agent.as_ref()));
+    all.push(service_verdict(crate::commands::service::installed_problems().as_deref()));
     all.extend(images(lab));
     all.push(ssh_key(lab));
     all.extend(state_dir(lab));
     all.push(host_resolver(lab));
+    #[cfg(target_os = "linux")]
+    all.extend(network(lab));
     all.push(disk_space(lab));
     all.push(memory(lab));
     all.push(tmux());
@@ -322,6 +325,27 @@ pub fn serve_verdict(agent: Option<&str>, cli: &str) -> Check {
     }
 }
 
+/// The installed service (`problems`: None when none is installed): it runs as root at every
+/// boot, so a binary or lab definition anyone but root can replace makes its owner root.
+pub fn service_verdict(problems: Option<&[String]>) -> Check {
+    match problems {
+        None => {
+            check("service", Level::Ok, "not installed (`sudo kubenet service install` starts serve at boot)", None)
+        }
+        Some([]) => check("service", Level::Ok, "installed; its binary and lab definition are root's alone", None),
+        Some(p) => check(
+            "service",
+            Level::Warn,
+            format!("the root service runs what others than root can replace: {}", p.join("; ")),
+            Some(format!(
+                "`sudo kubenet service install` again: it copies kubenet to {} and the lab definition to {}",
+                crate::commands::service::LIBEXEC_BIN,
+                crate::commands::service::SERVICE_CONFIG
+            )),
+        ),
+    }
+}
+
 /// Each base image: there, and matching its `image_sha256` or the hash `image pull` checked.
 fn images(lab: &Lab) -> Vec<Check> {
     let mut seen: Vec<PathBuf> = Vec::new();
@@ -414,7 +438,7 @@ fn state_dir(lab: &Lab) -> Vec<Check> {
             None,
         )];
     };
-    let (uid, _) = crate::control::owner();
+    let (uid, _) = crate::agent::control::owner();
     let mut out = Vec::new();
     if meta.uid() != uid {
         out.push(check(
@@ -472,6 +496,64 @@ fn host_resolver(lab: &Lab) -> Check {
             format!("this host does not resolve *.{domain} (the VMs do; `kubenet ssh` needs no names)"),
             Some("`sudo kubenet serve --host-resolver` sets it up while serve runs".into()),
         )
+    }
+}
+
+/// The lab's bridge and subnet against the host's interfaces, as `serve` will judge them
+/// ([`crate::agent::hostnet::bridge_verdict`], [`crate::agent::hostnet::overlap`]), read from /sys and the
+/// interface list of the network namespace doctor runs in.
+#[cfg(target_os = "linux")]
+fn network(lab: &Lab) -> Vec<Check> {
+    use crate::agent::hostnet::{LinkFacts, LinkKind};
+    let name = &lab.network.bridge;
+    let sys = Path::new("/sys/class/net").join(name);
+    let facts = sys.exists().then(|| LinkFacts {
+        kind: if sys.join("bridge").is_dir() {
+            LinkKind::Bridge
+        } else if sys.join("tun_flags").exists() {
+            LinkKind::Tap
+        } else {
+            LinkKind::Other
+        },
+        alias: std::fs::read_to_string(sys.join("ifalias")).ok().map(|a| a.trim().to_owned()).filter(|a| !a.is_empty()),
+    });
+    let bridge = bridge_check(name, facts.as_ref(), &crate::agent::hostnet::mark(&lab.state_dir));
+    // The lab's own bridge carries the lab's subnet; any other interface, a foreign one of the
+    // bridge's name included, counts.
+    let except = if bridge.level == Level::Ok { name.as_str() } else { "" };
+    vec![bridge, subnet_check(lab.network.subnet, &crate::agent::hostnet::host_networks(except))]
+}
+
+/// The `bridge` line: free, this lab's own, or someone's interface `serve` will refuse.
+#[cfg(target_os = "linux")]
+pub fn bridge_check(name: &str, existing: Option<&crate::agent::hostnet::LinkFacts>, mark: &str) -> Check {
+    match crate::agent::hostnet::bridge_verdict(name, existing, mark) {
+        Ok(crate::agent::hostnet::Take::Create) => {
+            check("bridge", Level::Ok, format!("{name} does not exist yet: `kubenet serve` makes it"), None)
+        }
+        Ok(crate::agent::hostnet::Take::Adopt) => {
+            check("bridge", Level::Ok, format!("{name} is this lab's bridge"), None)
+        }
+        Err(e) => check(
+            "bridge",
+            Level::Fail,
+            e.to_string(),
+            Some("set network.bridge to a name no interface of this host has".into()),
+        ),
+    }
+}
+
+/// The `subnet` line: the lab's subnet against every network of the host's interfaces.
+#[cfg(target_os = "linux")]
+pub fn subnet_check(subnet: ipnet::Ipv4Net, host: &[(String, ipnet::Ipv4Net)]) -> Check {
+    match crate::agent::hostnet::overlap(subnet, host) {
+        None => check("subnet", Level::Ok, format!("{} is on no other interface of this host", subnet.trunc()), None),
+        Some(e) => check(
+            "subnet",
+            Level::Fail,
+            e.to_string(),
+            Some("set network.subnet, host_address and dhcp_range to a network this host does not have".into()),
+        ),
     }
 }
 
@@ -659,5 +741,42 @@ mod tests {
         let r = render(&[ok, bad]);
         assert!(r.contains("FAIL  port 67          held by dnsmasq\n                       fix: stop it\n"), "{r}");
         assert!(r.ends_with("1 problems to fix before `kubenet up`\n"), "{r}");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_network_lines_name_the_interface_serve_would_refuse() {
+        use crate::agent::hostnet::{LinkFacts, LinkKind};
+        let m = "kubenet:/lab";
+        assert_eq!(bridge_check("kubenet0", None, m).level, Level::Ok);
+        let ours = LinkFacts { kind: LinkKind::Bridge, alias: Some(m.into()) };
+        assert_eq!(bridge_check("kubenet0", Some(&ours), m).detail, "kubenet0 is this lab's bridge");
+        let veth = LinkFacts { kind: LinkKind::Other, alias: None };
+        let c = bridge_check("eth0", Some(&veth), m);
+        assert_eq!(
+            (c.level, c.detail.as_str()),
+            (Level::Fail, "eth0 exists and is not a bridge kubenet made: pick another network.bridge")
+        );
+        let net = |s: &str| s.parse::<ipnet::Ipv4Net>().unwrap();
+        let lab = net("192.168.1.0/24");
+        assert_eq!(subnet_check(lab, &[("eth0".into(), net("10.0.0.2/8"))]).level, Level::Ok);
+        let c = subnet_check(lab, &[("eth0".into(), net("10.0.0.2/8")), ("wlan0".into(), net("192.168.1.4/24"))]);
+        assert_eq!(
+            (c.level, c.detail.as_str()),
+            (Level::Fail, "the lab's 192.168.1.0/24 overlaps wlan0's 192.168.1.0/24: pick another subnet")
+        );
+    }
+
+    #[test]
+    fn a_service_others_can_replace_is_a_warning_with_the_fix() {
+        assert_eq!(service_verdict(None).level, Level::Ok);
+        assert_eq!(service_verdict(Some(&[])).level, Level::Ok);
+        let c = service_verdict(Some(&["/home/ann/.cargo/bin belongs to uid 1000, not root".to_owned()]));
+        assert_eq!(c.level, Level::Warn);
+        assert_eq!(
+            c.detail,
+            "the root service runs what others than root can replace: /home/ann/.cargo/bin belongs to uid 1000, not root"
+        );
+        assert!(c.fix.unwrap().contains("/usr/local/libexec/kubenet/kubenet"));
     }
 }

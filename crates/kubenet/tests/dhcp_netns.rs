@@ -59,7 +59,7 @@ fn udhcpc_bound_as_worker0(client: &Netns, d: &Path, script: &str) -> Proc {
     let mut cmd = client.cmd("udhcpc");
     cmd.args(["-f", "-i", "knc", "-s", script, "-t", "10", "-T", "1", "-A", "1"]);
     let udhcpc = Proc::spawn(cmd, &d.join("udhcpc.log"));
-    let events = wait_file(&d.join("udhcpc.events"), "bound", Duration::from_secs(30));
+    let events = support::wait_file(&d.join("udhcpc.events"), "bound", Duration::from_secs(30));
     assert!(
         events.contains("bound ip=192.168.1.14 router=192.168.1.1 dns=192.168.1.1 domain=kubevms hostname=worker0"),
         "{events}"
@@ -69,18 +69,6 @@ fn udhcpc_bound_as_worker0(client: &Netns, d: &Path, script: &str) -> Proc {
 
 fn read(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_default()
-}
-
-fn wait_file(p: &Path, needle: &str, timeout: Duration) -> String {
-    let start = std::time::Instant::now();
-    loop {
-        let t = read(p);
-        if t.contains(needle) {
-            return t;
-        }
-        assert!(start.elapsed() < timeout, "{} has no {needle:?} after {timeout:?}:\n{t}", p.display());
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn dhclient(lan: &Lan, script: &str, tag: &str) -> Proc {
@@ -105,7 +93,7 @@ fn dhclient_gets_the_vms_address_and_keeps_it_across_a_server_restart() {
     let script = dhclient_script(d);
 
     let client = dhclient(&lan, &script, "1");
-    let bound = wait_file(&d.join("dhclient.BOUND"), "new_ip_address", Duration::from_secs(30));
+    let bound = support::wait_file(&d.join("dhclient.BOUND"), "new_ip_address", Duration::from_secs(30));
     drop(client);
     for line in [
         "new_ip_address=192.168.1.14",
@@ -125,7 +113,7 @@ fn dhclient_gets_the_vms_address_and_keeps_it_across_a_server_restart() {
     let server = serve(&lan.server, d, &[]);
     assert!(server.log_text().contains("active=1"), "lease not reloaded:\n{}", server.log_text());
     let client = dhclient(&lan, &script, "2");
-    let reboot = wait_file(&d.join("dhclient.REBOOT"), "new_ip_address", Duration::from_secs(30));
+    let reboot = support::wait_file(&d.join("dhclient.REBOOT"), "new_ip_address", Duration::from_secs(30));
     drop(client);
     assert!(reboot.contains("new_ip_address=192.168.1.14"), "{reboot}");
     let log = server.stop();
@@ -148,7 +136,7 @@ fn a_request_for_a_wrong_address_is_naked_and_the_client_recovers() {
     let server = serve(&lan.server, d, &[]);
     let script = dhclient_script(d);
     let client = dhclient(&lan, &script, "nak");
-    let bound = wait_file(&d.join("dhclient.BOUND"), "new_ip_address", Duration::from_secs(40));
+    let bound = support::wait_file(&d.join("dhclient.BOUND"), "new_ip_address", Duration::from_secs(40));
     let client_log = client.log_text();
     drop(client);
     assert!(client_log.contains("DHCPNAK from 192.168.1.1"), "{client_log}");
@@ -169,7 +157,7 @@ fn udhcpc_binds_then_renews_by_unicast() {
     let client = udhcpc_bound_as_worker0(&lan.client, d, &script);
     // SIGUSR1: renew now. udhcpc sends a unicast REQUEST from 192.168.1.14 (RENEWING).
     client.signal("USR1");
-    let events = wait_file(&d.join("udhcpc.events"), "renew", Duration::from_secs(20));
+    let events = support::wait_file(&d.join("udhcpc.events"), "renew", Duration::from_secs(20));
     assert!(events.contains("renew ip=192.168.1.14"), "{events}");
     drop(client);
     let log = server.stop();
@@ -369,7 +357,7 @@ fn sighup_reloads_the_lab_without_losing_a_lease() {
     assert!(read(&d.join("state/leases")).contains("52:52:52:00:00:04 192.168.1.14"));
     // The lease lives on: a renewal is granted by the reloaded server.
     client.signal("USR1");
-    wait_file(&d.join("udhcpc.events"), "renew ip=192.168.1.14", Duration::from_secs(20));
+    support::wait_file(&d.join("udhcpc.events"), "renew ip=192.168.1.14", Duration::from_secs(20));
 
     // A broken edit is reported and the running lab keeps serving.
     std::fs::write(&config, "colour = \"blue\"\n").unwrap();
@@ -431,4 +419,92 @@ fn an_interface_that_appears_after_serve_starts_is_served_as_bridge100_is_on_mac
     let log = server.stop();
     // The early DISCOVERs were turned away for their interface, the later one granted.
     assert!(log.contains("outside 192.168.1.0/24: not ours") && log.contains("DHCPACK granted"), "{log}");
+}
+
+/// One DHCPREQUEST as a relay agent forwards it (RFC 2131 4.1: giaddr set, hops 1, sent from
+/// port 67), for `mac` with option 12 `name`, built and sent by python3 from `src` to the
+/// server's `dst` on its own network.
+const RELAYED_REQUEST: &str = r#"
+import socket, struct, sys
+src, dst, mac, name = sys.argv[1], sys.argv[2], bytes.fromhex(sys.argv[3].replace(":", "")), sys.argv[4].encode()
+giaddr = socket.inet_aton("192.168.1.50")
+header = struct.pack("!BBBBIHH4s4s4s4s16s64s128s", 1, 1, 6, 1, 0x5151, 0, 0, bytes(4), bytes(4),
+    bytes(4), giaddr, mac + bytes(10), bytes(64), bytes(128)) + b"\x63\x82\x53\x63"
+opts = (b"\x35\x01\x03" + b"\x36\x04" + socket.inet_aton("192.168.1.1") + b"\x32\x04"
+    + socket.inet_aton("192.168.1.5") + bytes([12, len(name)]) + name + b"\xff")
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((src, 67))
+s.sendto(header + opts, (dst, 67))
+"#;
+
+/// Issue 26 item 6: a host on another network of the server's (a second veth, not the lab's
+/// interface) sets giaddr inside the lab's subnet. Unless `network.dhcp_relays` lists its
+/// address it gets no ACK, no lease and no name in the lab's zone; a listed relay is served.
+#[test]
+fn a_relayed_request_from_outside_the_lab_is_served_only_from_a_listed_relay() {
+    if prerequisites(&["python3", "dig"]).is_some() {
+        return;
+    }
+    let lan = lan(VM_MAC);
+    let d = lan.dir.path();
+    // The second network: 10.99.0.1 on the server, a listed relay .2 and a stranger .3 beyond.
+    let outside = Netns::new("ho");
+    support::veth(&lan.server, "kno", &outside, "kso");
+    lan.server.ip(&["addr", "add", "10.99.0.1/24", "dev", "kno"]);
+    outside.ip(&["addr", "add", "10.99.0.2/24", "dev", "kso"]);
+    outside.ip(&["addr", "add", "10.99.0.3/24", "dev", "kso"]);
+    let lab = support::test_lab();
+    assert!(lab.contains("dhcp_relays = []"));
+    std::fs::write(d.join("kubenet.toml"), lab.replace("dhcp_relays = []", "dhcp_relays = [\"10.99.0.2\"]")).unwrap();
+    let server = serve(&lan.server, d, &[]);
+    let send = |src: &str, mac: &str, name: &str| {
+        support::run(outside.cmd("python3").args(["-c", RELAYED_REQUEST, src, "10.99.0.1", mac, name]));
+    };
+
+    // The stranger first, then the listed relay: once the relay's lease is on file, the
+    // stranger's request (sent before it) has been handled.
+    send("10.99.0.3", "02:aa:bb:cc:dd:66", "intruder");
+    send("10.99.0.2", "02:aa:bb:cc:dd:77", "relayed");
+    let leases = support::wait_file(&d.join("state/leases"), "relayed", Duration::from_secs(10));
+    assert!(leases.contains("02:aa:bb:cc:dd:77 192.168.1.5 relayed"), "{leases}");
+    assert!(!leases.contains("02:aa:bb:cc:dd:66") && !leases.contains("intruder"), "{leases}");
+
+    lan.client.ip(&["addr", "add", "192.168.1.99/24", "dev", "knc"]);
+    let dig = |name: &str| {
+        let out = support::run(lan.client.cmd("dig").args(["@192.168.1.1", "+short", "+tries=1", "+time=3", name]));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert_eq!(dig("relayed.kubevms"), "192.168.1.5");
+    assert_eq!(dig("intruder.kubevms"), "");
+
+    let log = server.stop();
+    assert_eq!(log.matches("DHCPACK granted").count(), 1, "{log}");
+    assert!(log.contains("a relayed request from a host that network.dhcp_relays does not list"), "{log}");
+    assert!(log.contains("foreign=1"), "{log}");
+}
+
+/// A network the host joins later that happens to use the lab's subnet (a Wi-Fi on
+/// 192.168.1.0/24, the default lab's): it is not the lab. Only the interface holding the lab's
+/// host address is served; a client on the other one gets no offer, and no lease is written.
+#[test]
+fn an_interface_with_an_address_in_the_lab_subnet_is_not_the_lab() {
+    if prerequisites(&["udhcpc"]).is_some() {
+        return;
+    }
+    let lan = lan(VM_MAC);
+    let d = lan.dir.path();
+    let server = serve(&lan.server, d, &[]);
+    // After serve is ready: the host's "Wi-Fi", 192.168.1.77 on the lab's network.
+    let wifi = Netns::new("hw");
+    support::veth(&lan.server, "knw", &wifi, "ksw");
+    lan.server.ip(&["addr", "add", "192.168.1.77/24", "dev", "knw"]);
+    let (got, said) = support::udhcpc_once(&wifi, "ksw");
+    assert!(!got && !said.contains("obtained"), "{said}");
+    // The lab's own client is served as ever.
+    let (_, said) = support::udhcpc_once(&lan.client, "knc");
+    assert!(said.contains("lease of 192.168.1.14 obtained"), "{said}");
+    let log = server.stop();
+    assert!(log.contains("foreign=") && !log.contains("foreign=0"), "{log}");
+    assert_eq!(log.matches("DHCPACK granted").count(), 1, "{log}");
 }

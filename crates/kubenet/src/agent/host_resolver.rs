@@ -95,8 +95,10 @@ pub fn apply(plan: Plan) -> anyhow::Result<Applied> {
 }
 
 fn run(argv: &[String]) -> anyhow::Result<()> {
+    // Root runs it: by a path only root can change, whatever PATH says.
+    let program = kubenet_vm::trust::program(&argv[0]).map_err(|e| anyhow::anyhow!("cannot run {}: {e}", argv[0]))?;
     let out =
-        Command::new(&argv[0]).args(&argv[1..]).output().with_context(|| format!("cannot run {}", argv.join(" ")))?;
+        Command::new(program).args(&argv[1..]).output().with_context(|| format!("cannot run {}", argv.join(" ")))?;
     if !out.status.success() {
         bail!("{} failed: {}", argv.join(" "), String::from_utf8_lossy(&out.stderr).trim());
     }

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use support::{Netns, kubenet_bin, prerequisites};
+use support::{Netns, kubenet_bin, prerequisites, veth};
 
 fn text(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
@@ -140,4 +140,40 @@ fn doctor_names_missing_firmware_and_a_wrong_image_hash() {
         "0".repeat(64)
     );
     assert!(report.lines().any(|l| l == want), "{want}\n{report}");
+}
+
+#[test]
+fn doctor_names_a_foreign_interface_as_bridge_and_an_overlapping_subnet() {
+    let ns = Netns::new("docn");
+    let peer = Netns::new("docp");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    lab(d, &support::test_lab());
+    let report = text(&doctor(ns.cmd(kubenet_bin()), d));
+    assert_eq!(
+        line(&report, "bridge").0,
+        "ok    bridge           kubenet0 does not exist yet: `kubenet serve` makes it"
+    );
+    assert_eq!(
+        line(&report, "subnet").0,
+        "ok    subnet           192.168.1.0/24 is on no other interface of this host"
+    );
+
+    // A veth called kubenet0, and the lab's network on another veth (the host's LAN).
+    veth(&ns, "kubenet0", &peer, "p0");
+    veth(&ns, "wlan0", &peer, "p1");
+    ns.ip(&["addr", "add", "192.168.1.4/24", "dev", "wlan0"]);
+    let out = doctor(ns.cmd(kubenet_bin()), d);
+    let report = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    assert_eq!(
+        line(&report, "bridge").0,
+        "FAIL  bridge           kubenet0 exists and is not a bridge kubenet made: pick another network.bridge"
+    );
+    let (subnet, fix) = line(&report, "subnet");
+    assert_eq!(
+        subnet,
+        "FAIL  subnet           the lab's 192.168.1.0/24 overlaps wlan0's 192.168.1.0/24: pick another subnet"
+    );
+    assert!(fix.contains("network.subnet"), "{fix}");
 }

@@ -2,6 +2,9 @@
 //! run in a namespace the test creates with NOTIFY_SOCKET pointing at a socket the test
 //! listens on, brings up a `serve` that says READY=1 once its ports are bound and answers DNS;
 //! the launchd property list reads back (Python's plistlib) with the same program arguments.
+//! Both start from the root-owned copy of the lab definition. A kubenet in a folder of uid
+//! 65534 is not what the service runs: install plans a root-owned copy instead, and `doctor`
+//! warns about a service installed with such a binary.
 
 #[path = "support/mod.rs"]
 mod support;
@@ -12,6 +15,9 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use support::{Netns, kubenet_bin, prerequisites, tools};
+
+const LIBEXEC_BIN: &str = "/usr/local/libexec/kubenet/kubenet";
+const SERVICE_CONFIG: &str = "/etc/kubenet/service.toml";
 
 fn text(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
@@ -51,6 +57,9 @@ fn the_systemd_unit_verifies_and_its_exec_start_notifies_ready() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     lab(d);
+    // The lab belongs to its owner, the service's SUDO_UID (see `print`): serve makes and reads
+    // its files there with the owner's rights.
+    support::run(Command::new("chown").args(["-R", "65534:65534"]).arg(d));
     let unit = print(d, &[]);
     let path = d.join("kubenet.service");
     std::fs::write(&path, &unit).unwrap();
@@ -62,8 +71,19 @@ fn the_systemd_unit_verifies_and_its_exec_start_notifies_ready() {
     // unit's environment and a notify socket of the test's own.
     let exec = unit.lines().find_map(|l| l.strip_prefix("ExecStart=")).unwrap();
     assert!(!exec.contains('"'), "{exec}");
-    let argv: Vec<&str> = exec.split_whitespace().collect();
-    assert_eq!(argv[0], std::fs::canonicalize(kubenet_bin()).unwrap().to_str().unwrap());
+    let mut argv: Vec<&str> = exec.split_whitespace().collect();
+    // This build runs where it is when only root can change it, else its root-owned copy (not
+    // made by --print: this test runs the build).
+    let exe = std::fs::canonicalize(kubenet_bin()).unwrap();
+    let exe = exe.to_str().unwrap();
+    assert!(argv[0] == exe || argv[0] == LIBEXEC_BIN, "{exec}");
+    argv[0] = exe;
+    // The service reads the root-owned copy install makes; --print makes none, so this test
+    // points it back at the file it was made from.
+    let config = d.join("kubenet.toml");
+    assert_eq!(argv[1..3], ["--config", SERVICE_CONFIG], "{exec}");
+    argv[2] = config.to_str().unwrap();
+    assert!(unit.contains(&format!("a root-owned copy of {} made at install time", config.display())), "{unit}");
     let env = unit.lines().find_map(|l| l.strip_prefix("Environment=")).unwrap();
     let notify = d.join("notify.sock");
     let listener = UnixDatagram::bind(&notify).unwrap();
@@ -117,8 +137,13 @@ print(json.dumps({k: p[k] for k in ["Label", "ProgramArguments", "RunAtLoad", "K
     assert!(out.status.success(), "plistlib: {}\n{plist}", text(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let exe = std::fs::canonicalize(kubenet_bin()).unwrap();
-    let want = serde_json::json!([exe, "--config", d.join("kubenet.toml"), "--dir", d.join("state"), "serve"]);
-    assert_eq!(v["ProgramArguments"], want);
+    let args = v["ProgramArguments"].as_array().unwrap();
+    assert!(args[0] == serde_json::json!(exe) || args[0] == LIBEXEC_BIN, "{args:?}");
+    // Started from root's copy, reloaded from the owner's file.
+    let owners = d.join("kubenet.toml");
+    let want =
+        serde_json::json!(["--config", SERVICE_CONFIG, "--dir", d.join("state"), "serve", "--reload-from", owners]);
+    assert_eq!(serde_json::json!(args[1..]), want);
     assert_eq!(v["Label"], "dev.kubenet.serve");
     assert_eq!(v["RunAtLoad"], true);
     assert_eq!(v["KeepAlive"], true);
@@ -128,6 +153,93 @@ print(json.dumps({k: p[k] for k in ["Label", "ProgramArguments", "RunAtLoad", "K
     // Installing for another system's manager is refused; only printing is.
     let out = Command::new(kubenet_bin()).args(["service", "install", "--manager", "launchd"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "--manager needs --print: {}", text(&out));
+}
+
+/// A kubenet in a folder that uid 65534 owns: that user could swap the binary, so the
+/// service must not run it. `install --print` (run as that user would through sudo) plans the
+/// root-owned copy and says why; and `doctor`, with a unit that runs it installed (in a mount
+/// namespace of the test's own, so the host's /etc/systemd/system is untouched), warns.
+#[test]
+fn a_binary_in_a_folder_others_own_is_copied_and_doctor_warns_about_it() {
+    if prerequisites(&["unshare", "mount"]).is_some() {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    lab(d);
+    let theirs = d.join("nobody-bin");
+    std::fs::create_dir(&theirs).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+    let bin = theirs.join("kubenet");
+    std::fs::copy(kubenet_bin(), &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    let out = Command::new(&bin)
+        .arg("--config")
+        .arg(d.join("kubenet.toml"))
+        .arg("--dir")
+        .arg(d.join("state"))
+        .args(["service", "install", "--print"])
+        .env("SUDO_UID", "65534")
+        .env("SUDO_GID", "65534")
+        .env("SUDO_USER", "nobody")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let unit = String::from_utf8_lossy(&out.stdout).into_owned();
+    let exec = unit.lines().find_map(|l| l.strip_prefix("ExecStart=")).unwrap();
+    assert!(exec.starts_with(&format!("{LIBEXEC_BIN} --config {SERVICE_CONFIG} ")), "{exec}");
+    let why = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        why.contains(&format!(
+            "install would copy {} to {LIBEXEC_BIN}: {} belongs to uid 65534, not root",
+            bin.display(),
+            theirs.display()
+        )),
+        "{why}"
+    );
+
+    // doctor with a unit installed that runs the binary in place (as an older kubenet wrote
+    // it), then with one that runs a binary only root can change.
+    let doctor_with = |exe: &Path| {
+        let unit_text = unit
+            .replace(&format!("{LIBEXEC_BIN} "), &format!("{} ", exe.display()))
+            .replace(SERVICE_CONFIG, d.join("kubenet.toml").to_str().unwrap());
+        let path = d.join("kubenet.service");
+        std::fs::write(&path, unit_text).unwrap();
+        let script = format!(
+            "mount -t tmpfs none /etc/systemd/system && cp {} /etc/systemd/system/kubenet.service && exec \"$0\" \"$@\"",
+            path.display()
+        );
+        let out = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c", &script, kubenet_bin()])
+            .args(["--dir", "state", "doctor"])
+            .current_dir(d)
+            .env("HOME", d)
+            .env_remove("KUBENET_CONFIG")
+            .output()
+            .unwrap();
+        let report = text(&out);
+        report
+            .lines()
+            .find(|l| l.get(6..).is_some_and(|l| l.starts_with("service ")))
+            .unwrap_or_else(|| panic!("{report}"))
+            .to_owned()
+    };
+    let line = doctor_with(&bin);
+    assert_eq!(
+        line,
+        format!(
+            "warn  service          the root service runs what others than root can replace: {} belongs to uid 65534, not root",
+            theirs.display()
+        )
+    );
+    let root_copy = d.join("kubenet-root");
+    std::fs::copy(kubenet_bin(), &root_copy).unwrap();
+    std::fs::set_permissions(&root_copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let line = doctor_with(&root_copy);
+    assert_eq!(line, "ok    service          installed; its binary and lab definition are root's alone");
 }
 
 /// `kubenet man DIR`: a page per command, subcommands included, and `man -l` renders each

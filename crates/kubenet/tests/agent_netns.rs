@@ -4,11 +4,18 @@
 //! entry without losing a lease, a VM added by a reload gets its tap when it starts, and SIGTERM
 //! takes the bridge and every tap away again. With NAT on, a VM's traffic leaves the lab's
 //! namespace masqueraded, and SIGTERM takes the rule away and puts IP forwarding back.
+//!
+//! What serve refuses, each in a namespace of its own: a `bridge` naming an interface it did
+//! not make (a veth, a bridge without its mark, a tap of a VM's name that is not its own) and
+//! a subnet that overlaps a network on one of the namespace's interfaces. Each refusal names
+//! the interface and leaves it as it was. And the forward chain: with ip_forward turned on by
+//! serve, the host forwards for the lab alone.
 
 #[path = "support/mod.rs"]
 mod support;
 
-use std::time::Duration;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 use support::{Netns, prerequisites, serve_bridged, veth};
 
@@ -46,6 +53,13 @@ fn serve_builds_the_bridge_serves_its_ports_and_removes_it_on_sigterm() {
 
     let l = links(&server);
     assert!(l.contains(": kubenet0:"), "no bridge:\n{l}");
+    // Each link serve made carries its mark (the link's alias), which is how a later serve
+    // knows it may adopt and remove them.
+    let mark = format!("alias kubenet:{}", d.join("state").display());
+    for name in ["kubenet0", "kubenet0-0", "kubenet0-6"] {
+        let shown = String::from_utf8_lossy(&server.ip(&["link", "show", name]).stdout).into_owned();
+        assert!(shown.contains(&mark), "{name} is not marked:\n{shown}");
+    }
     for id in 0..7 {
         assert!(l.contains(&format!(": kubenet0-{id}:")) && l.contains("master kubenet0"), "tap {id}:\n{l}");
     }
@@ -206,6 +220,14 @@ fn nat_masquerades_the_vms_and_goes_away_with_serve() {
     let rules = lab_ns.cmd("nft").args(["list", "table", "ip", "kubenet_kubenet0"]).output().unwrap();
     let rules = String::from_utf8_lossy(&rules.stdout).into_owned();
     assert!(rules.contains("ip saddr 192.168.1.0/24 ip daddr != 192.168.1.0/24 masquerade"), "{rules}");
+    // serve turned forwarding on itself, so its forward chain routes for the lab alone.
+    for rule in [
+        "policy drop;",
+        "iifname \"kubenet0\" ip saddr 192.168.1.0/24 accept",
+        "oifname \"kubenet0\" ip daddr 192.168.1.0/24 ct state established,related accept",
+    ] {
+        assert!(rules.contains(rule), "no {rule:?}:\n{rules}");
+    }
     assert_eq!(sender_seen_from(&vm), "203.0.113.1", "the VM's address is masqueraded as the host's");
 
     let log = agent.stop();
@@ -222,5 +244,144 @@ fn nat_masquerades_the_vms_and_goes_away_with_serve() {
     assert!(lab_ns.cmd("sysctl").args(["-qw", "net.ipv4.ip_forward=1"]).status().unwrap().success());
     vm.ip(&["route", "replace", "default", "via", "192.168.1.1"]);
     assert_eq!(sender_seen_from(&vm), "", "without the rule the outside cannot answer");
+    drop(echo);
+}
+
+/// Runs serve (with its bridge) in `ns` on the lab in `d`, expecting it to refuse: it exits
+/// with a failure within 15 s. Returns its log.
+fn refusal(ns: &Netns, d: &Path) -> String {
+    let mut cmd = ns.cmd(support::kubenet_bin());
+    cmd.current_dir(d)
+        .args(["serve", "--dir"])
+        .arg(d.join("state"))
+        .env_remove("KUBENET_CONFIG")
+        .env_remove("SUDO_UID")
+        .env_remove("SUDO_GID");
+    let mut agent = support::Proc::spawn(cmd, &d.join("refused.log"));
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(15) {
+        if let Ok(Some(status)) = agent.child.try_wait() {
+            assert!(!status.success(), "serve did not refuse:\n{}", agent.log_text());
+            return agent.log_text();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("serve still runs after 15 s instead of refusing:\n{}", agent.log_text());
+}
+
+fn show(ns: &Netns, dev: &str) -> String {
+    String::from_utf8_lossy(&ns.ip(&["-o", "addr", "show", "dev", dev]).stdout).into_owned()
+}
+
+/// `bridge` names a veth the host already has (a typo of the uplink's name): serve refuses,
+/// naming it, and the veth is still there with its address, neither adopted nor deleted.
+#[test]
+fn a_bridge_name_that_is_someone_elses_interface_is_refused_and_left_alone() {
+    let ns = Netns::new("own");
+    let peer = Netns::new("ownp");
+    veth(&ns, "lan0", &peer, "up0");
+    ns.ip(&["addr", "add", "10.77.0.1/24", "dev", "lan0"]);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let lab =
+        support::test_lab().replace("bridge = \"kubenet0\"", "bridge = \"lan0\"").replace("nat = true", "nat = false");
+    assert!(lab.contains("bridge = \"lan0\""));
+    std::fs::write(d.join("kubenet.toml"), &lab).unwrap();
+
+    let log = refusal(&ns, d);
+    assert!(log.contains("lan0 exists and is not a bridge kubenet made: pick another network.bridge"), "{log}");
+    let l = links(&ns);
+    assert!(l.contains(": lan0@"), "lan0 is gone:\n{l}");
+    assert!(!l.contains("lan0-"), "a tap was made for it:\n{l}");
+    let addr = show(&ns, "lan0");
+    assert!(addr.contains("inet 10.77.0.1/24") && !addr.contains("192.168.1.1"), "{addr}");
+
+    // A bridge of that name without kubenet's mark (docker's, libvirt's, one made by hand):
+    // refused the same way, and kept.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("kubenet.toml"), lab.replace("bridge = \"lan0\"", "bridge = \"br9\"")).unwrap();
+    ns.ip(&["link", "add", "br9", "type", "bridge"]);
+    let log = refusal(&ns, d);
+    assert!(log.contains("br9 exists and is not a bridge kubenet made"), "{log}");
+    assert!(links(&ns).contains(": br9:"), "br9 is gone");
+    assert!(!show(&ns, "br9").contains("192.168.1.1"), "br9 got the lab's address");
+
+    // A tap with a VM's tap name that kubenet did not make (`ip tuntap`): refused, kept, and
+    // nothing of the lab left behind.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("kubenet.toml"), support::test_lab().replace("nat = true", "nat = false")).unwrap();
+    ns.ip(&["tuntap", "add", "kubenet0-3", "mode", "tap"]);
+    let log = refusal(&ns, d);
+    assert!(log.contains("kubenet0-3 exists and is not a tap kubenet made for this lab"), "{log}");
+    let l = links(&ns);
+    assert!(l.contains(": kubenet0-3:") && !l.contains(": kubenet0:"), "{l}");
+}
+
+/// The lab's 192.168.1.0/24 is on a veth already (the host's LAN): refused, naming the veth,
+/// and no bridge made.
+#[test]
+fn a_subnet_that_overlaps_a_network_of_the_host_is_refused_naming_the_interface() {
+    let ns = Netns::new("ovl");
+    let peer = Netns::new("ovlp");
+    veth(&ns, "wlan0", &peer, "up0");
+    ns.ip(&["addr", "add", "192.168.1.77/24", "dev", "wlan0"]);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("kubenet.toml"), support::test_lab().replace("nat = true", "nat = false")).unwrap();
+
+    let log = refusal(&ns, d);
+    assert!(log.contains("the lab's 192.168.1.0/24 overlaps wlan0's 192.168.1.0/24: pick another subnet"), "{log}");
+    let l = links(&ns);
+    assert!(!l.contains("kubenet0"), "a bridge or tap was made:\n{l}");
+    assert!(show(&ns, "wlan0").contains("inet 192.168.1.77/24"), "wlan0 lost its address");
+}
+
+/// ip_forward is host-wide. When serve turns it on itself, its forward chain routes for the
+/// lab alone: `other`, a network of the host's that is not the lab (198.51.100.0/24 on a
+/// veth), still cannot reach `wan` through the host. When forwarding was on already, serve
+/// leaves that traffic to whoever turned it on, and it flows as before.
+#[test]
+fn forwarding_serve_turned_on_routes_for_the_lab_alone() {
+    if prerequisites(&["nft", "python3"]).is_some() {
+        return;
+    }
+    let lab_ns = Netns::new("fwd");
+    let wan = Netns::new("fwdw");
+    let other = Netns::new("fwdo");
+    veth(&lab_ns, "kw", &wan, "knw");
+    lab_ns.ip(&["addr", "add", "203.0.113.1/24", "dev", "kw"]);
+    wan.ip(&["addr", "add", "203.0.113.2/24", "dev", "knw"]);
+    wan.ip(&["route", "add", "198.51.100.0/24", "via", "203.0.113.1"]);
+    veth(&lab_ns, "ko", &other, "kno");
+    lab_ns.ip(&["addr", "add", "198.51.100.1/24", "dev", "ko"]);
+    other.ip(&["addr", "add", "198.51.100.2/24", "dev", "kno"]);
+    other.ip(&["route", "add", "default", "via", "198.51.100.1"]);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut cmd = wan.cmd("python3");
+    cmd.args(["-u", "-c", ECHO]);
+    let mut echo = support::Proc::spawn(cmd, &d.join("echo.log"));
+    echo.wait_for("listening", Duration::from_secs(10));
+    let lab = support::test_lab().replace("accelerator = \"auto\"", "accelerator = \"tcg\"");
+    assert!(lab.contains("nat = true"));
+    std::fs::write(d.join("kubenet.toml"), &lab).unwrap();
+    let sysctl = |v: &str| {
+        assert!(lab_ns.cmd("sysctl").args(["-qw", &format!("net.ipv4.ip_forward={v}")]).status().unwrap().success())
+    };
+
+    sysctl("0");
+    let agent = serve_bridged(&lab_ns, d);
+    assert_eq!(forwarding(&lab_ns), "1");
+    assert_eq!(sender_seen_from(&other), "", "serve made the host a router for a network not the lab's");
+    agent.stop();
+    assert_eq!(forwarding(&lab_ns), "0");
+
+    sysctl("1");
+    let agent = serve_bridged(&lab_ns, d);
+    assert_eq!(sender_seen_from(&other), "198.51.100.2", "forwarding someone else turned on was cut");
+    agent.stop();
+    assert_eq!(forwarding(&lab_ns), "1", "left as it was");
     drop(echo);
 }

@@ -4,87 +4,75 @@
 //! restarts finds its running VMs again instead of killing or duplicating them.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use kubenet_cluster::Lab;
 use kubenet_vm::VmFiles;
 use kubenet_vm::live::LiveOp;
+use kubenet_vm::owner::Owner;
+use kubenet_vm::process::Launched;
 use kubenet_vm::qemu::{DropTo, HostProfile};
 
-use crate::proto::{RunState, StartOutcome, StartResult, StopResult, VmState};
+use crate::proto::{StartOutcome, StartResult, StopResult, VmState};
 
 pub struct Supervisor {
     lab: Arc<Mutex<Lab>>,
     /// The host profile, or why there is none (no QEMU, no firmware, ...): VM requests get that
     /// reason, DHCP and DNS run regardless.
     profile: Result<HostProfile, String>,
-    owner: (u32, u32),
+    /// The user the lab belongs to: QEMU and every file in the VMs' folders are theirs.
+    owner: Owner,
     /// Linux with `serve`'s bridge: each VM's tap is made sure of before QEMU opens it, so VMs a
     /// reload added get one too.
     bridged: bool,
 }
 
-/// What each VM is doing, from its folder: running (pid, since when) or stopped.
-pub fn states(lab: &Lab) -> Vec<VmState> {
-    lab.vms
-        .iter()
-        .map(|vm| {
-            let files = VmFiles::new(lab, vm);
-            let run = match kubenet_vm::process::running(&files) {
-                Some(pid) => {
-                    let since = std::fs::metadata(files.pidfile())
-                        .and_then(|m| m.modified())
-                        .ok()
-                        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-                        .map(|d| d.as_secs());
-                    RunState::Running { pid, since }
+/// The host profile for starting `owner`'s VMs, logged; or why there is none.
+fn detect(lab: &Lab, owner: &Owner) -> Result<HostProfile, String> {
+    match HostProfile::detect(lab, Some(owner)) {
+        Ok((p, warning)) => {
+            if let Some(w) = warning {
+                tracing::warn!("{w}");
+            }
+            for (arch, guest) in &p.guests {
+                match guest {
+                    Ok(g) => {
+                        let drop_to = match &g.drop_to {
+                            Some(DropTo::RunWith(u) | DropTo::Runas(u)) => u.as_str(),
+                            None => "-",
+                        };
+                        tracing::debug!(%arch, qemu = %g.qemu.display(), firmware = ?g.firmware, drop_to, owner = %owner.name, "VM guest profile");
+                    }
+                    Err(e) => tracing::debug!(%arch, "{arch} guests cannot run here: {e}"),
                 }
-                None => RunState::Stopped,
-            };
-            VmState { name: vm.name.clone(), run }
-        })
-        .collect()
+            }
+            tracing::debug!(host = %p.arch, accel = %p.accel, "VM host profile");
+            Ok(p)
+        }
+        Err(e) => {
+            tracing::warn!("VMs cannot be started by this agent: {e}");
+            Err(e.to_string())
+        }
+    }
 }
 
 impl Supervisor {
-    /// Looks at the host once (accelerator, firmware, QEMU version). QEMU drops root to the
-    /// user who ran sudo when the agent runs as root for someone else.
-    pub fn new(lab: Arc<Mutex<Lab>>, owner: (u32, u32), bridged: bool) -> Self {
-        // SAFETY: geteuid cannot fail.
-        let root = unsafe { libc::geteuid() } == 0;
-        let user = (root && owner.0 != 0)
-            .then(|| nix::unistd::User::from_uid(owner.0.into()).ok().flatten().map(|u| u.name))
-            .flatten();
-        let profile = {
-            let lab = lab.lock().expect("lab lock");
-            HostProfile::detect(&lab, user.as_deref())
-        };
-        let profile = match profile {
-            Ok((p, warning)) => {
-                if let Some(w) = warning {
-                    tracing::warn!("{w}");
-                }
-                for (arch, guest) in &p.guests {
-                    match guest {
-                        Ok(g) => {
-                            let drop_to = match &g.drop_to {
-                                Some(DropTo::RunWith(u) | DropTo::Runas(u)) => u.as_str(),
-                                None => "-",
-                            };
-                            tracing::debug!(%arch, qemu = %g.qemu.display(), firmware = ?g.firmware, drop_to, "VM guest profile");
-                        }
-                        Err(e) => tracing::debug!(%arch, "{arch} guests cannot run here: {e}"),
-                    }
-                }
-                tracing::debug!(host = %p.arch, accel = %p.accel, "VM host profile");
-                Ok(p)
-            }
-            Err(e) => {
-                tracing::warn!("VMs cannot be started by this agent: {e}");
-                Err(e.to_string())
+    /// Looks at the host once (accelerator, firmware, QEMU version) for `owner`, the user the
+    /// lab belongs to (None: that user could not be resolved, and no VM starts, with `why`).
+    pub fn new(lab: Arc<Mutex<Lab>>, owner: Result<Owner, String>, bridged: bool) -> Self {
+        let profile = match &owner {
+            Ok(o) => detect(&lab.lock().expect("lab lock"), o),
+            Err(why) => {
+                tracing::warn!("VMs cannot be started by this agent: {why}");
+                Err(why.clone())
             }
         };
-        Supervisor { lab, profile, owner, bridged: bridged && cfg!(target_os = "linux") }
+        Supervisor {
+            lab,
+            profile,
+            owner: owner.unwrap_or_else(|_| Owner::root()),
+            bridged: bridged && cfg!(target_os = "linux"),
+        }
     }
 
     fn lab(&self) -> Lab {
@@ -92,7 +80,7 @@ impl Supervisor {
     }
 
     pub fn states(&self) -> Vec<VmState> {
-        states(&self.lab())
+        kubenet_vm::process::states(&self.lab())
     }
 
     /// Starts the named VMs (none: all) in parallel; one result per VM.
@@ -112,27 +100,19 @@ impl Supervisor {
                 tasks.spawn(std::future::ready((i, StartResult { name: vm.name.clone(), outcome })));
                 continue;
             }
-            let (lab, vm, profile, owner) = (lab.clone(), (*vm).clone(), profile.clone(), self.owner);
+            let (lab, vm, profile, owner) = (lab.clone(), (*vm).clone(), profile.clone(), self.owner.clone());
             tasks.spawn_blocking(move || {
-                let files = VmFiles::new(&lab, &vm);
-                if let Some(pid) = kubenet_vm::process::running(&files) {
-                    return (i, StartResult { name: vm.name, outcome: StartOutcome::Running { pid } });
+                if let Some(w) = kubenet_vm::qemu::emulation_warning(&vm, profile.arch) {
+                    tracing::warn!("{w}");
                 }
-                let r = profile.launch(&vm).map_err(|e| e.to_string()).and_then(|launch| {
-                    if let Some(w) = kubenet_vm::qemu::emulation_warning(&vm, profile.arch) {
-                        tracing::warn!("{w}");
-                    }
-                    let argv = kubenet_vm::qemu::argv(&lab, &vm, &profile).map_err(|e| e.to_string())?;
-                    kubenet_vm::process::start(&vm.name, &argv, &files, &launch.guest.firmware)
-                        .map_err(|e| e.to_string())
-                });
-                let outcome = match r {
-                    Ok(pid) => {
-                        give_to(&files, owner);
+                let outcome = match kubenet_vm::process::launch(&lab, &vm, &profile, &owner) {
+                    Ok(Launched::Running(pid)) => StartOutcome::Running { pid },
+                    Ok(Launched::Started(pid)) => {
                         tracing::info!(vm = %vm.name, pid, "VM started");
                         StartOutcome::Started { pid }
                     }
-                    Err(error) => {
+                    Err(e) => {
+                        let error = e.to_string();
                         tracing::warn!(vm = %vm.name, "VM did not start: {error}");
                         StartOutcome::Failed { error }
                     }
@@ -149,7 +129,7 @@ impl Supervisor {
         #[cfg(target_os = "linux")]
         if self.bridged {
             let tap = kubenet_vm::qemu::tap_name(lab, vm);
-            if crate::hostnet::attach_tap(&lab.network.bridge, &tap, self.owner.0).await? {
+            if crate::agent::hostnet::attach_tap(&lab.network.bridge, &tap, self.owner.uid).await? {
                 tracing::info!(vm = %vm.name, tap, "tap created for a VM added since serve started");
             }
         }
@@ -186,10 +166,10 @@ impl Supervisor {
         let mut targets = Vec::new();
         for vm in lab.select(names)? {
             let files = VmFiles::new(&lab, vm);
-            if kubenet_vm::process::running(&files).is_none() {
+            let Some(pid) = kubenet_vm::process::running(&files) else {
                 return Err(format!("{} is not running", vm.name));
-            }
-            targets.push((vm.name.clone(), files.qmp_socket()));
+            };
+            targets.push(kubenet_vm::live::Target { name: vm.name.clone(), qmp: files.qmp_socket(), pid });
         }
         let start = std::time::Instant::now();
         match kubenet_vm::live::run(op, tag, &targets).await {
@@ -197,15 +177,15 @@ impl Supervisor {
                 tracing::info!(?op, tag, vms = done.len(), secs = start.elapsed().as_secs_f64(), "live snapshot");
                 Ok(done)
             }
-            Err((e, done)) => {
-                tracing::warn!(?op, tag, "live snapshot failed: {e}");
+            Err(kubenet_vm::live::Partial { error, done }) => {
+                tracing::warn!(?op, tag, "live snapshot failed: {error}");
                 if op == LiveOp::Save && !done.is_empty() {
-                    let reached: Vec<_> = targets.into_iter().filter(|(n, _)| done.contains(n)).collect();
-                    if let Err((undo, _)) = kubenet_vm::live::run(LiveOp::Delete, tag, &reached).await {
-                        tracing::warn!(tag, "could not delete the failed snapshot again: {undo}");
+                    let reached: Vec<_> = targets.into_iter().filter(|t| done.contains(&t.name)).collect();
+                    if let Err(undo) = kubenet_vm::live::run(LiveOp::Delete, tag, &reached).await {
+                        tracing::warn!(tag, "could not delete the failed snapshot again: {}", undo.error);
                     }
                 }
-                Err(e)
+                Err(error.to_string())
             }
         }
     }
@@ -221,16 +201,4 @@ async fn collect<T: 'static>(mut tasks: tokio::task::JoinSet<(usize, T)>) -> Vec
     }
     out.sort_by_key(|(i, _)| *i);
     out.into_iter().map(|(_, v)| v).collect()
-}
-
-/// The user gets the VM's runtime files QEMU made as root: the console socket and log
-/// (`kubenet console`, `kubenet up`'s error report), the pidfile and the UEFI variables.
-fn give_to(files: &VmFiles, (uid, gid): (u32, u32)) {
-    for p in [files.serial_socket(), files.console_log(), files.qemu_log(), files.pidfile(), files.efi_vars()] {
-        if p.exists()
-            && let Err(e) = std::os::unix::fs::chown(&p, Some(uid), Some(gid))
-        {
-            tracing::debug!("cannot give {} to uid {uid}: {e}", p.display());
-        }
-    }
 }

@@ -12,7 +12,7 @@ use kubenet_vm::process::Stopped;
 use kubenet_vm::{LabFiles, VmFiles};
 
 use crate::cli::{DownArgs, UpArgs};
-use crate::control;
+use crate::client;
 use crate::proto::{Answer, Request, StartOutcome};
 
 use super::{now, setup};
@@ -26,8 +26,8 @@ pub fn up(lab: &Lab, args: &UpArgs, out: &mut impl Write) -> anyhow::Result<()> 
     for w in vms.iter().filter_map(|vm| kubenet_vm::qemu::emulation_warning(vm, Arch::HOST)) {
         eprintln!("warning: {w}");
     }
-    if let Some(host) = crate::doctor::host_memory() {
-        for w in crate::doctor::memory_warnings(&vms, host) {
+    if let Some(host) = crate::commands::doctor::host_memory() {
+        for w in crate::commands::doctor::memory_warnings(&vms, host) {
             eprintln!("warning: {w}");
         }
     }
@@ -76,9 +76,9 @@ fn dry_run(lab: &Lab, vms: &[&Vm], out: &mut impl Write) -> anyhow::Result<()> {
 /// Asks `serve` to start the VMs, printing each one's outcome; returns those that failed.
 fn start(lab: &Lab, vms: &[&Vm], out: &mut impl Write) -> anyhow::Result<Vec<String>> {
     let asked = vms.iter().map(|v| v.name.clone()).collect();
-    let results = match control::request(&lab.state_dir, &Request::Start { vms: asked })? {
+    let results = match client::request(&lab.state_dir, &Request::Start { vms: asked })? {
         Answer::Started(r) => r,
-        other => return Err(control::unexpected(other)),
+        other => return Err(client::unexpected(other)),
     };
     let mut failed = Vec::new();
     for r in results {
@@ -425,9 +425,9 @@ fn cloud_init_verdict(code: Option<i32>, stdout: &str, stderr: &str) -> CloudIni
 pub fn down(lab: &Lab, args: &DownArgs, out: &mut impl Write) -> anyhow::Result<()> {
     lab.select(&args.names).map_err(crate::cli::unknown_vm)?;
     let req = Request::Stop { vms: args.names.clone(), grace_secs: Some(args.grace) };
-    let results = match control::request(&lab.state_dir, &req)? {
+    let results = match client::request(&lab.state_dir, &req)? {
         Answer::Stopped(r) => r,
-        other => return Err(control::unexpected(other)),
+        other => return Err(client::unexpected(other)),
     };
     for r in results {
         let how = match r.result {

@@ -15,8 +15,8 @@ use kubenet_vm::live::LiveOp;
 use kubenet_vm::snapshot::{Manifest, Store, VmEntry};
 
 use crate::cli::SnapshotAction;
-use crate::control;
-use crate::lifecycle::{now, refuse_running, short};
+use crate::client;
+use crate::commands::lifecycle::{now, refuse_running, short};
 use crate::proto::{Answer, Request, StartOutcome};
 
 pub fn run(lab: &Lab, action: &SnapshotAction, out: &mut impl Write) -> anyhow::Result<()> {
@@ -54,7 +54,7 @@ fn names(vms: &[&Vm]) -> Vec<String> {
 
 /// `serve` answers on its control socket, or an error saying why `what` needs it.
 fn require_serve(lab: &Lab, what: &str) -> anyhow::Result<()> {
-    control::status(&lab.state_dir).with_context(|| format!("{what} needs kubenet serve"))?;
+    client::status(&lab.state_dir).with_context(|| format!("{what} needs kubenet serve"))?;
     Ok(())
 }
 
@@ -81,7 +81,7 @@ fn save_live(lab: &Lab, store: &Store, name: &str, names_asked: &[String], out: 
     let saved = with_progress(
         Some(memory),
         || allocated(&disks).saturating_sub(before),
-        || control::request(&lab.state_dir, &req),
+        || client::request(&lab.state_dir, &req),
     );
     let took = start.elapsed();
     let written = allocated(&disks).saturating_sub(before);
@@ -99,7 +99,7 @@ fn save_live(lab: &Lab, store: &Store, name: &str, names_asked: &[String], out: 
             // serve already took back a save that failed; one that worked but cannot be recorded
             // goes too.
             let req = Request::Snapshot { op: LiveOp::Delete, tag: name.to_owned(), vms: names(&vms) };
-            let _ = control::request(&lab.state_dir, &req);
+            let _ = client::request(&lab.state_dir, &req);
             store.abandon(name, &[]);
             return Err(e.context(format!("snapshot {name} not taken, and nothing of it kept")));
         }
@@ -163,7 +163,7 @@ fn restore(lab: &Lab, store: &Store, name: &str, names_asked: &[String], out: &m
     refuse_running(lab, &vms, &format!("snapshot restore {name}"))?;
     // The lease file is serve's while it runs; the VMs' fixed addresses come back at their next
     // DHCP exchange either way.
-    let serve = control::status(&lab.state_dir).is_ok();
+    let serve = client::status(&lab.state_dir).is_ok();
     let start = Instant::now();
     store
         .restore(&m, &targets, names_asked.is_empty(), !serve, &mut |e| {
@@ -198,9 +198,9 @@ fn restore_live(
     let start = Instant::now();
     let stopped: Vec<&Vm> = vms.iter().copied().filter(|vm| !running(lab, vm)).collect();
     if !stopped.is_empty() {
-        let results = match control::request(&lab.state_dir, &Request::Start { vms: names(&stopped) })? {
+        let results = match client::request(&lab.state_dir, &Request::Start { vms: names(&stopped) })? {
             Answer::Started(r) => r,
-            other => return Err(control::unexpected(other)),
+            other => return Err(client::unexpected(other)),
         };
         for r in results {
             if let StartOutcome::Failed { error } = r.outcome {
@@ -209,7 +209,7 @@ fn restore_live(
         }
     }
     let req = Request::Snapshot { op: LiveOp::Load, tag: name.clone(), vms: names(&vms) };
-    with_progress(None, || 0, || control::request(&lab.state_dir, &req))
+    with_progress(None, || 0, || client::request(&lab.state_dir, &req))
         .with_context(|| format!("snapshot {name} not restored"))?;
     let loaded = start.elapsed();
     let config = kubenet_vm::LabFiles::new(lab).ssh_config();
@@ -281,7 +281,7 @@ fn delete(lab: &Lab, store: &Store, name: &str, names_asked: &[String], out: &mu
     if !running_now.is_empty() {
         require_serve(lab, &format!("deleting snapshot {name} from running VMs ({})", running_now.join(", ")))?;
         let req = Request::Snapshot { op: LiveOp::Delete, tag: name.to_owned(), vms: running_now };
-        control::request(&lab.state_dir, &req)?;
+        client::request(&lab.state_dir, &req)?;
     }
     store.delete(&m, &targets, &mut |e| {
         let _ = writeln!(out, "{:<10} snapshot {name} deleted", e.name);
@@ -300,7 +300,7 @@ fn list(store: &Store, json: bool, out: &mut impl Write) -> anyhow::Result<()> {
         writeln!(out, "no snapshots yet: `kubenet snapshot save NAME` takes one")?;
         return Ok(());
     }
-    write!(out, "{}", crate::table::columns(&LIST_HEADER, &list_rows(&all, now())))?;
+    write!(out, "{}", crate::commands::table::columns(&LIST_HEADER, &list_rows(&all, now())))?;
     Ok(())
 }
 

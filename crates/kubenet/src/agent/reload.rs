@@ -6,6 +6,13 @@
 //! fixed addresses) and the VMs the agent supervises take the new definition at once, and the
 //! CLI reads the file anew at every command anyway. Restart: what binds sockets, builds the
 //! host network, picks the forwarder's upstreams or the VMs' host profile when `serve` starts.
+//!
+//! The lab definition belongs to the agent's owner, who may reload it at will: [`served`] is
+//! what the agent then serves, the new definition with every restart field held at its
+//! start-time value, and every address still inside the subnet root agreed to at the start. A
+//! reload can never move DHCP, DNS or a tap to another network or interface.
+
+use std::net::Ipv4Addr;
 
 use kubenet_cluster::{Dns, Lab, Network};
 
@@ -35,6 +42,52 @@ impl Diff {
                 format!("{name} changed: it takes effect when kubenet serve restarts (until then the old value holds)")
             })
             .collect()
+    }
+}
+
+/// The lab the agent serves after a reload to `new`: `new`, with every field [`diff`] classes
+/// as needing a restart kept as it was in `start`, the lab `serve` started with. Refused when
+/// an address the new definition would serve live (a VM's, the DHCP range) falls outside the
+/// running subnet or on the host's address: those need a restart, which re-checks the host.
+pub fn served(start: &Lab, new: &Lab) -> Result<Lab, String> {
+    let mut lab = new.clone();
+    let Lab { source: _, state_dir, accelerator, firmware, network, dns, login: _, vms: _ } = &mut lab;
+    (*state_dir, *accelerator, *firmware) = (start.state_dir.clone(), start.accelerator, start.firmware);
+    let Network {
+        subnet,
+        host_name: _,
+        host_address,
+        dhcp_range: _,
+        lease_time: _,
+        domain: _,
+        ip_offset: _,
+        mac_prefix: _,
+        upstream,
+        bridge,
+        nat,
+        hosts: _,
+        dhcp_relays,
+    } = network;
+    let s = &start.network;
+    (*subnet, *host_address, *bridge, *nat) = (s.subnet, s.host_address, s.bridge.clone(), s.nat);
+    upstream.clone_from(&s.upstream);
+    dhcp_relays.clone_from(&s.dhcp_relays);
+    dns.allow.clone_from(&start.dns.allow);
+    let (net, host) = (*subnet, *host_address);
+    let outside = |ip: Ipv4Addr| !net.contains(&ip) || ip == host || ip == net.network() || ip == net.broadcast();
+    let mut wrong: Vec<String> =
+        lab.vms.iter().filter(|vm| outside(vm.ip)).map(|vm| format!("{} at {}", vm.name, vm.ip)).collect();
+    let range = lab.network.dhcp_range;
+    if outside(range.start) || outside(range.end) || (range.start..=range.end).contains(&host) {
+        wrong.push(format!("the DHCP range {}-{}", range.start, range.end));
+    }
+    if wrong.is_empty() {
+        Ok(lab)
+    } else {
+        Err(format!(
+            "{} would leave the running subnet {net} (host {host}): a new network takes a restart of kubenet serve",
+            wrong.join(", ")
+        ))
     }
 }
 
@@ -68,6 +121,7 @@ fn network_diff(d: &mut Diff, old: &Network, new: &Network) {
         upstream,
         bridge,
         nat,
+        dhcp_relays,
         hosts,
     } = new;
     d.note("network.subnet", *subnet != old.subnet, RESTART);
@@ -81,6 +135,8 @@ fn network_diff(d: &mut Diff, old: &Network, new: &Network) {
     d.note("network.upstream", *upstream != old.upstream, RESTART);
     d.note("network.bridge", *bridge != old.bridge, RESTART);
     d.note("network.nat", *nat != old.nat, RESTART);
+    // Who may reach the DHCP server from outside the lab is fixed when root starts it.
+    d.note("network.dhcp_relays", *dhcp_relays != old.dhcp_relays, RESTART);
     d.note("network.hosts", *hosts != old.hosts, LIVE);
 }
 
@@ -104,7 +160,7 @@ mod tests {
     /// Each field changed alone: where it lands.
     #[test]
     fn each_field_is_live_or_waits_for_a_restart() {
-        let cases: [Case; 17] = [
+        let cases: [Case; 18] = [
             ("state_dir", RESTART, |l| l.state_dir = "/elsewhere".into()),
             ("accelerator", RESTART, |l| l.accelerator = kubenet_cluster::Accelerator::Tcg),
             ("firmware", RESTART, |l| l.firmware = kubenet_cluster::FirmwareChoice::Bios),
@@ -119,6 +175,7 @@ mod tests {
             ("network.upstream", RESTART, |l| l.network.upstream = vec!["192.0.2.53:53".parse().unwrap()]),
             ("network.bridge", RESTART, |l| l.network.bridge = "br1".into()),
             ("network.nat", RESTART, |l| l.network.nat = !l.network.nat),
+            ("network.dhcp_relays", RESTART, |l| l.network.dhcp_relays = vec![[10, 0, 0, 1].into()]),
             ("network.hosts", LIVE, |l| {
                 l.network
                     .hosts
@@ -138,6 +195,45 @@ mod tests {
             let (hit, miss) = if live { (&d.live, &d.needs_restart) } else { (&d.needs_restart, &d.live) };
             assert_eq!((hit.as_slice(), miss.as_slice()), ([name].as_slice(), [].as_slice()), "{name}");
         }
+    }
+
+    /// The owner's edit of every network field at once: what is served keeps the network root
+    /// started with, takes the names, and refuses addresses that would leave the subnet.
+    #[test]
+    fn a_reload_serves_only_the_safe_fields_within_the_started_network() {
+        let start = lab();
+        let mut new = start.clone();
+        new.network.bridge = "eth0".into();
+        new.network.nat = !start.network.nat;
+        new.network.upstream = vec!["192.0.2.53:53".parse().unwrap()];
+        new.network.dhcp_relays = vec![[10, 0, 0, 1].into()];
+        new.dns.allow.clear();
+        new.state_dir = "/etc".into();
+        new.network.host_name = "laptop".into();
+        new.dns.local_ttl = 7;
+        new.vms.pop();
+        let s = served(&start, &new).unwrap();
+        assert_eq!((s.network.bridge.as_str(), s.network.nat), (start.network.bridge.as_str(), start.network.nat));
+        assert_eq!((&s.network.upstream, &s.dns.allow), (&start.network.upstream, &start.dns.allow));
+        assert_eq!(s.network.dhcp_relays, start.network.dhcp_relays);
+        assert_eq!(s.state_dir, start.state_dir);
+        assert_eq!((s.network.host_name.as_str(), s.dns.local_ttl, s.vms.len()), ("laptop", 7, start.vms.len() - 1));
+        assert_eq!(diff(&s, &new).live, Vec::<&str>::new(), "only restart fields differ from the file");
+
+        // A new subnet moves every VM: refused, naming them and the running subnet.
+        let moved = kubenet_cluster::parse(
+            &kubenet_cluster::REFERENCE_CONFIG.replace("192.168.1.", "10.9.9."),
+            kubenet_cluster::Source::Embedded,
+            std::path::Path::new("/lab"),
+        )
+        .unwrap();
+        let e = served(&start, &moved).unwrap_err();
+        assert!(e.starts_with("gateway at 10.9.9.10, control0 at 10.9.9.11"), "{e}");
+        assert!(e.contains("the DHCP range 10.9.9.2-10.9.9.20 would leave the running subnet 192.168.1.0/24"), "{e}");
+        // A DHCP range over the host's address, within the subnet, is refused too.
+        let mut over = start.clone();
+        over.network.dhcp_range.start = start.network.host_address;
+        assert!(served(&start, &over).unwrap_err().contains("the DHCP range 192.168.1.1-"));
     }
 
     #[test]

@@ -27,7 +27,7 @@ fuzz_target!(|data: &[u8]| {
     let src: IpAddr = if pick & 1 == 0 { [192, 168, 1, 14].into() } else { [10, 0, 0, 1].into() };
     let (reply, limit) = match handle(zone(), &allow, src, request) {
         Handled::Local(m, limit) | Handled::Refused(m, limit) => (m, limit),
-        Handled::FormErr(m) => (m, PLAIN_UDP),
+        Handled::HeaderOnly(m) => (m, PLAIN_UDP),
         Handled::Forward(..) | Handled::Drop => return,
     };
     let bytes = encode_udp(&reply, limit).expect("every reply encodes for UDP");

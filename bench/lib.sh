@@ -8,6 +8,9 @@ bash scripts/install-test-deps.sh
 # RUST_BACKTRACE, which makes every error (even an expected one at start) walk the stack and read
 # the unwind tables, half a megabyte of RSS that no user's agent has.
 unset RUST_BACKTRACE RUST_LIB_BACKTRACE
+# The bench's lab is root's (its folders are made here as root): under `sudo`, SUDO_UID would
+# make serve work for the developer instead, in root's folders.
+unset SUDO_UID SUDO_GID SUDO_USER
 cargo build --release --locked -q -p kubenet
 kubenet="$PWD/target/release/kubenet"
 

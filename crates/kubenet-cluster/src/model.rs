@@ -320,14 +320,64 @@ impl Lab {
     /// error listing the lab's names.
     pub fn select(&self, names: &[String]) -> Result<Vec<&Vm>, String> {
         if let Some(bad) = names.iter().find(|n| self.vm_by_name(n).is_none()) {
-            let all: Vec<&str> = self.vms.iter().map(|v| v.name.as_str()).collect();
-            return Err(format!("no VM named `{bad}` in this lab (its VMs: {})", all.join(", ")));
+            return Err(format!("no VM named `{bad}` in this lab (its VMs: {})", self.vm_list()));
         }
         Ok(self
             .vms
             .iter()
             .filter(|v| names.is_empty() || names.iter().any(|n| n.eq_ignore_ascii_case(&v.name)))
             .collect())
+    }
+
+    /// The VMs that command-line targets name, in lab order and each once: a VM's name
+    /// (any case), a shell-style glob over the names (`'control*'`, `worker[01]`), or a role
+    /// (`@control`, `@worker`; `@all` is every VM). A target that names nothing is an error that
+    /// says what the lab has, so that a typo never runs a command on fewer VMs than meant.
+    pub fn targets(&self, targets: &[String]) -> Result<Vec<&Vm>, String> {
+        let mut chosen = vec![false; self.vms.len()];
+        for target in targets {
+            let hits: Vec<usize> = if let Some(role) = target.strip_prefix('@') {
+                let hits: Vec<usize> =
+                    (0..self.vms.len()).filter(|&i| role == "all" || self.vms[i].role == role).collect();
+                if hits.is_empty() {
+                    let mut roles: Vec<&str> = Vec::new();
+                    for vm in &self.vms {
+                        if !roles.contains(&vm.role.as_str()) {
+                            roles.push(&vm.role);
+                        }
+                    }
+                    return Err(format!(
+                        "no VM has the role `{role}` in this lab (its roles: @all, @{})",
+                        roles.join(", @")
+                    ));
+                }
+                hits
+            } else if target.contains(['*', '?', '[']) {
+                let pattern = glob::Pattern::new(&target.to_ascii_lowercase())
+                    .map_err(|e| format!("`{target}` is not a glob pattern: {e}"))?;
+                let hits: Vec<usize> =
+                    (0..self.vms.len()).filter(|&i| pattern.matches(&self.vms[i].name.to_ascii_lowercase())).collect();
+                if hits.is_empty() {
+                    return Err(format!("`{target}` matches no VM in this lab (its VMs: {})", self.vm_list()));
+                }
+                hits
+            } else {
+                match self.vms.iter().position(|v| v.name.eq_ignore_ascii_case(target)) {
+                    Some(i) => vec![i],
+                    None => {
+                        return Err(format!("no VM named `{target}` in this lab (its VMs: {})", self.vm_list()));
+                    }
+                }
+            };
+            for i in hits {
+                chosen[i] = true;
+            }
+        }
+        Ok(self.vms.iter().zip(chosen).filter(|(_, c)| *c).map(|(v, _)| v).collect())
+    }
+
+    fn vm_list(&self) -> String {
+        self.vms.iter().map(|v| v.name.as_str()).collect::<Vec<_>>().join(", ")
     }
 
     /// The folder holding one VM's disk, seed, keys and sockets.
@@ -379,5 +429,25 @@ mod tests {
         assert_eq!(names(lab.select(&["worker1".into(), "Gateway".into()]).unwrap()), ["gateway", "worker1"]);
         let err = lab.select(&["worker9".into()]).unwrap_err();
         assert!(err.starts_with("no VM named `worker9`") && err.contains("control0, control1"), "{err}");
+    }
+
+    #[test]
+    fn targets_by_name_glob_and_role_in_lab_order_once_each() {
+        let lab = crate::parse(crate::REFERENCE_CONFIG, crate::Source::Embedded, "/".as_ref()).unwrap();
+        let names = |t: &[&str]| {
+            let t: Vec<String> = t.iter().map(|s| s.to_string()).collect();
+            lab.targets(&t).map(|v| v.iter().map(|v| v.name.clone()).collect::<Vec<_>>())
+        };
+        assert_eq!(names(&["control*"]).unwrap(), ["control0", "control1", "control2"]);
+        assert_eq!(names(&["@worker", "Gateway"]).unwrap(), ["gateway", "worker0", "worker1", "worker2"]);
+        assert_eq!(names(&["worker[02]", "worker0", "@all"]).unwrap().len(), 7);
+        assert_eq!(names(&["w*1", "worker?"]).unwrap(), ["worker0", "worker1", "worker2"]);
+        assert_eq!(names(&["@control", "control1"]).unwrap(), ["control0", "control1", "control2"]);
+        let err = names(&["@workers"]).unwrap_err();
+        assert_eq!(err, "no VM has the role `workers` in this lab (its roles: @all, @gateway, @control, @worker)");
+        let err = names(&["control0", "db*"]).unwrap_err();
+        assert!(err.starts_with("`db*` matches no VM") && err.contains("worker2"), "{err}");
+        assert!(names(&["worker[0"]).unwrap_err().starts_with("`worker[0` is not a glob pattern"));
+        assert!(names(&["worker9"]).unwrap_err().starts_with("no VM named `worker9`"));
     }
 }

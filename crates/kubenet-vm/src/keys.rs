@@ -213,6 +213,9 @@ pub fn include_line(lab_ssh_config: &Path) -> String {
     format!("Include {}", quote(lab_ssh_config))
 }
 
+/// The comment above the line [`add_include`] adds.
+const INCLUDE_COMMENT: &str = "# Added by `kubenet ssh-config --install`: the lab's VMs by name.";
+
 /// `existing` (a ~/.ssh/config) with `line` added at the top, where an `Include` applies to
 /// every host (further down, inside a `Host` or `Match` block, it would apply only there).
 /// None: the line is there already.
@@ -220,7 +223,7 @@ pub fn add_include(existing: &str, line: &str) -> Option<String> {
     if existing.lines().any(|l| l.trim() == line) {
         return None;
     }
-    Some(format!("# Added by `kubenet setup --ssh-include`: the lab's VMs by name.\n{line}\n\n{existing}"))
+    Some(format!("{INCLUDE_COMMENT}\n{line}\n\n{existing}"))
 }
 
 /// `existing` without `line` and the comment `add_include` put above it. None: not there.
@@ -230,7 +233,8 @@ pub fn remove_include(existing: &str, line: &str) -> Option<String> {
     let mut keep: Vec<&str> = Vec::with_capacity(lines.len());
     for (i, l) in lines.iter().enumerate() {
         let ours = i == at
-            || (i + 1 == at && l.starts_with("# Added by `kubenet setup --ssh-include`"))
+            // (Before `ssh-config`, the comment named `setup --ssh-include`.)
+            || (i + 1 == at && (*l == INCLUDE_COMMENT || l.starts_with("# Added by `kubenet setup --ssh-include`")))
             || (i == at + 1 && l.trim().is_empty());
         if !ours {
             keep.push(l);

@@ -109,14 +109,24 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// SSH to a VM with the lab's ssh_config (strict host-key checking), e.g.
-    /// `kubenet ssh worker0 -- uptime`.
-    Ssh {
-        #[arg(add = ArgValueCompleter::new(vm_names))]
-        name: String,
-        /// A command to run instead of a login shell.
-        #[arg(last = true)]
-        command: Vec<String>,
+    /// SSH to a VM with the lab's ssh_config (strict host-key checking), or run a command on
+    /// many: `kubenet ssh worker0`, `kubenet ssh 'control*' @worker -- sudo systemctl restart
+    /// containerd`. With several VMs (names, globs, roles @control @worker @all) the command runs
+    /// on each in parallel, every line prefixed with the VM's name; exit 1 if any failed.
+    Ssh(SshArgs),
+    /// Copy files between this host and VMs, scp's way (`VM:path`; the VM may be a glob or a
+    /// role): `kubenet cp ca.pem 'control*:'`, `kubenet cp '@worker:/var/log/syslog' logs/`
+    /// (into logs/worker0/syslog, ...). Modes are kept; in parallel, through the lab's
+    /// ssh_config.
+    Cp(CpArgs),
+    /// Print the `Include` line that makes your own ssh, scp, rsync and editors reach the lab's
+    /// VMs by name with strict host keys; --install adds it to ~/.ssh/config once (`destroy`
+    /// takes it out).
+    SshConfig {
+        /// Add the line at the top of ~/.ssh/config (the file as it was kept as
+        /// ~/.ssh/config.kubenet-backup).
+        #[arg(long)]
+        install: bool,
     },
     /// Attach to a VM's serial console; Ctrl-] detaches.
     Console {
@@ -176,6 +186,53 @@ pub enum Command {
     /// and snapshot names (asking `kubenet` itself as you type), e.g.
     /// `kubenet completions bash > ~/.local/share/bash-completion/completions/kubenet`.
     Completions { shell: clap_complete::Shell },
+}
+
+/// A duration: "90s", "5m", "1h30m", or seconds ("30").
+fn duration(s: &str) -> Result<std::time::Duration, String> {
+    match s.parse::<u64>() {
+        Ok(secs) => Ok(std::time::Duration::from_secs(secs)),
+        Err(_) => kubenet_cluster::parse_duration(s),
+    }
+    .and_then(|d| {
+        if d.is_zero() || d > std::time::Duration::from_secs(7 * 86400) {
+            Err(format!("`{s}`: give a time between 1s and 7 days"))
+        } else {
+            Ok(d)
+        }
+    })
+}
+
+#[derive(Debug, Args)]
+pub struct SshArgs {
+    /// VMs: names, globs ('control*', quoted for the shell) or roles (@control, @worker, @all).
+    #[arg(required = true, value_name = "VM", add = ArgValueCompleter::new(vm_names))]
+    pub targets: Vec<String>,
+    /// The command to run (after `--`). With one VM and none: a login shell.
+    #[arg(last = true)]
+    pub command: Vec<String>,
+    /// One VM after another, in lab order, stopping at the first that fails (rolling restarts).
+    #[arg(long)]
+    pub serial: bool,
+    /// The most each VM may take ("90s", "5m"); past it, its ssh is ended and it counts as failed.
+    #[arg(long, value_parser = duration, value_name = "TIME")]
+    pub timeout: Option<std::time::Duration>,
+}
+
+#[derive(Debug, Args)]
+pub struct CpArgs {
+    /// What to copy: local paths, or `VM:path` (VM a name, a glob or a role).
+    #[arg(required = true, value_name = "SRC")]
+    pub sources: Vec<String>,
+    /// Where: a local path, or `VM:path` (`VM:` alone is the login's home).
+    #[arg(value_name = "DEST")]
+    pub dest: String,
+    /// Copy directories and their contents.
+    #[arg(short = 'r', long)]
+    pub recursive: bool,
+    /// The most each VM's copy may take ("90s", "5m").
+    #[arg(long, value_parser = duration, value_name = "TIME")]
+    pub timeout: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Args)]

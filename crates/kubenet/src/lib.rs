@@ -11,7 +11,7 @@ mod commands;
 pub mod proto;
 
 use agent::{control, serve};
-use commands::{console, doctor, lifecycle, service, snapshot, table, tmux};
+use commands::{console, cp, doctor, lifecycle, service, snapshot, ssh, table, tmux};
 
 use std::io::Write;
 use std::path::Path;
@@ -213,7 +213,15 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Up(args) => lifecycle::up(&load_lab(&cli, None)?, args, &mut stdout)?,
         Command::Down(args) => lifecycle::down(&load_lab(&cli, None)?, args, &mut stdout)?,
         Command::Status { json } => lifecycle::status(&load_lab(&cli, None)?, *json, &mut stdout)?,
-        Command::Ssh { name, command } => lifecycle::ssh(&load_lab(&cli, None)?, name, command)?,
+        Command::Ssh(a) => ssh::ssh(
+            &load_lab(&cli, None)?,
+            &ssh::Request { targets: &a.targets, command: &a.command, serial: a.serial, timeout: a.timeout },
+        )?,
+        Command::Cp(a) => cp::cp(
+            &load_lab(&cli, None)?,
+            &cp::Request { sources: &a.sources, dest: &a.dest, recursive: a.recursive, timeout: a.timeout },
+        )?,
+        Command::SshConfig { install } => ssh::ssh_config(&load_lab(&cli, None)?, *install, &mut stdout)?,
         Command::Console { name } => console::attach(&load_lab(&cli, None)?, name)?,
         Command::Reset { names } => lifecycle::reset(&load_lab(&cli, None)?, names, &mut stdout)?,
         Command::Snapshot(action) => snapshot::run(&load_lab(&cli, None)?, action, &mut stdout)?,

@@ -2,8 +2,7 @@
 //! `destroy`, `image pull`. These run as the user: files they make stay the user's, and what needs
 //! root (starting QEMU, on macOS for vmnet) is asked of `kubenet serve` over its control socket.
 //!
-//! Layout, one module per command family: `setup`, `up` (with its wait, and `down`), `status`
-//! (and `ssh`), `destroy` (and `reset`), `image`. What several of them share is here.
+//! Layout, one module per command family: `setup`, `up` (with its wait, and `down`), `status`, `destroy` (and `reset`), `image`. What several of them share is here.
 
 mod destroy;
 mod image;
@@ -20,7 +19,8 @@ use kubenet_vm::VmFiles;
 pub use destroy::{destroy, reset};
 pub use image::image_pull;
 pub use setup::setup;
-pub use status::{ssh, status};
+pub(crate) use setup::ssh_include_line;
+pub use status::status;
 pub use up::{down, up};
 
 pub(crate) fn home() -> anyhow::Result<PathBuf> {

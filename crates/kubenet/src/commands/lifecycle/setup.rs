@@ -42,14 +42,14 @@ pub fn setup(lab: &Lab, args: &SetupArgs, out: &mut impl Write) -> anyhow::Resul
     if args.ssh_include {
         let path = home()?.join(".ssh/config");
         let line = ssh_include_line(&files)?;
-        if keys::edit_locked(&path, |old| keys::add_include(old, &line))? {
+        if let crate::commands::ssh::Installed::Added { .. } = crate::commands::ssh::install_include(&path, &line)? {
             writeln!(out, "added `{line}` to {}: `ssh NAME` now reaches the lab", path.display())?;
         }
     }
     Ok(login)
 }
 
-/// The line `setup --ssh-include` adds to ~/.ssh/config and `destroy` takes out.
-pub(super) fn ssh_include_line(files: &LabFiles) -> anyhow::Result<String> {
+/// The line `ssh-config --install` (and `setup --ssh-include`) adds to ~/.ssh/config and `destroy` takes out.
+pub(crate) fn ssh_include_line(files: &LabFiles) -> anyhow::Result<String> {
     Ok(keys::include_line(&std::path::absolute(files.ssh_config())?))
 }

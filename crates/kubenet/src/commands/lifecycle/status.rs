@@ -4,13 +4,11 @@ use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use anyhow::bail;
 use kubenet_cluster::Lab;
-use kubenet_vm::LabFiles;
 
 use crate::proto::{Answer, LeaseRow, Request, RunState, VmState};
 
-use super::{now, require_running, short};
+use super::{now, short};
 
 /// One row of `kubenet status` (and its `--json`).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -144,19 +142,6 @@ pub fn status(lab: &Lab, json_out: bool, out: &mut impl Write) -> anyhow::Result
     }
     write!(out, "{}", crate::commands::table::columns(&header, &cells))?;
     Ok(())
-}
-
-/// `kubenet ssh NAME [-- CMD]`: replaces this process with ssh using the lab's ssh_config.
-pub fn ssh(lab: &Lab, name: &str, command: &[String]) -> anyhow::Result<()> {
-    use std::os::unix::process::CommandExt;
-    let vm = lab.select(&[name.to_owned()]).map_err(crate::cli::unknown_vm)?[0];
-    require_running(lab, vm)?;
-    let config = LabFiles::new(lab).ssh_config();
-    if !config.exists() {
-        bail!("{} does not exist: run `kubenet setup` (or `kubenet up`) first", config.display());
-    }
-    let err = std::process::Command::new("ssh").arg("-F").arg(&config).arg(&vm.name).args(command).exec();
-    Err(anyhow::Error::new(err).context("cannot run ssh"))
 }
 
 #[cfg(test)]

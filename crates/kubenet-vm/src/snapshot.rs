@@ -75,7 +75,8 @@ pub struct Manifest {
     pub name: String,
     /// Unix seconds when it was taken.
     pub taken: u64,
-    /// Taken of running VMs, with their memory (restored into running VMs).
+    /// Taken with `--live`: of the VMs then running with their memory (restored into running
+    /// VMs), and of those then stopped, their disks ([`VmEntry::live`]).
     pub live: bool,
     /// Every VM the lab had then, snapshot or not: a VM added since makes the lab differ.
     pub lab_vms: Vec<String>,
@@ -97,6 +98,17 @@ pub struct VmEntry {
     pub efi_vars: bool,
     /// The VM's lines of the lease file (dnsmasq format) then.
     pub leases: String,
+    /// Saved running, with its memory, or stopped (its disk alone). Absent in manifests from
+    /// before a live snapshot could hold stopped VMs: then [`Manifest::live`] says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live: Option<bool>,
+}
+
+impl Manifest {
+    /// Whether `e` was saved running, with its memory.
+    pub fn is_live(&self, e: &VmEntry) -> bool {
+        e.live.unwrap_or(self.live)
+    }
 }
 
 /// What a lab's disk says about itself (`qemu-img info --output=json`).
@@ -376,6 +388,7 @@ impl<'a> Store<'a> {
             disk_bytes,
             state_bytes,
             efi_vars,
+            live: Some(live),
         })
     }
 
@@ -610,6 +623,7 @@ mod tests {
                     state_bytes: 0,
                     efi_vars: false,
                     leases: String::new(),
+                    live: None,
                 }
             })
             .collect();
@@ -620,6 +634,21 @@ mod tests {
             lab_vms: lab.vms.iter().map(|v| v.name.clone()).collect(),
             vms,
         }
+    }
+
+    #[test]
+    fn an_entry_is_live_as_it_says_or_as_its_manifest_said_before_entries_said() {
+        let lab = reference();
+        let mut m = snapshot_of(&lab, &["gateway", "worker0"]);
+        m.live = true;
+        // A manifest from before: every VM of a live snapshot was saved running.
+        let old: Manifest = serde_json::from_str(&serde_json::to_string(&m).unwrap()).unwrap();
+        assert!(!serde_json::to_string(&m).unwrap().contains("\"live\":null"));
+        assert!(old.vms.iter().all(|e| old.is_live(e)));
+        m.vms[1].live = Some(false);
+        m.vms[0].live = Some(true);
+        let new: Manifest = serde_json::from_str(&serde_json::to_string(&m).unwrap()).unwrap();
+        assert_eq!(new.vms.iter().map(|e| new.is_live(e)).collect::<Vec<_>>(), [true, false]);
     }
 
     #[test]

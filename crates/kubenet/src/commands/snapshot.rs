@@ -58,37 +58,54 @@ fn require_serve(lab: &Lab, what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `save --live`: `serve` pauses every VM, saves each one's disk and memory into its disk, and
-/// resumes them all; a bar follows the bytes landing in the disks against the guests' memory.
+/// `save --live`: the lab as it is. `serve` pauses every running VM, saves each one's disk and
+/// memory into its disk, and resumes them all (a bar follows the bytes landing in the disks
+/// against the guests' memory); the stopped VMs' disks are saved as `save` does. All or
+/// nothing.
 fn save_live(lab: &Lab, store: &Store, name: &str, names_asked: &[String], out: &mut impl Write) -> anyhow::Result<()> {
     kubenet_vm::snapshot::check_name(name)?;
-    let vms = lab.select(names_asked).map_err(crate::cli::unknown_vm)?;
-    let stopped: Vec<&str> = vms.iter().filter(|vm| !running(lab, vm)).map(|vm| vm.name.as_str()).collect();
-    if !stopped.is_empty() {
-        bail!(
-            "{} not running: a live snapshot is of running VMs; start with `kubenet up {}`, or stop the rest with `kubenet down` and save without --live",
-            stopped.join(", "),
-            stopped.join(" ")
-        );
+    let asked = lab.select(names_asked).map_err(crate::cli::unknown_vm)?;
+    // A VM never set up (`kubenet up gateway control0` prepares those two alone) has no disk
+    // to save: the lab as it is has none of it.
+    let (vms, unmade): (Vec<&Vm>, Vec<&Vm>) =
+        asked.iter().partition(|vm| running(lab, vm) || VmFiles::new(lab, vm).disk().exists());
+    if vms.is_empty() {
+        bail!("no VM of these has a disk yet: `kubenet up` (or `kubenet setup`) makes them");
     }
-    require_serve(lab, "a live snapshot")?;
+    let (up, down): (Vec<&Vm>, Vec<&Vm>) = vms.iter().partition(|vm| running(lab, vm));
+    if !up.is_empty() {
+        require_serve(lab, "a live snapshot")?;
+    }
     store.begin(name, &vms)?;
-    let disks: Vec<PathBuf> = vms.iter().map(|vm| VmFiles::new(lab, vm).disk()).collect();
+    let disks: Vec<PathBuf> = up.iter().map(|vm| VmFiles::new(lab, vm).disk()).collect();
     let before = allocated(&disks);
-    let memory: u64 = vms.iter().map(|vm| vm.memory.0).sum();
+    let memory: u64 = up.iter().map(|vm| vm.memory.0).sum();
     let start = Instant::now();
-    let req = Request::Snapshot { op: LiveOp::Save, tag: name.to_owned(), vms: names(&vms) };
-    let saved = with_progress(
-        Some(memory),
-        || allocated(&disks).saturating_sub(before),
-        || client::request(&lab.state_dir, &req),
-    );
+    let saved = if up.is_empty() {
+        Ok(Answer::Snapshot(Vec::new()))
+    } else {
+        let req = Request::Snapshot { op: LiveOp::Save, tag: name.to_owned(), vms: names(&up) };
+        with_progress(
+            Some(memory),
+            || allocated(&disks).saturating_sub(before),
+            || client::request(&lab.state_dir, &req),
+        )
+    };
     let took = start.elapsed();
     let written = allocated(&disks).saturating_sub(before);
+    let mut stopped_done: Vec<&Vm> = Vec::new();
     let finish = || -> anyhow::Result<Manifest> {
         saved?;
         let leases = store.leases()?;
-        let entries = vms.iter().map(|vm| store.entry(vm, name, true, &leases)).collect::<Result<Vec<_>, _>>()?;
+        let mut entries = Vec::new();
+        for vm in &vms {
+            let live = up.iter().any(|u| u.name == vm.name);
+            if !live {
+                stopped_done.push(vm);
+                store.img(vm, kubenet_vm::snapshot::Op::Create, name)?;
+            }
+            entries.push(store.entry(vm, name, live, &leases)?);
+        }
         let m = store.manifest(name, now(), true, entries);
         store.finish(&m)?;
         Ok(m)
@@ -97,27 +114,40 @@ fn save_live(lab: &Lab, store: &Store, name: &str, names_asked: &[String], out: 
         Ok(m) => m,
         Err(e) => {
             // serve already took back a save that failed; one that worked but cannot be recorded
-            // goes too.
-            let req = Request::Snapshot { op: LiveOp::Delete, tag: name.to_owned(), vms: names(&vms) };
-            let _ = client::request(&lab.state_dir, &req);
-            store.abandon(name, &[]);
+            // goes too, and so do the stopped disks' snapshots.
+            if !up.is_empty() {
+                let req = Request::Snapshot { op: LiveOp::Delete, tag: name.to_owned(), vms: names(&up) };
+                let _ = client::request(&lab.state_dir, &req);
+            }
+            store.abandon(name, &stopped_done);
             return Err(e.context(format!("snapshot {name} not taken, and nothing of it kept")));
         }
     };
     for e in &m.vms {
-        writeln!(
-            out,
-            "{:<10} saved live (memory {}, disk {} allocated)",
-            e.name,
-            size(e.state_bytes),
-            size(e.disk_bytes)
-        )?;
+        if m.is_live(e) {
+            writeln!(
+                out,
+                "{:<10} saved live (memory {}, disk {} allocated)",
+                e.name,
+                size(e.state_bytes),
+                size(e.disk_bytes)
+            )?;
+        } else {
+            writeln!(out, "{:<10} saved stopped (disk {} allocated)", e.name, size(e.disk_bytes))?;
+        }
+    }
+    for vm in &unmade {
+        writeln!(out, "{:<10} not set up: no disk to save", vm.name)?;
     }
     let secs = took.as_secs_f64();
+    let stopped_note = match down.len() {
+        0 => String::new(),
+        n => format!(" and {n} stopped"),
+    };
     writeln!(
         out,
-        "snapshot {name}: {} VMs live in {secs:.1} s (paused meanwhile), {} written ({:.0} MiB/s)",
-        m.vms.len(),
+        "snapshot {name}: {} VMs live{stopped_note} in {secs:.1} s (paused meanwhile), {} written ({:.0} MiB/s)",
+        up.len(),
         size(written),
         written as f64 / (1 << 20) as f64 / secs.max(0.001)
     )?;
@@ -181,9 +211,11 @@ fn restore(lab: &Lab, store: &Store, name: &str, names_asked: &[String], out: &m
     Ok(())
 }
 
-/// A live snapshot goes back into running VMs: `serve` starts the stopped ones, then pauses
-/// them all, loads, resumes; then each guest's clock, which stood still since the save, is set
-/// to the host's over SSH.
+/// A live snapshot puts each VM back as it was: the ones saved running, running from that
+/// moment (`serve` starts those stopped now, then pauses them all, loads, resumes; then each
+/// guest's clock, which stood still since the save, is set to the host's over SSH); the ones
+/// saved stopped, stopped (`serve` stops those running now), with their disks put back as a
+/// plain restore does.
 fn restore_live(
     lab: &Lab,
     store: &Store,
@@ -194,8 +226,30 @@ fn restore_live(
 ) -> anyhow::Result<()> {
     let name = &m.name;
     require_serve(lab, &format!("restoring the live snapshot {name}"))?;
-    let vms = store.check_restorable(m, targets, whole)?;
+    store.check_restorable(m, targets, whole)?;
+    let (live, cold): (Vec<&VmEntry>, Vec<&VmEntry>) = targets.iter().copied().partition(|e| m.is_live(e));
+    let vms_of =
+        |entries: &[&VmEntry]| -> Vec<&Vm> { entries.iter().filter_map(|e| lab.vm_by_name(&e.name)).collect() };
+    let (vms, cold_vms) = (vms_of(&live), vms_of(&cold));
     let start = Instant::now();
+    // Saved stopped: stopped now (their disks are about to go back, so no power-off to wait
+    // for), then their disks restored, all or nothing.
+    let cold_running: Vec<&Vm> = cold_vms.iter().copied().filter(|vm| running(lab, vm)).collect();
+    if !cold_running.is_empty() {
+        let req = Request::Stop { vms: names(&cold_running), grace_secs: Some(0) };
+        match client::request(&lab.state_dir, &req)? {
+            Answer::Stopped(_) => {}
+            other => return Err(client::unexpected(other)),
+        }
+        refuse_running(lab, &cold_running, &format!("snapshot restore {name}"))?;
+    }
+    if !cold.is_empty() {
+        store
+            .restore(m, &cold, false, false, &mut |e| {
+                let _ = writeln!(out, "{:<10} restored stopped", e.name);
+            })
+            .with_context(|| format!("snapshot {name} not restored: every disk is as it was"))?;
+    }
     let stopped: Vec<&Vm> = vms.iter().copied().filter(|vm| !running(lab, vm)).collect();
     if !stopped.is_empty() {
         let results = match client::request(&lab.state_dir, &Request::Start { vms: names(&stopped) })? {
@@ -208,9 +262,11 @@ fn restore_live(
             }
         }
     }
-    let req = Request::Snapshot { op: LiveOp::Load, tag: name.clone(), vms: names(&vms) };
-    with_progress(None, || 0, || client::request(&lab.state_dir, &req))
-        .with_context(|| format!("snapshot {name} not restored"))?;
+    if !vms.is_empty() {
+        let req = Request::Snapshot { op: LiveOp::Load, tag: name.clone(), vms: names(&vms) };
+        with_progress(None, || 0, || client::request(&lab.state_dir, &req))
+            .with_context(|| format!("snapshot {name} not restored"))?;
+    }
     let loaded = start.elapsed();
     let config = kubenet_vm::LabFiles::new(lab).ssh_config();
     let clocks: Vec<(String, Result<i64, String>)> = std::thread::scope(|s| {
@@ -230,7 +286,7 @@ fn restore_live(
         out,
         "snapshot {name} (taken {} ago, live) restored on {} VMs in {:.1} s",
         short(now().saturating_sub(m.taken)),
-        vms.len(),
+        vms.len() + cold.len(),
         loaded.as_secs_f64()
     )?;
     Ok(())
@@ -349,6 +405,7 @@ mod tests {
             state_bytes: state,
             efi_vars: false,
             leases: String::new(),
+            live: None,
         };
         let m = |name: &str, taken, live, vms| Manifest { name: name.into(), taken, live, lab_vms: vec![], vms };
         let all = [

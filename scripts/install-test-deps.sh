@@ -7,7 +7,8 @@
 #   isc-dhcp-client  dhclient, a real DHCP client for the namespace tests
 #   udhcpc           busybox's DHCP client, what small images carry
 #   bind9-dnsutils   dig, for the DNS tests
-#   iproute2         ip netns / veth / bridges for the namespace tests
+#   iproute2         ip netns / veth / bridges for the namespace tests, tc for `kubenet net`
+#   iputils-ping     ping, to see `kubenet net` partitions and delays between namespaces
 #   kea-admin        perfdhcp, the DHCP load generator used by bench/run.sh
 #   dnsperf          the DNS load generator used by bench/run.sh
 #   qemu-system-x86  QEMU for the VM process tests (TCG here), with qemu-utils (qemu-img) pinned
@@ -32,7 +33,7 @@
 #                    BIOS GRUB, its ESP and its GPT
 set -euo pipefail
 
-packages=(dnsmasq-base isc-dhcp-client udhcpc bind9-dnsutils iproute2 kea-admin dnsperf
+packages=(dnsmasq-base isc-dhcp-client udhcpc bind9-dnsutils iproute2 iputils-ping kea-admin dnsperf
     qemu-system-x86 ovmf qemu-system-arm qemu-efi-aarch64 qemu-user-static file genisoimage cloud-init openssh-server openssh-client tmux nftables systemd man-db ruby
     debootstrap grub-efi-amd64-bin grub-pc-bin dosfstools mtools gdisk)
 

@@ -144,6 +144,11 @@ pub enum Command {
     /// in seconds.
     #[command(subcommand)]
     Snapshot(SnapshotAction),
+    /// Break the lab's network on purpose, and heal it: partitions between VMs, and delay, loss
+    /// and a rate on one VM's traffic. Done by `kubenet serve` on the lab's own bridge and taps;
+    /// cleared when serve stops.
+    #[command(subcommand)]
+    Net(NetAction),
     /// Remove everything of the lab but the base images and the lab definition: every VM's
     /// folder, the leases, known_hosts, ssh_config and the lab key. VMs must be stopped.
     Destroy {
@@ -201,6 +206,109 @@ fn duration(s: &str) -> Result<std::time::Duration, String> {
             Ok(d)
         }
     })
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NetAction {
+    /// Cut VM off from others (default: the rest of the lab), both ways; the host still reaches
+    /// it, so `kubenet ssh` works while, say, etcd loses its quorum.
+    Partition {
+        #[arg(add = ArgValueCompleter::new(vm_names))]
+        vm: String,
+        /// The VMs it is cut off from.
+        #[arg(long, num_args = 1.., value_name = "VM", add = ArgValueCompleter::new(vm_names))]
+        from: Vec<String>,
+    },
+    /// Delay the traffic to VM ("100ms"; 0 removes it), optionally give or take --jitter.
+    Delay {
+        #[arg(add = ArgValueCompleter::new(vm_names))]
+        vm: String,
+        #[arg(value_parser = delay)]
+        delay: std::time::Duration,
+        /// A random part of the delay, up to it ("10ms").
+        #[arg(long, value_parser = delay)]
+        jitter: Option<std::time::Duration>,
+    },
+    /// Drop a share of the traffic to VM ("5%", "0.5%"; 0% removes it).
+    Loss {
+        #[arg(add = ArgValueCompleter::new(vm_names))]
+        vm: String,
+        #[arg(value_parser = loss)]
+        loss: u32,
+    },
+    /// Hold the traffic to VM to a rate ("10mbit", "512kbit", "1gbit"; "0" removes it).
+    Rate {
+        #[arg(add = ArgValueCompleter::new(vm_names))]
+        vm: String,
+        #[arg(value_parser = rate)]
+        rate: u64,
+    },
+    /// Undo every fault of these VMs (none named: of the whole lab).
+    Heal {
+        #[arg(add = ArgValueCompleter::new(vm_names))]
+        vms: Vec<String>,
+    },
+    /// List the faults in force.
+    Show {
+        /// JSON instead of a table, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// A delay: "100ms", "1s", "250us"; at most 60 s.
+fn delay(s: &str) -> Result<std::time::Duration, String> {
+    let d = match s.trim() {
+        "0" => std::time::Duration::ZERO,
+        t => kubenet_cluster::parse_duration(t).map_err(|e| format!("`{s}`: {e} (write e.g. 100ms)"))?,
+    };
+    if d.as_micros() > u128::from(crate::proto::MAX_DELAY_US) {
+        return Err(format!("`{s}` is more than the 60 s a delay may be"));
+    }
+    Ok(d)
+}
+
+/// A loss: "5%", "0.5%", "100%", to parts per million.
+fn loss(s: &str) -> Result<u32, String> {
+    let number = s.trim().strip_suffix('%').unwrap_or(s.trim());
+    let bad = || format!("`{s}` is not a share of packets: write a percentage from 0% to 100%, e.g. 5% or 0.5%");
+    let (whole, frac) = number.split_once('.').unwrap_or((number, ""));
+    if whole.is_empty() || frac.len() > 4 || !(whole.chars().chain(frac.chars())).all(|c| c.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let ppm =
+        whole.parse::<u64>().map_err(|_| bad())? * 10_000 + format!("{frac:0<4}").parse::<u64>().map_err(|_| bad())?;
+    if ppm > u64::from(crate::proto::MAX_LOSS_PPM) {
+        return Err(bad());
+    }
+    Ok(ppm as u32)
+}
+
+/// A rate in tc's words: "10mbit", "512kbit", "1gbit", "8000bit"; "kbps", "mbps" are bytes per
+/// second, as in tc. To bits per second.
+fn rate(s: &str) -> Result<u64, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let at = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(at);
+    let bad = || format!("`{s}` is not a rate: write e.g. 10mbit, 512kbit or 1gbit (0 removes the limit)");
+    let n: u64 = number.parse().map_err(|_| bad())?;
+    let scale: u64 = match unit {
+        "" if n == 0 => 1,
+        "bit" => 1,
+        "kbit" => 1_000,
+        "mbit" => 1_000_000,
+        "gbit" => 1_000_000_000,
+        "bps" => 8,
+        "kbps" => 8_000,
+        "mbps" => 8_000_000,
+        "gbps" => 8_000_000_000,
+        _ => return Err(bad()),
+    };
+    let bps = n.checked_mul(scale).ok_or_else(bad)?;
+    if bps != 0 && !(crate::proto::MIN_RATE_BPS..=crate::proto::MAX_RATE_BPS).contains(&bps) {
+        return Err(format!("`{s}` is out of range: from 8kbit to 100gbit"));
+    }
+    Ok(bps)
 }
 
 #[derive(Debug, Args)]
@@ -417,4 +525,31 @@ pub struct DownArgs {
     /// Seconds a guest gets to power off before QEMU is stopped.
     #[arg(long, default_value_t = 60, value_name = "SECS")]
     pub grace: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fault_figures_read_as_tc_writes_them_and_absurd_ones_are_refused() {
+        assert_eq!(delay("100ms"), Ok(std::time::Duration::from_millis(100)));
+        assert_eq!(delay("0"), Ok(std::time::Duration::ZERO));
+        assert!(delay("61s").unwrap_err().contains("more than the 60 s"));
+        assert!(delay("-5ms").is_err());
+        assert_eq!(loss("5%"), Ok(50_000));
+        assert_eq!(loss("0.5%"), Ok(5_000));
+        assert_eq!(loss("100%"), Ok(1_000_000));
+        assert_eq!(loss("0.0001%"), Ok(1));
+        for bad in ["101%", "-1%", "5.00001%", "%", "five", "1e3%"] {
+            assert!(loss(bad).is_err(), "{bad}");
+        }
+        assert_eq!(rate("10mbit"), Ok(10_000_000));
+        assert_eq!(rate("512Kbit"), Ok(512_000));
+        assert_eq!(rate("1mbps"), Ok(8_000_000));
+        assert_eq!(rate("0"), Ok(0));
+        for bad in ["10", "7999bit", "101gbit", "-1mbit", "10 parsecs", "99999999999999999999gbit"] {
+            assert!(rate(bad).is_err(), "{bad}");
+        }
+    }
 }

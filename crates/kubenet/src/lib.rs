@@ -11,7 +11,7 @@ mod commands;
 pub mod proto;
 
 use agent::{control, serve};
-use commands::{console, cp, doctor, lifecycle, service, snapshot, ssh, table, tmux};
+use commands::{console, cp, doctor, lifecycle, net, service, snapshot, ssh, table, tmux};
 
 use std::io::Write;
 use std::path::Path;
@@ -221,6 +221,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             &load_lab(&cli, None)?,
             &cp::Request { sources: &a.sources, dest: &a.dest, recursive: a.recursive, timeout: a.timeout },
         )?,
+        Command::Net(action) => net::net(&load_lab(&cli, None)?, action, &mut stdout)?,
         Command::SshConfig { install } => ssh::ssh_config(&load_lab(&cli, None)?, *install, &mut stdout)?,
         Command::Console { name } => console::attach(&load_lab(&cli, None)?, name)?,
         Command::Reset { names } => lifecycle::reset(&load_lab(&cli, None)?, names, &mut stdout)?,

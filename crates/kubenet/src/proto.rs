@@ -52,6 +52,105 @@ pub enum Invalid {
     /// The tag's own error from [`kubenet_vm::snapshot::check_name`] (1-64 bytes).
     #[error("tag: {0}")]
     Tag(String),
+    /// A network fault's figure out of its range ([`NetOp::validate`]).
+    #[error("{0}")]
+    Net(String),
+}
+
+/// The longest delay (and jitter) `kubenet net delay` may add: a minute is far past any
+/// network a distributed system is expected to survive, and far from overflowing anything.
+pub const MAX_DELAY_US: u64 = 60_000_000;
+/// Loss in parts per million: 1,000,000 is all of it.
+pub const MAX_LOSS_PPM: u32 = 1_000_000;
+/// The slowest and fastest rate a VM may be held to, in bits per second (tc's floor is a few
+/// bytes a second; below 8 kbit/s SSH itself times out, which is a partition, not a rate).
+pub const MIN_RATE_BPS: u64 = 8_000;
+pub const MAX_RATE_BPS: u64 = 100_000_000_000;
+
+/// A change to the lab's network faults (`kubenet net`), or a look at them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
+pub enum NetOp {
+    /// Cut `vm` off from `from` (none: every other VM of the lab), both ways. The host keeps its
+    /// path to every VM.
+    Partition {
+        vm: String,
+        #[serde(default)]
+        from: Vec<String>,
+    },
+    /// Traffic to `vm` waits `delay_us`, give or take `jitter_us` (0: no delay).
+    Delay {
+        vm: String,
+        delay_us: u64,
+        #[serde(default)]
+        jitter_us: u64,
+    },
+    /// That share of the traffic to `vm` is dropped (0: none).
+    Loss {
+        vm: String,
+        ppm: u32,
+    },
+    /// Traffic to `vm` at most `bps` bits per second (0: no limit).
+    Rate {
+        vm: String,
+        bps: u64,
+    },
+    /// Every fault of these VMs (none: of the whole lab) undone.
+    Heal {
+        #[serde(default)]
+        vms: Vec<String>,
+    },
+    Show,
+}
+
+impl NetOp {
+    /// The names the operation holds (for [`Request::validate`]'s name check).
+    pub fn names(&self) -> Vec<&String> {
+        match self {
+            NetOp::Partition { vm, from } => std::iter::once(vm).chain(from).collect(),
+            NetOp::Delay { vm, .. } | NetOp::Loss { vm, .. } | NetOp::Rate { vm, .. } => vec![vm],
+            NetOp::Heal { vms } => vms.iter().collect(),
+            NetOp::Show => Vec::new(),
+        }
+    }
+
+    /// Its figures against this module's ranges.
+    pub fn validate(&self) -> Result<(), String> {
+        match *self {
+            NetOp::Delay { delay_us, jitter_us, .. } => {
+                if delay_us > MAX_DELAY_US {
+                    return Err(format!("delay_us {delay_us} is out of range: at most {MAX_DELAY_US} (60 s)"));
+                }
+                if jitter_us > delay_us {
+                    return Err(format!(
+                        "jitter_us {jitter_us} is out of range: at most the delay ({delay_us}), or a packet would leave before it was sent"
+                    ));
+                }
+            }
+            NetOp::Loss { ppm, .. } if ppm > MAX_LOSS_PPM => {
+                return Err(format!("ppm {ppm} is out of range: at most {MAX_LOSS_PPM} (100%)"));
+            }
+            NetOp::Rate { bps, .. } if bps != 0 && !(MIN_RATE_BPS..=MAX_RATE_BPS).contains(&bps) => {
+                return Err(format!(
+                    "bps {bps} is out of range: 0 (no limit) or {MIN_RATE_BPS} (8 kbit/s) to {MAX_RATE_BPS} (100 Gbit/s)"
+                ));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// One VM's faults in force.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FaultRow {
+    pub vm: String,
+    /// The VMs it cannot reach (nor they it), in lab order.
+    pub partitioned_from: Vec<String>,
+    pub delay_us: u64,
+    pub jitter_us: u64,
+    pub loss_ppm: u32,
+    pub rate_bps: u64,
 }
 
 /// What a client asks.
@@ -81,17 +180,25 @@ pub enum Request {
         #[serde(default)]
         vms: Vec<String>,
     },
+    /// The lab's network faults.
+    Net {
+        op: NetOp,
+    },
 }
 
 impl Request {
     /// Checks every number and name the request holds against this module's limits; the agent
     /// acts only on a request that passed.
     pub fn validate(&self) -> Result<(), Invalid> {
-        let (vms, grace, tag) = match self {
+        let (vms, grace, tag): (Vec<&String>, _, _) = match self {
             Request::Status | Request::Leases | Request::Reload | Request::Vms => return Ok(()),
-            Request::Start { vms } => (vms, None, None),
-            Request::Stop { vms, grace_secs } => (vms, *grace_secs, None),
-            Request::Snapshot { op: _, tag, vms } => (vms, None, Some(tag)),
+            Request::Start { vms } => (vms.iter().collect(), None, None),
+            Request::Stop { vms, grace_secs } => (vms.iter().collect(), *grace_secs, None),
+            Request::Snapshot { op: _, tag, vms } => (vms.iter().collect(), None, Some(tag)),
+            Request::Net { op } => {
+                op.validate().map_err(Invalid::Net)?;
+                (op.names(), None, None)
+            }
         };
         if let Some(g) = grace.filter(|g| *g > MAX_GRACE_SECS) {
             return Err(Invalid::GraceSecs(g));
@@ -100,7 +207,7 @@ impl Request {
             return Err(Invalid::TooManyVms(vms.len()));
         }
         if let Some((index, name)) = vms.iter().enumerate().find(|(_, n)| !kubenet_cluster::is_dns_label(n)) {
-            return Err(Invalid::VmName { index, name: name.clone() });
+            return Err(Invalid::VmName { index, name: (*name).clone() });
         }
         if let Some(tag) = tag {
             // The error names a long tag in full; the line cap bounds it to 64 KiB.
@@ -125,6 +232,8 @@ pub enum Answer {
     Stopped(Vec<StopResult>),
     /// The VMs a live snapshot operation was done on.
     Snapshot(Vec<String>),
+    /// The faults in force after the operation, one row per VM that has any.
+    Net(Vec<FaultRow>),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -343,6 +452,25 @@ mod tests {
         }
         // Requests without numbers or names pass as they are.
         assert_eq!(Request::Status.validate(), Ok(()));
+
+        let net = |op: &str| decode_request(format!(r#"{{"v":2,"cmd":"net","op":{op}}}"#).as_bytes());
+        assert_eq!(
+            net(r#"{"op":"delay","vm":"worker1","delay_us":100000,"jitter_us":10000}"#),
+            Ok(Request::Net { op: NetOp::Delay { vm: "worker1".into(), delay_us: 100_000, jitter_us: 10_000 } })
+        );
+        assert_eq!(
+            net(r#"{"op":"delay","vm":"w1","delay_us":60000001}"#).unwrap_err(),
+            "bad request: delay_us 60000001 is out of range: at most 60000000 (60 s)"
+        );
+        assert!(net(r#"{"op":"delay","vm":"w1","delay_us":5,"jitter_us":6}"#).unwrap_err().contains("jitter_us 6"));
+        assert!(net(r#"{"op":"delay","vm":"w1","delay_us":-5}"#).is_err());
+        assert!(net(r#"{"op":"loss","vm":"w1","ppm":1000001}"#).unwrap_err().contains("ppm 1000001 is out of range"));
+        assert_eq!(net(r#"{"op":"loss","vm":"w1","ppm":1000000}"#).map(|_| ()), Ok(()));
+        assert!(net(r#"{"op":"rate","vm":"w1","bps":7999}"#).unwrap_err().contains("bps 7999 is out of range"));
+        assert_eq!(net(r#"{"op":"rate","vm":"w1","bps":0}"#).map(|_| ()), Ok(()));
+        assert!(net(r#"{"op":"partition","vm":"w1","from":["a/b"]}"#).unwrap_err().contains("vms[1] is not a VM name"));
+        assert!(net(r#"{"op":"partition","vm":"w1","via":"eth0"}"#).unwrap_err().contains("unknown field `via`"));
+        assert_eq!(net(r#"{"op":"show"}"#), Ok(Request::Net { op: NetOp::Show }));
     }
 
     #[test]

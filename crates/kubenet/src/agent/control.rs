@@ -63,6 +63,8 @@ pub struct Shared {
     pub leases: Option<mpsc::UnboundedSender<kubenet_dhcp::server::LeaseQuery>>,
     pub reloads: mpsc::UnboundedSender<ReloadRequest>,
     pub vms: crate::agent::vms::Supervisor,
+    /// The lab's network faults.
+    pub net: Arc<crate::agent::faults::Switch>,
 }
 
 /// The user behind sudo (SUDO_UID/SUDO_GID), else the one running.
@@ -258,6 +260,12 @@ async fn answer(shared: &Shared, req: Request) -> Result<Answer, String> {
             Answer::Stopped(shared.vms.stop(&vms, grace).await?)
         }
         Request::Snapshot { op, tag, vms } => Answer::Snapshot(shared.vms.snapshot(op, &tag, &vms).await?),
+        // nft and tc are short commands, run off the runtime's thread.
+        Request::Net { op } => {
+            let net = shared.net.clone();
+            let rows = tokio::task::spawn_blocking(move || net.change(&op)).await.map_err(|e| e.to_string())??;
+            Answer::Net(rows)
+        }
         Request::Reload => {
             let (tx, rx) = oneshot::channel();
             let stopping = || "the agent is stopping".to_owned();
@@ -326,6 +334,7 @@ mod tests {
         };
         let panicked = AtomicBool::new(false);
         let me = owner();
+        let lab = Arc::new(std::sync::Mutex::new(lab));
         let shared = Arc::new(Shared {
             owner: me.0,
             status: Box::new(move || {
@@ -334,11 +343,11 @@ mod tests {
             }),
             leases: None,
             reloads: mpsc::unbounded_channel().0,
-            vms: crate::agent::vms::Supervisor::new(
-                Arc::new(std::sync::Mutex::new(lab)),
-                Ok(Owner::bare(me.0, me.1)),
-                false,
-            ),
+            vms: crate::agent::vms::Supervisor::new(lab.clone(), Ok(Owner::bare(me.0, me.1)), false),
+            net: Arc::new(crate::agent::faults::Switch::new(
+                crate::agent::faults::Backend::Unavailable("no bridge in this test".into()),
+                lab,
+            )),
         });
         let path = dir.path().join(SOCKET);
         let listener = UnixListener::bind(&path).unwrap();

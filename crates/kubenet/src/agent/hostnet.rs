@@ -150,9 +150,9 @@ pub fn host_networks(except: &str) -> Vec<(String, Ipv4Net)> {
         .collect()
 }
 
-/// The nftables table name for a bridge.
+/// The nftables table name for a bridge (family ip; the faults' table has it in family bridge).
 pub fn nat_table(bridge: &str) -> String {
-    format!("kubenet_{}", bridge.replace(|c: char| !c.is_ascii_alphanumeric(), "_"))
+    crate::agent::faults::table_name(bridge)
 }
 
 /// kubenet's nftables table, as libvirt's NAT networks have it:
@@ -167,9 +167,7 @@ pub fn nat_table(bridge: &str) -> String {
 pub fn nat_ruleset(plan: &Plan, isolate: bool) -> Result<String, Refusal> {
     let b = &plan.bridge;
     // Quoted in the script: a name with a quote or a brace would be a rule of its own.
-    if b.is_empty() || !b.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')) {
-        return Err(Refusal::UnsafeName { name: b.clone() });
-    }
+    crate::agent::faults::safe_name(b).map_err(|_| Refusal::UnsafeName { name: b.clone() })?;
     let net = plan.subnet.trunc();
     let policy = if isolate { "drop" } else { "accept" };
     // The table made and deleted first, then written whole, in one transaction: an earlier

@@ -1,6 +1,7 @@
 //! `kubenet serve`: the host agent. Binds every socket before it says "ready", then runs the
 //! servers until SIGINT or SIGTERM.
 
+use crate::agent::faults::{Backend, Switch};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -147,10 +148,27 @@ async fn serve(
     // The lab as served, reloads included: the teardown below counts its VMs, not the ones
     // there were at the start (a VM a reload added may still run on its tap).
     let current = Arc::new(Mutex::new(lab.clone()));
+    // Network faults (`kubenet net`) on the switch the lab has: ours on Linux, vmnet's on macOS.
+    #[cfg(target_os = "linux")]
+    let backend = match &net {
+        Some(_) => Backend::Linux,
+        None => {
+            Backend::Unavailable("kubenet serve runs with --no-bridge: network faults need the lab's own bridge".into())
+        }
+    };
+    #[cfg(target_vendor = "apple")]
+    let backend = Backend::MacOs;
+    #[cfg(not(any(target_os = "linux", target_vendor = "apple")))]
+    let backend = Backend::Unavailable("network faults are for Linux and macOS".into());
+    let switch = Arc::new(Switch::new(backend, current.clone()));
     let result = match bind(&lab, args, &files_owner) {
-        Ok(bound) => run_bound(bound, current.clone(), owner, args, reload).await,
+        Ok(bound) => run_bound(bound, current.clone(), owner, args, reload, switch.clone()).await,
         Err(e) => Err(e),
     };
+    // No fault outlives the agent, whatever VMs keep running.
+    if let Err(e) = switch.clear() {
+        tracing::warn!("cannot clear the network faults: {e}");
+    }
     #[cfg(target_os = "linux")]
     if let Some(net) = net {
         let lab = current.lock().expect("lab lock").clone();
@@ -353,6 +371,7 @@ async fn run_bound(
     owner: Result<Owner, String>,
     args: &ServeArgs,
     reload: &Reload<'_>,
+    net: Arc<Switch>,
 ) -> anyhow::Result<()> {
     // Every port is bound: packets from here on wait in their sockets until the loops start.
     log_ready(&current.lock().expect("lab lock"), &b)?;
@@ -389,6 +408,7 @@ async fn run_bound(
         leases: dhcp.as_ref().map(|d| d.leases.clone()),
         reloads: reload_tx,
         vms: crate::agent::vms::Supervisor::new(current.clone(), owner, !args.no_bridge),
+        net: net.clone(),
     });
     tasks.spawn(crate::agent::control::serve(control, shared, shutdown.clone()));
     let dhcp_configs = dhcp.as_ref().map(|d| d.configs.clone());
@@ -403,7 +423,14 @@ async fn run_bound(
         tracing::warn!("cannot tell the service manager we are ready: {e}");
     }
     let start = current.lock().expect("lab lock").clone();
-    let reload_now = || reload_lab(&start, &current, reload, &dns, dhcp_configs.as_ref());
+    let reload_now = || {
+        let old = current.lock().expect("lab lock").clone();
+        let result = reload_lab(&start, &current, reload, &dns, dhcp_configs.as_ref());
+        if result.is_ok() {
+            net.reloaded(&old);
+        }
+        result
+    };
     // The first server to fail stops the others; a clean stop ends them all.
     let mut result = Ok(());
     loop {

@@ -1,4 +1,4 @@
-//! `kubenet status` (rows made by a pure [`status_rows`]) and `kubenet ssh`.
+//! `kubenet status` (rows made by a pure [`status_rows`]).
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use kubenet_cluster::Lab;
 
-use crate::proto::{Answer, LeaseRow, Request, RunState, VmState};
+use crate::proto::{Answer, FaultRow, LeaseRow, NetOp, Request, RunState, VmState};
 
 use super::{now, short};
 
@@ -24,6 +24,8 @@ pub struct StatusRow {
     /// Port 22 answers.
     pub ssh: bool,
     pub uptime_secs: Option<u64>,
+    /// The network faults `kubenet net` put on it ("cut off, delay 100ms"), if any.
+    pub fault: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -32,9 +34,17 @@ pub struct LeaseCell {
     pub expires: Option<u64>,
 }
 
-/// The rows of `kubenet status` from the VMs' states (by name: the agent's lab may be older than
-/// this file), the active leases, which VMs answer on port 22, and the time. Pure.
-pub fn status_rows(lab: &Lab, states: &[VmState], leases: &[LeaseRow], ssh: &[bool], now: u64) -> Vec<StatusRow> {
+/// What the agent says of the lab: the VMs' states, the active leases and the network faults.
+pub struct Seen {
+    pub states: Vec<VmState>,
+    pub leases: Vec<LeaseRow>,
+    pub faults: Vec<FaultRow>,
+}
+
+/// The rows of `kubenet status` from what was seen (states by name: the agent's lab may be
+/// older than this file), which VMs answer on port 22, and the time. Pure.
+pub fn status_rows(lab: &Lab, seen: &Seen, ssh: &[bool], now: u64) -> Vec<StatusRow> {
+    let Seen { states, leases, faults } = seen;
     lab.vms
         .iter()
         .zip(ssh)
@@ -56,6 +66,7 @@ pub fn status_rows(lab: &Lab, states: &[VmState], leases: &[LeaseRow], ssh: &[bo
                 lease: lease.map(|l| LeaseCell { ip: l.ip, expires: l.expires }),
                 ssh,
                 uptime_secs: since.map(|since| now.saturating_sub(since)),
+                fault: faults.iter().find(|f| f.vm == vm.name).map(crate::commands::net::summary),
             }
         })
         .collect()
@@ -65,7 +76,7 @@ pub fn status_rows(lab: &Lab, states: &[VmState], leases: &[LeaseRow], ssh: &[bo
 /// the one it acts on), else read from the VM folders and the lease file, as the VMs outlive it.
 /// A VM of this file that the agent does not know (added since its last reload) is read from its
 /// folder. An agent that does not answer within 3 s counts as not running.
-fn states_and_leases(lab: &Lab, now: u64) -> (Vec<VmState>, Vec<LeaseRow>) {
+fn seen(lab: &Lab, now: u64) -> Seen {
     let ask = |req| crate::client::request_within(&lab.state_dir, &req, Some(Duration::from_secs(3)));
     let on_disk = || kubenet_vm::process::states(lab);
     if let (Ok(Answer::Vms(mut states)), Ok(Answer::Leases(leases))) = (ask(Request::Vms), ask(Request::Leases)) {
@@ -74,18 +85,24 @@ fn states_and_leases(lab: &Lab, now: u64) -> (Vec<VmState>, Vec<LeaseRow>) {
                 on_disk().into_iter().filter(|s| !states.iter().any(|a| a.name == s.name)).collect();
             states.extend(missing);
         }
-        return (states, leases);
+        let faults = match ask(Request::Net { op: NetOp::Show }) {
+            Ok(Answer::Net(rows)) => rows,
+            _ => Vec::new(),
+        };
+        return Seen { states, leases, faults };
     }
+    // No agent, no faults: they end with it.
     let table = kubenet_dhcp::lease::load(&lab.lease_file(), now).map(|(l, _)| l).unwrap_or_default();
     let leases = table.iter().filter(|l| l.active(now)).map(LeaseRow::from).collect();
-    (on_disk(), leases)
+    Seen { states: on_disk(), leases, faults: Vec::new() }
 }
 
 /// What `kubenet status` shows: the VMs' states and leases, and port 22 of each running VM.
 /// Works whether or not `kubenet serve` runs.
 fn read_status(lab: &Lab) -> Vec<StatusRow> {
     let t = now();
-    let (states, leases) = states_and_leases(lab, t);
+    let seen = seen(lab, t);
+    let states = &seen.states;
     // Port 22 of every running VM at once: a busy guest (TCG, or a loaded host) may take a
     // second to answer, and seven of those one after another would make `status` slow.
     let ssh: Vec<bool> = std::thread::scope(|scope| {
@@ -100,7 +117,7 @@ fn read_status(lab: &Lab) -> Vec<StatusRow> {
             .collect();
         probes.into_iter().map(|p| p.join().unwrap_or(false)).collect()
     });
-    status_rows(lab, &states, &leases, &ssh, t)
+    status_rows(lab, &seen, &ssh, t)
 }
 
 pub fn status(lab: &Lab, json_out: bool, out: &mut impl Write) -> anyhow::Result<()> {
@@ -111,6 +128,8 @@ pub fn status(lab: &Lab, json_out: bool, out: &mut impl Write) -> anyhow::Result
         return Ok(());
     }
     let t = now();
+    // The NET column only while some VM has a fault.
+    let faulted = rows.iter().any(|r| r.fault.is_some());
     let cells: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
@@ -119,7 +138,7 @@ pub fn status(lab: &Lab, json_out: bool, out: &mut impl Write) -> anyhow::Result
                 Some(LeaseCell { ip, expires: None }) => format!("{ip} (infinite)"),
                 Some(LeaseCell { ip, expires: Some(e) }) => format!("{ip} ({} left)", short(e.saturating_sub(t))),
             };
-            vec![
+            let mut cells = vec![
                 r.name.clone(),
                 r.role.clone(),
                 r.state.to_owned(),
@@ -129,10 +148,17 @@ pub fn status(lab: &Lab, json_out: bool, out: &mut impl Write) -> anyhow::Result
                 lease,
                 if r.ssh { "yes".into() } else { "-".into() },
                 r.uptime_secs.map_or("-".into(), short),
-            ]
+            ];
+            if faulted {
+                cells.push(r.fault.clone().unwrap_or_else(|| "-".into()));
+            }
+            cells
         })
         .collect();
-    let header = ["NAME", "ROLE", "STATE", "PID", "MAC", "IP", "LEASE", "SSH", "UPTIME"];
+    let mut header = vec!["NAME", "ROLE", "STATE", "PID", "MAC", "IP", "LEASE", "SSH", "UPTIME"];
+    if faulted {
+        header.push("NET");
+    }
     if lab.source == kubenet_cluster::Source::Embedded.to_string() {
         eprintln!(
             "(the built-in reference lab, state in {}: no kubenet.toml here, no --config or ${})",
@@ -171,7 +197,13 @@ mod tests {
         // By name: a state the agent no longer has (a VM since removed) is left out, and one
         // it lacks is stopped.
         let states: Vec<VmState> = states.into_iter().filter(|s| s.name != "worker2").collect();
-        let rows = status_rows(&lab, &states, &leases, &ssh, 200);
+        let faults = [crate::proto::FaultRow {
+            vm: "control0".into(),
+            partitioned_from: vec!["worker0".into()],
+            ..Default::default()
+        }];
+        let seen = Seen { states, leases: leases.to_vec(), faults: faults.to_vec() };
+        let rows = status_rows(&lab, &seen, &ssh, 200);
         assert_eq!(
             rows[0],
             StatusRow {
@@ -184,8 +216,10 @@ mod tests {
                 lease: Some(LeaseCell { ip: "192.168.1.10".parse().unwrap(), expires: Some(1000) }),
                 ssh: true,
                 uptime_secs: Some(100),
+                fault: None,
             }
         );
+        assert_eq!(rows[1].fault.as_deref(), Some("cut off"));
         // control0's lease ran out at 150: not shown at 200.
         assert_eq!((rows[1].state, rows[1].pid, rows[1].lease.clone(), rows[1].ssh), ("stopped", None, None, false));
         assert_eq!(rows.len(), 7);

@@ -1,0 +1,658 @@
+//! The lab's network faults (`kubenet net`): partitions between VMs, and delay, loss and a rate
+//! on the traffic to one VM. The agent acts only on what the lab made: its own taps and bridge,
+//! in a table of its own, never on another interface.
+//!
+//! - [`Faults`] is what is in force, changed by [`NetOp`]s and checked against the lab. Pure.
+//! - [`linux`] and [`macos`] turn it into [`Step`]s, commands as data, golden-tested here:
+//!   - Linux: an nftables table of kubenet's (family bridge) drops the frames each cut-off VM
+//!     sends through its tap to the other's MAC, in both directions; the host, which is the
+//!     bridge and not a port of it, keeps its path to every VM. netem, as the root qdisc of
+//!     the VM's tap, delays, drops and paces what goes to the VM.
+//!   - macOS (vmnet's bridge): a pf anchor of kubenet's under `com.apple/`, which macOS's own
+//!     pf.conf already loads, blocks the pairs by address, and dummynet pipes (dnctl) shape
+//!     the traffic to each VM. It cannot run here, so it is data and tests only.
+//! - [`Switch`] holds the faults and carries the steps out: on every change, when a reload
+//!   brings a new lab (faults of VMs it no longer has are dropped), and at the agent's start and
+//!   stop (none left behind, a crashed agent's included).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+
+use kubenet_cluster::{Lab, Vm};
+
+use crate::proto::{FaultRow, NetOp};
+
+/// How traffic to one VM is shaped; all zero is no shaping.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Shape {
+    pub delay_us: u64,
+    pub jitter_us: u64,
+    pub loss_ppm: u32,
+    pub rate_bps: u64,
+}
+
+impl Shape {
+    fn is_none(&self) -> bool {
+        *self == Shape::default()
+    }
+}
+
+/// The faults in force, by VM name.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Faults {
+    /// Pairs cut off from each other, each as (first, second) in name order.
+    cut: BTreeSet<(String, String)>,
+    shape: BTreeMap<String, Shape>,
+}
+
+fn pair(a: &str, b: &str) -> (String, String) {
+    if a <= b { (a.to_owned(), b.to_owned()) } else { (b.to_owned(), a.to_owned()) }
+}
+
+impl Faults {
+    /// `op` applied, its names checked against `lab`: an unknown VM, or a VM partitioned from
+    /// itself, is an error and changes nothing. The figures were checked when the request was
+    /// decoded ([`NetOp::validate`]).
+    pub fn apply(&mut self, lab: &Lab, op: &NetOp) -> Result<(), String> {
+        let vm = |name: &String| -> Result<&Vm, String> {
+            lab.vm_by_name(name).ok_or_else(|| {
+                let all: Vec<&str> = lab.vms.iter().map(|v| v.name.as_str()).collect();
+                format!("no VM named `{name}` in this lab (its VMs: {})", all.join(", "))
+            })
+        };
+        for name in op.names() {
+            vm(name)?;
+        }
+        match op {
+            NetOp::Partition { vm: name, from } => {
+                let me = &vm(name)?.name;
+                if from.iter().any(|f| vm(f).is_ok_and(|v| &v.name == me)) {
+                    return Err(format!("{me} cannot be partitioned from itself: name the VMs it should not reach"));
+                }
+                let others: Vec<&str> = if from.is_empty() {
+                    lab.vms.iter().filter(|v| &v.name != me).map(|v| v.name.as_str()).collect()
+                } else {
+                    from.iter().map(|f| vm(f).map(|v| v.name.as_str())).collect::<Result<_, _>>()?
+                };
+                if others.is_empty() {
+                    return Err(format!("{me} is the lab's only VM: there is nothing to partition it from"));
+                }
+                for other in others {
+                    self.cut.insert(pair(me, other));
+                }
+            }
+            NetOp::Delay { vm: name, delay_us, jitter_us } => {
+                self.edit(&vm(name)?.name, |s| (s.delay_us, s.jitter_us) = (*delay_us, *jitter_us))
+            }
+            NetOp::Loss { vm: name, ppm } => self.edit(&vm(name)?.name, |s| s.loss_ppm = *ppm),
+            NetOp::Rate { vm: name, bps } => self.edit(&vm(name)?.name, |s| s.rate_bps = *bps),
+            NetOp::Heal { vms } if vms.is_empty() => *self = Faults::default(),
+            NetOp::Heal { vms } => {
+                for name in vms {
+                    let name = &vm(name)?.name;
+                    self.cut.retain(|(a, b)| a != name && b != name);
+                    self.shape.remove(name);
+                }
+            }
+            NetOp::Show => {}
+        }
+        Ok(())
+    }
+
+    fn edit(&mut self, name: &str, change: impl FnOnce(&mut Shape)) {
+        let shape = self.shape.entry(name.to_owned()).or_default();
+        change(shape);
+        if shape.is_none() {
+            self.shape.remove(name);
+        }
+    }
+
+    /// Only the faults of VMs `lab` has (after a reload that removed some).
+    pub fn retain(&mut self, lab: &Lab) {
+        let has = |n: &str| lab.vm_by_name(n).is_some();
+        self.cut.retain(|(a, b)| has(a) && has(b));
+        self.shape.retain(|n, _| has(n));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cut.is_empty() && self.shape.is_empty()
+    }
+
+    /// One row per VM with a fault, in lab order.
+    pub fn rows(&self, lab: &Lab) -> Vec<FaultRow> {
+        lab.vms
+            .iter()
+            .filter_map(|vm| {
+                let partitioned_from: Vec<String> = lab
+                    .vms
+                    .iter()
+                    .filter(|o| self.cut.contains(&pair(&vm.name, &o.name)))
+                    .map(|o| o.name.clone())
+                    .collect();
+                let s = self.shape.get(&vm.name).copied().unwrap_or_default();
+                (!partitioned_from.is_empty() || !s.is_none()).then(|| FaultRow {
+                    vm: vm.name.clone(),
+                    partitioned_from,
+                    delay_us: s.delay_us,
+                    jitter_us: s.jitter_us,
+                    loss_ppm: s.loss_ppm,
+                    rate_bps: s.rate_bps,
+                })
+            })
+            .collect()
+    }
+
+    /// The cut-off pairs as VMs of `lab`, each pair once.
+    fn pairs<'a>(&self, lab: &'a Lab) -> Vec<(&'a Vm, &'a Vm)> {
+        self.cut.iter().filter_map(|(a, b)| Some((lab.vm_by_name(a)?, lab.vm_by_name(b)?))).collect()
+    }
+}
+
+/// A command the agent runs as root, as data: the program (looked up among root's own, see
+/// [`kubenet_vm::trust::program`]), its arguments, what it reads on stdin, and whether a
+/// failure is expected and harmless (taking away a qdisc that is not there).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Step {
+    pub program: &'static str,
+    pub args: Vec<String>,
+    pub stdin: Option<String>,
+    pub may_fail: bool,
+}
+
+impl Step {
+    fn new(program: &'static str, args: &[&str]) -> Step {
+        Step { program, args: args.iter().map(|a| a.to_string()).collect(), stdin: None, may_fail: false }
+    }
+}
+
+/// kubenet's nftables table for a lab's bridge: the NAT rules' in family ip, the faults' in
+/// family bridge.
+pub fn table_name(bridge: &str) -> String {
+    format!("kubenet_{}", bridge.replace(|c: char| !c.is_ascii_alphanumeric(), "_"))
+}
+
+/// A name is put in a rule only if it is made of these: quoted in an nftables script or
+/// written into a pf rule, a quote, brace or semicolon would make a rule of its own (the
+/// bridge's name, for the NAT and the faults' rules, and the taps made from it).
+pub fn safe_name(name: &str) -> Result<&str, String> {
+    if !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')) {
+        Ok(name)
+    } else {
+        Err(format!("`{name}` cannot be named in a rule: use letters, digits, '.', '_' and '-' in network.bridge"))
+    }
+}
+
+/// A duration for tc and dnctl, in whole microseconds ("100000us").
+fn us(v: u64) -> String {
+    format!("{v}us")
+}
+
+/// Loss as a percentage with up to four decimals, as tc and dnctl read it ("5%", "0.0001%").
+fn percent(ppm: u32) -> String {
+    let (whole, part) = (ppm / 10_000, ppm % 10_000);
+    if part == 0 { format!("{whole}%") } else { format!("{whole}.{}%", format!("{part:04}").trim_end_matches('0')) }
+}
+
+pub mod linux {
+    //! The Linux steps: kubenet's nftables table and netem on the taps.
+
+    use super::*;
+
+    /// The whole table for `faults`, replacing any earlier one in one transaction (`nft -f`):
+    /// for each cut-off pair, what either VM sends through its tap to the other's MAC is
+    /// dropped. Frames to and from the host go through the bridge itself, not between its
+    /// ports, so this chain never sees them. No pairs: the table goes.
+    pub fn ruleset(lab: &Lab, faults: &Faults) -> Result<String, String> {
+        let bridge = safe_name(&lab.network.bridge)?;
+        let t = table_name(bridge);
+        let mut rules = String::new();
+        for (a, b) in faults.pairs(lab) {
+            for (from, to) in [(a, b), (b, a)] {
+                let tap = kubenet_vm::qemu::tap_name(lab, from);
+                rules.push_str(&format!("    iifname \"{}\" ether daddr {} drop\n", safe_name(&tap)?, to.mac));
+            }
+        }
+        Ok(if rules.is_empty() {
+            format!("table bridge {t}\ndelete table bridge {t}\n")
+        } else {
+            format!(
+                "table bridge {t}\ndelete table bridge {t}\ntable bridge {t} {{\n  chain forward {{\n    type filter hook forward priority filter; policy accept;\n{rules}  }}\n}}\n"
+            )
+        })
+    }
+
+    /// netem's words for a shape: `delay D [J] loss P% rate R`.
+    pub fn netem(s: &Shape) -> Vec<String> {
+        let mut w = Vec::new();
+        if s.delay_us > 0 {
+            w.extend(["delay".to_owned(), us(s.delay_us)]);
+            if s.jitter_us > 0 {
+                w.push(us(s.jitter_us));
+            }
+        }
+        if s.loss_ppm > 0 {
+            w.extend(["loss".to_owned(), percent(s.loss_ppm)]);
+        }
+        if s.rate_bps > 0 {
+            w.extend(["rate".to_owned(), format!("{}bit", s.rate_bps)]);
+        }
+        w
+    }
+
+    /// The steps from `was` to `now`: the table whole, then each tap whose shape changed (a
+    /// VM no longer shaped loses its qdisc; the kernel's default comes back).
+    pub fn steps(lab: &Lab, was: &Faults, now: &Faults) -> Result<Vec<Step>, String> {
+        let mut steps = vec![Step { stdin: Some(ruleset(lab, now)?), ..Step::new("nft", &["-f", "-"]) }];
+        for vm in &lab.vms {
+            let (before, after) = (was.shape.get(&vm.name), now.shape.get(&vm.name));
+            if before == after {
+                continue;
+            }
+            let tap = kubenet_vm::qemu::tap_name(lab, vm);
+            let tap = safe_name(&tap)?;
+            steps.push(match after {
+                Some(s) => {
+                    let mut args = vec!["qdisc", "replace", "dev", tap, "root", "netem"];
+                    let words = netem(s);
+                    args.extend(words.iter().map(String::as_str));
+                    Step::new("tc", &args)
+                }
+                None => Step::new("tc", &["qdisc", "del", "dev", tap, "root"]),
+            });
+        }
+        Ok(steps)
+    }
+
+    /// What a fresh agent, or one stopping, runs so that no fault outlives it: no table, and
+    /// no qdisc on any of the lab's taps (each may have none: that failure is expected).
+    pub fn clear(lab: &Lab) -> Result<Vec<Step>, String> {
+        let mut steps = vec![Step { stdin: Some(ruleset(lab, &Faults::default())?), ..Step::new("nft", &["-f", "-"]) }];
+        for vm in &lab.vms {
+            let tap = kubenet_vm::qemu::tap_name(lab, vm);
+            steps.push(Step { may_fail: true, ..Step::new("tc", &["qdisc", "del", "dev", safe_name(&tap)?, "root"]) });
+        }
+        Ok(steps)
+    }
+}
+
+pub mod macos {
+    //! The macOS steps: a pf anchor of kubenet's and dummynet pipes, on vmnet's bridge (its
+    //! name, `bridge100` or the like, is the interface that holds the lab's host address).
+
+    use super::*;
+
+    /// The anchor, under `com.apple/` so that the stock /etc/pf.conf (`anchor "com.apple/*"`)
+    /// evaluates it without kubenet editing that file; one per lab, by its bridge's name.
+    pub fn anchor(lab: &Lab) -> String {
+        format!("com.apple/kubenet.{}", lab.network.bridge.replace(|c: char| !c.is_ascii_alphanumeric(), "_"))
+    }
+
+    /// The pipe of the VM with id `id`: kubenet's range, far above what other tools number.
+    pub fn pipe(vm: &Vm) -> u32 {
+        46_000 + vm.id
+    }
+
+    /// The anchor's rules: each cut-off pair blocked both ways, then each shaped VM's inbound
+    /// traffic through its pipe.
+    pub fn rules(lab: &Lab, faults: &Faults, bridge: &str) -> Result<String, String> {
+        let bridge = safe_name(bridge)?;
+        let mut out = String::new();
+        for (a, b) in faults.pairs(lab) {
+            for (from, to) in [(a, b), (b, a)] {
+                out.push_str(&format!("block drop quick on {bridge} from {} to {}\n", from.ip, to.ip));
+            }
+        }
+        for vm in &lab.vms {
+            if faults.shape.contains_key(&vm.name) {
+                out.push_str(&format!("dummynet out quick on {bridge} from any to {} pipe {}\n", vm.ip, pipe(vm)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// dnctl's words for a shape: `delay MS plr P bw R` (dummynet has no jitter: refused).
+    pub fn pipe_config(s: &Shape) -> Result<Vec<String>, String> {
+        if s.jitter_us > 0 {
+            return Err("jitter is not available on macOS: dummynet delays every packet alike".into());
+        }
+        let mut w = Vec::new();
+        // dnctl takes milliseconds.
+        w.extend(["delay".to_owned(), s.delay_us.div_ceil(1000).to_string()]);
+        // plr: a probability, 0 to 1.
+        w.extend(["plr".to_owned(), format!("{}", f64::from(s.loss_ppm) / 1e6)]);
+        if s.rate_bps > 0 {
+            w.extend(["bw".to_owned(), format!("{}bit/s", s.rate_bps)]);
+        }
+        Ok(w)
+    }
+
+    /// The steps to `now`: each shaped VM's pipe configured, the anchor loaded whole, pf
+    /// enabled (it is off on a stock Mac; `-E` counts a reference and leaves it on for others),
+    /// and the pipes of VMs no longer shaped deleted.
+    pub fn steps(lab: &Lab, was: &Faults, now: &Faults, bridge: &str) -> Result<Vec<Step>, String> {
+        let mut steps = Vec::new();
+        for vm in &lab.vms {
+            if let Some(s) = now.shape.get(&vm.name) {
+                let mut args = vec!["pipe".to_owned(), pipe(vm).to_string(), "config".to_owned()];
+                args.extend(pipe_config(s)?);
+                steps.push(Step { args, ..Step::new("dnctl", &[]) });
+            }
+        }
+        let anchor = anchor(lab);
+        steps.push(Step { stdin: Some(rules(lab, now, bridge)?), ..Step::new("pfctl", &["-a", &anchor, "-f", "-"]) });
+        steps.push(Step { may_fail: true, ..Step::new("pfctl", &["-E"]) });
+        for vm in &lab.vms {
+            if was.shape.contains_key(&vm.name) && !now.shape.contains_key(&vm.name) {
+                let id = pipe(vm).to_string();
+                steps.push(Step { may_fail: true, ..Step::new("dnctl", &["pipe", "delete", &id]) });
+            }
+        }
+        Ok(steps)
+    }
+
+    /// No rules in the anchor, and none of kubenet's pipes.
+    pub fn clear(lab: &Lab) -> Vec<Step> {
+        let mut steps = vec![Step::new("pfctl", &["-a", &anchor(lab), "-F", "all"])];
+        steps[0].may_fail = true;
+        for vm in &lab.vms {
+            steps.push(Step { may_fail: true, ..Step::new("dnctl", &["pipe", "delete", &pipe(vm).to_string()]) });
+        }
+        steps
+    }
+}
+
+/// Runs `steps` in order, each program by the absolute path [`kubenet_vm::trust::program`]
+/// vouches for; the first unexpected failure ends it with the program's own words.
+pub fn run(steps: &[Step]) -> Result<(), String> {
+    use std::io::Write;
+    for step in steps {
+        let program =
+            kubenet_vm::trust::program(step.program).map_err(|e| format!("cannot run {}: {e}", step.program))?;
+        let mut cmd = std::process::Command::new(program);
+        cmd.args(&step.args)
+            .stdin(if step.stdin.is_some() { std::process::Stdio::piped() } else { std::process::Stdio::null() })
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().map_err(|e| format!("cannot run {}: {e}", step.program))?;
+        if let (Some(input), Some(mut stdin)) = (&step.stdin, child.stdin.take()) {
+            stdin.write_all(input.as_bytes()).map_err(|e| format!("{}: {e}", step.program))?;
+        }
+        let out = child.wait_with_output().map_err(|e| format!("{}: {e}", step.program))?;
+        if !out.status.success() && !step.may_fail {
+            let said = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+            return Err(format!("{} {}: {said}", step.program, step.args.join(" ")).trim_end().to_owned());
+        }
+    }
+    Ok(())
+}
+
+/// Where the faults go.
+#[derive(Clone, Debug)]
+pub enum Backend {
+    /// Linux, on the bridge and taps `serve` made.
+    Linux,
+    /// macOS, on vmnet's bridge. (Built on Linux too, for its steps' tests.)
+    #[cfg_attr(not(target_vendor = "apple"), allow(dead_code))]
+    MacOs,
+    /// No switch of kubenet's to act on, and why (`serve --no-bridge`).
+    Unavailable(String),
+}
+
+/// The faults in force and the lab they are of; [`Switch::change`] carries them out.
+pub struct Switch {
+    backend: Backend,
+    lab: Arc<Mutex<Lab>>,
+    faults: Mutex<Faults>,
+}
+
+impl Switch {
+    /// A switch with no faults. A crashed agent's leftovers on this lab's table and taps are
+    /// cleared first (logged, not fatal: there may be none).
+    pub fn new(backend: Backend, lab: Arc<Mutex<Lab>>) -> Switch {
+        let switch = Switch { backend, lab, faults: Mutex::new(Faults::default()) };
+        if let Err(e) = switch.clear() {
+            tracing::debug!("clearing earlier network faults: {e}");
+        }
+        switch
+    }
+
+    /// Applies `op` and answers with what is in force. A failure to carry it out puts the
+    /// earlier faults back.
+    pub fn change(&self, op: &NetOp) -> Result<Vec<FaultRow>, String> {
+        let lab = self.lab.lock().expect("lab lock").clone();
+        let mut faults = self.faults.lock().expect("faults lock");
+        let mut next = faults.clone();
+        next.apply(&lab, op)?;
+        if next != *faults {
+            if let Err(e) = self.carry_out(&lab, &faults, &next) {
+                let _ = self.carry_out(&lab, &next, &faults);
+                return Err(e);
+            }
+            tracing::info!(?op, "network faults changed");
+            *faults = next;
+        }
+        Ok(faults.rows(&lab))
+    }
+
+    /// After a reload: the faults of VMs still in the lab, carried out again against it (a VM
+    /// with a new id has a new MAC and tap).
+    pub fn reloaded(&self, old: &Lab) {
+        let lab = self.lab.lock().expect("lab lock").clone();
+        let mut faults = self.faults.lock().expect("faults lock");
+        if faults.is_empty() {
+            return;
+        }
+        let mut kept = faults.clone();
+        kept.retain(&lab);
+        // Off the old lab's taps, then onto the new lab's.
+        let result = self
+            .carry_out(old, &faults, &Faults::default())
+            .and_then(|()| self.carry_out(&lab, &Faults::default(), &kept));
+        match result {
+            Ok(()) => tracing::info!(vms = kept.rows(&lab).len(), "network faults carried over the reload"),
+            Err(e) => tracing::warn!("network faults after the reload: {e}"),
+        }
+        *faults = kept;
+    }
+
+    /// Every fault gone from the host (the agent's start and stop).
+    pub fn clear(&self) -> Result<(), String> {
+        let lab = self.lab.lock().expect("lab lock").clone();
+        let steps = match &self.backend {
+            Backend::Linux => linux::clear(&lab)?,
+            Backend::MacOs => macos::clear(&lab),
+            Backend::Unavailable(_) => return Ok(()),
+        };
+        *self.faults.lock().expect("faults lock") = Faults::default();
+        run(&steps)
+    }
+
+    fn carry_out(&self, lab: &Lab, was: &Faults, now: &Faults) -> Result<(), String> {
+        let steps = match &self.backend {
+            Backend::Linux => linux::steps(lab, was, now)?,
+            Backend::MacOs => {
+                let bridge = vmnet_bridge(lab).ok_or_else(|| {
+                    format!("no interface holds the lab's address {} yet: start a VM first", lab.network.host_address)
+                })?;
+                macos::steps(lab, was, now, &bridge)?
+            }
+            Backend::Unavailable(why) => return Err(why.clone()),
+        };
+        run(&steps).map_err(|e| match e.contains("qdisc kind is unknown") {
+            true => format!("{e}: this kernel has no netem (CONFIG_NET_SCH_NETEM; `modprobe sch_netem`), which delay, loss and rate need"),
+            false => e,
+        })
+    }
+}
+
+/// The interface holding the lab's host address: vmnet's bridge on macOS.
+fn vmnet_bridge(lab: &Lab) -> Option<String> {
+    kubenet_udp::addresses()
+        .into_iter()
+        .find(|a| a.address == std::net::IpAddr::V4(lab.network.host_address))
+        .map(|a| a.interface)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lab() -> Lab {
+        kubenet_cluster::parse(kubenet_cluster::REFERENCE_CONFIG, kubenet_cluster::Source::Embedded, "/".as_ref())
+            .unwrap()
+    }
+
+    fn op(s: &str) -> NetOp {
+        serde_json::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn faults_follow_their_operations_and_names_are_checked() {
+        let lab = lab();
+        let mut f = Faults::default();
+        f.apply(&lab, &op(r#"{"op":"partition","vm":"control0","from":["control1","Control2"]}"#)).unwrap();
+        f.apply(&lab, &op(r#"{"op":"delay","vm":"worker1","delay_us":100000,"jitter_us":10000}"#)).unwrap();
+        f.apply(&lab, &op(r#"{"op":"loss","vm":"worker1","ppm":50000}"#)).unwrap();
+        let rows = f.rows(&lab);
+        let names: Vec<&str> = rows.iter().map(|r| r.vm.as_str()).collect();
+        assert_eq!(names, ["control0", "control1", "control2", "worker1"]);
+        assert_eq!(rows[0].partitioned_from, ["control1", "control2"]);
+        assert_eq!(rows[1].partitioned_from, ["control0"]);
+        assert_eq!(
+            (rows[3].delay_us, rows[3].jitter_us, rows[3].loss_ppm, rows[3].rate_bps),
+            (100_000, 10_000, 50_000, 0)
+        );
+
+        // Errors change nothing.
+        let before = f.clone();
+        let err = f.apply(&lab, &op(r#"{"op":"partition","vm":"control0","from":["worker9"]}"#)).unwrap_err();
+        assert!(err.starts_with("no VM named `worker9` in this lab (its VMs: gateway, control0"), "{err}");
+        let err = f.apply(&lab, &op(r#"{"op":"partition","vm":"worker0","from":["worker1","WORKER0"]}"#)).unwrap_err();
+        assert_eq!(err, "worker0 cannot be partitioned from itself: name the VMs it should not reach");
+        assert!(f.apply(&lab, &op(r#"{"op":"heal","vms":["nope"]}"#)).is_err());
+        assert_eq!(f, before);
+
+        // Heal one VM: its pairs and shape go, the rest stay; a zero figure undoes its part.
+        f.apply(&lab, &op(r#"{"op":"heal","vms":["control1"]}"#)).unwrap();
+        assert_eq!(f.rows(&lab)[0].partitioned_from, ["control2"]);
+        f.apply(&lab, &op(r#"{"op":"delay","vm":"worker1","delay_us":0}"#)).unwrap();
+        f.apply(&lab, &op(r#"{"op":"loss","vm":"worker1","ppm":0}"#)).unwrap();
+        assert_eq!(f.rows(&lab).len(), 2, "worker1 has no shape left: {:?}", f.rows(&lab));
+        // Partition from the rest of the lab, then heal everything.
+        f.apply(&lab, &op(r#"{"op":"partition","vm":"worker2"}"#)).unwrap();
+        assert_eq!(f.rows(&lab).iter().find(|r| r.vm == "worker2").unwrap().partitioned_from.len(), 6);
+        f.apply(&lab, &op(r#"{"op":"heal"}"#)).unwrap();
+        assert!(f.is_empty());
+    }
+
+    #[test]
+    fn a_reload_keeps_the_faults_of_the_vms_it_keeps() {
+        let lab = lab();
+        let mut f = Faults::default();
+        f.apply(&lab, &op(r#"{"op":"partition","vm":"control0","from":["worker2"]}"#)).unwrap();
+        f.apply(&lab, &op(r#"{"op":"rate","vm":"worker2","bps":1000000}"#)).unwrap();
+        f.apply(&lab, &op(r#"{"op":"rate","vm":"worker0","bps":1000000}"#)).unwrap();
+        let mut smaller = lab.clone();
+        smaller.vms.retain(|v| v.name != "worker2");
+        f.retain(&smaller);
+        let rows = f.rows(&smaller);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].vm, "worker0");
+    }
+
+    #[test]
+    fn linux_steps_drop_each_pair_both_ways_on_the_lab_taps_and_shape_with_netem() {
+        let lab = lab();
+        let mut f = Faults::default();
+        f.apply(&lab, &op(r#"{"op":"partition","vm":"control0","from":["worker0"]}"#)).unwrap();
+        f.apply(&lab, &op(r#"{"op":"delay","vm":"worker1","delay_us":100000,"jitter_us":10000}"#)).unwrap();
+        f.apply(&lab, &op(r#"{"op":"loss","vm":"worker1","ppm":5}"#)).unwrap();
+        f.apply(&lab, &op(r#"{"op":"rate","vm":"worker1","bps":10000000}"#)).unwrap();
+        let steps = linux::steps(&lab, &Faults::default(), &f).unwrap();
+        assert_eq!(
+            steps[0].stdin.as_deref().unwrap(),
+            "table bridge kubenet_kubenet0
+delete table bridge kubenet_kubenet0
+table bridge kubenet_kubenet0 {
+  chain forward {
+    type filter hook forward priority filter; policy accept;
+    iifname \"kubenet0-1\" ether daddr 52:52:52:00:00:04 drop
+    iifname \"kubenet0-4\" ether daddr 52:52:52:00:00:01 drop
+  }
+}
+"
+        );
+        assert_eq!(steps[0].args, ["-f", "-"]);
+        assert_eq!(steps.len(), 2);
+        assert_eq!(
+            steps[1].args.join(" "),
+            "qdisc replace dev kubenet0-5 root netem delay 100000us 10000us loss 0.0005% rate 10000000bit"
+        );
+        // Healing worker1 takes its qdisc away and leaves the others' alone; no pairs, no table.
+        let mut healed = f.clone();
+        healed.apply(&lab, &op(r#"{"op":"heal"}"#)).unwrap();
+        let steps = linux::steps(&lab, &f, &healed).unwrap();
+        assert_eq!(
+            steps[0].stdin.as_deref().unwrap(),
+            "table bridge kubenet_kubenet0\ndelete table bridge kubenet_kubenet0\n"
+        );
+        assert_eq!(steps[1].args.join(" "), "qdisc del dev kubenet0-5 root");
+        assert_eq!(steps.len(), 2);
+        // Clearing touches every tap of the lab's and no other interface.
+        let clear = linux::clear(&lab).unwrap();
+        assert_eq!(clear.len(), 8);
+        assert!(clear[1..].iter().all(|s| s.may_fail && s.args[3].starts_with("kubenet0-")), "{clear:?}");
+        // A bridge name that could be a rule of its own is refused.
+        let mut odd = lab.clone();
+        odd.network.bridge = "br\" drop".into();
+        assert!(linux::ruleset(&odd, &f).unwrap_err().contains("cannot be named in a rule"));
+    }
+
+    #[test]
+    fn loss_is_written_as_tc_and_dnctl_read_it() {
+        assert_eq!(percent(50_000), "5%");
+        assert_eq!(percent(1_000_000), "100%");
+        assert_eq!(percent(5_000), "0.5%");
+        assert_eq!(percent(1), "0.0001%");
+        assert_eq!(percent(123_450), "12.345%");
+    }
+
+    #[test]
+    fn macos_steps_are_a_pf_anchor_and_dummynet_pipes() {
+        let lab = lab();
+        let mut f = Faults::default();
+        f.apply(&lab, &op(r#"{"op":"partition","vm":"control0","from":["worker0"]}"#)).unwrap();
+        f.apply(&lab, &op(r#"{"op":"delay","vm":"worker1","delay_us":100000}"#)).unwrap();
+        f.apply(&lab, &op(r#"{"op":"loss","vm":"worker1","ppm":50000}"#)).unwrap();
+        f.apply(&lab, &op(r#"{"op":"rate","vm":"worker1","bps":10000000}"#)).unwrap();
+        let steps = macos::steps(&lab, &Faults::default(), &f, "bridge100").unwrap();
+        let words: Vec<String> = steps.iter().map(|s| format!("{} {}", s.program, s.args.join(" "))).collect();
+        assert_eq!(
+            words,
+            [
+                "dnctl pipe 46005 config delay 100 plr 0.05 bw 10000000bit/s",
+                "pfctl -a com.apple/kubenet.kubenet0 -f -",
+                "pfctl -E",
+            ]
+        );
+        assert_eq!(
+            steps[1].stdin.as_deref().unwrap(),
+            "block drop quick on bridge100 from 192.168.1.11 to 192.168.1.14
+block drop quick on bridge100 from 192.168.1.14 to 192.168.1.11
+dummynet out quick on bridge100 from any to 192.168.1.15 pipe 46005
+"
+        );
+        // Healed: the anchor emptied, the pipe deleted.
+        let steps = macos::steps(&lab, &f, &Faults::default(), "bridge100").unwrap();
+        assert_eq!(steps[0].stdin.as_deref(), Some(""));
+        assert_eq!(steps.last().unwrap().args.join(" "), "pipe delete 46005");
+        // Jitter has no dummynet form.
+        f.apply(&lab, &op(r#"{"op":"delay","vm":"worker1","delay_us":100000,"jitter_us":5}"#)).unwrap();
+        let err = macos::steps(&lab, &Faults::default(), &f, "bridge100").unwrap_err();
+        assert!(err.starts_with("jitter is not available on macOS"), "{err}");
+        assert!(macos::rules(&lab, &f, "bridge100; pass all").is_err());
+        let clear = macos::clear(&lab);
+        assert_eq!(clear[0].args.join(" "), "-a com.apple/kubenet.kubenet0 -F all");
+        assert_eq!(clear.len(), 8);
+    }
+}

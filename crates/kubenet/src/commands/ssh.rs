@@ -28,11 +28,12 @@ pub struct Request<'a> {
 /// `kubenet ssh TARGET... [-- CMD]`.
 pub fn ssh(lab: &Lab, req: &Request) -> anyhow::Result<()> {
     let vms = lab.targets(req.targets).map_err(crate::cli::unknown_vm)?;
-    let config = lab_ssh_config(lab)?;
     let one_by_name = vms.len() == 1 && req.targets.len() == 1 && lab.vm_by_name(&req.targets[0]).is_some();
     if one_by_name && req.timeout.is_none() {
-        return exec(lab, vms[0], &config, req.command);
+        super::lifecycle::require_running(lab, vms[0])?;
+        return exec(vms[0], &lab_ssh_config(lab)?, req.command);
     }
+    let config = lab_ssh_config(lab)?;
     if req.command.is_empty() {
         bail!(crate::cli::Usage(format!(
             "{} VMs named: give the command to run on each after `--` (e.g. `kubenet ssh {} -- uptime`); \
@@ -60,9 +61,8 @@ pub(crate) fn lab_ssh_config(lab: &Lab) -> anyhow::Result<std::path::PathBuf> {
 }
 
 /// One VM, interactively: this process becomes ssh.
-fn exec(lab: &Lab, vm: &Vm, config: &Path, command: &[String]) -> anyhow::Result<()> {
+fn exec(vm: &Vm, config: &Path, command: &[String]) -> anyhow::Result<()> {
     use std::os::unix::process::CommandExt;
-    super::lifecycle::require_running(lab, vm)?;
     let err = std::process::Command::new("ssh").arg("-F").arg(config).arg(&vm.name).args(command).exec();
     Err(anyhow::Error::new(err).context("cannot run ssh"))
 }

@@ -247,6 +247,10 @@ pub fn remove_include(existing: &str, line: &str) -> Option<String> {
 /// result atomically with the file's mode kept (0600 for a new one). Returns whether it changed.
 pub fn edit_locked(path: &Path, change: impl FnOnce(&str) -> Option<String>) -> Result<bool, KeyError> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    // A ~/.ssh/config that is a link (into a dotfiles repository) is edited where it leads: the
+    // rename below would otherwise put a file in place of the link.
+    let resolved = std::fs::canonicalize(path).ok();
+    let path = resolved.as_deref().unwrap_or(path);
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     }

@@ -143,3 +143,17 @@ fn a_locked_edit_keeps_the_mode_and_makes_new_files_private() {
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
     assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o644);
 }
+
+#[test]
+fn a_config_that_is_a_link_is_edited_where_it_leads() {
+    let dir = tempfile::tempdir().unwrap();
+    let dotfiles = dir.path().join("dotfiles/ssh_config");
+    std::fs::create_dir_all(dotfiles.parent().unwrap()).unwrap();
+    std::fs::write(&dotfiles, "Host example\n").unwrap();
+    let link = dir.path().join(".ssh/config");
+    std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+    std::os::unix::fs::symlink(&dotfiles, &link).unwrap();
+    assert!(edit_locked(&link, |old| add_include(old, "Include x")).unwrap());
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink(), "the link stays a link");
+    assert!(std::fs::read_to_string(&dotfiles).unwrap().contains("Include x\n\nHost example\n"));
+}

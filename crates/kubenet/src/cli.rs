@@ -265,6 +265,9 @@ fn delay(s: &str) -> Result<std::time::Duration, String> {
     if d.as_micros() > u128::from(crate::proto::MAX_DELAY_US) {
         return Err(format!("`{s}` is more than the 60 s a delay may be"));
     }
+    if !d.is_zero() && d.as_micros() == 0 {
+        return Err(format!("`{s}` is less than the 1us a delay is counted in (0 removes the delay)"));
+    }
     Ok(d)
 }
 
@@ -537,6 +540,7 @@ mod tests {
         assert_eq!(delay("0"), Ok(std::time::Duration::ZERO));
         assert!(delay("61s").unwrap_err().contains("more than the 60 s"));
         assert!(delay("-5ms").is_err());
+        assert!(delay("500ns").unwrap_err().contains("less than the 1us"));
         assert_eq!(loss("5%"), Ok(50_000));
         assert_eq!(loss("0.5%"), Ok(5_000));
         assert_eq!(loss("100%"), Ok(1_000_000));

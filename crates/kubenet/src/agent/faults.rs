@@ -22,6 +22,11 @@ use kubenet_cluster::{Lab, Vm};
 
 use crate::proto::{FaultRow, NetOp};
 
+/// The most VM pairs that may be cut off at once: a lab of 140 VMs each cut off from every
+/// other. Each pair is two rules and a few bytes; the cap keeps a request from making root hold
+/// and load a ruleset without end.
+pub const MAX_PAIRS: usize = 10_000;
+
 /// How traffic to one VM is shaped; all zero is no shaping.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Shape {
@@ -77,9 +82,16 @@ impl Faults {
                 if others.is_empty() {
                     return Err(format!("{me} is the lab's only VM: there is nothing to partition it from"));
                 }
+                let mut cut = self.cut.clone();
                 for other in others {
-                    self.cut.insert(pair(me, other));
+                    cut.insert(pair(me, other));
+                    if cut.len() > MAX_PAIRS {
+                        return Err(format!(
+                            "more than {MAX_PAIRS} pairs of VMs would be cut off: heal some first (`kubenet net heal`)"
+                        ));
+                    }
                 }
+                self.cut = cut;
             }
             NetOp::Delay { vm: name, delay_us, jitter_us } => {
                 self.edit(&vm(name)?.name, |s| (s.delay_us, s.jitter_us) = (*delay_us, *jitter_us))
@@ -107,32 +119,28 @@ impl Faults {
         }
     }
 
-    /// Only the faults of VMs `lab` has (after a reload that removed some).
-    pub fn retain(&mut self, lab: &Lab) {
-        let has = |n: &str| lab.vm_by_name(n).is_some();
-        self.cut.retain(|(a, b)| has(a) && has(b));
-        self.shape.retain(|n, _| has(n));
-    }
-
     pub fn is_empty(&self) -> bool {
         self.cut.is_empty() && self.shape.is_empty()
     }
 
     /// One row per VM with a fault, in lab order.
     pub fn rows(&self, lab: &Lab) -> Vec<FaultRow> {
+        let order: BTreeMap<&str, usize> = lab.vms.iter().enumerate().map(|(i, v)| (v.name.as_str(), i)).collect();
+        let mut peers: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for (a, b) in &self.cut {
+            peers.entry(a).or_default().push(b);
+            peers.entry(b).or_default().push(a);
+        }
         lab.vms
             .iter()
             .filter_map(|vm| {
-                let partitioned_from: Vec<String> = lab
-                    .vms
-                    .iter()
-                    .filter(|o| self.cut.contains(&pair(&vm.name, &o.name)))
-                    .map(|o| o.name.clone())
-                    .collect();
+                let mut from: Vec<&str> = peers.get(vm.name.as_str()).cloned().unwrap_or_default();
+                from.retain(|n| order.contains_key(n));
+                from.sort_by_key(|n| order[n]);
                 let s = self.shape.get(&vm.name).copied().unwrap_or_default();
-                (!partitioned_from.is_empty() || !s.is_none()).then(|| FaultRow {
+                (!from.is_empty() || !s.is_none()).then(|| FaultRow {
                     vm: vm.name.clone(),
-                    partitioned_from,
+                    partitioned_from: from.into_iter().map(str::to_owned).collect(),
                     delay_us: s.delay_us,
                     jitter_us: s.jitter_us,
                     loss_ppm: s.loss_ppm,
@@ -140,6 +148,20 @@ impl Faults {
                 })
             })
             .collect()
+    }
+
+    /// Only the faults of VMs that are the same VM in `new` as in `old`: by name, id and MAC.
+    /// A VM a reload removed, or gave another id (and so another tap) or MAC, loses its faults:
+    /// its QEMU still runs on the tap and MAC it started with, which the new lab no longer names.
+    pub fn kept_across(&self, old: &Lab, new: &Lab) -> Faults {
+        let same = |n: &str| match (old.vm_by_name(n), new.vm_by_name(n)) {
+            (Some(a), Some(b)) => a.name == b.name && a.id == b.id && a.mac == b.mac,
+            _ => false,
+        };
+        let mut kept = self.clone();
+        kept.cut.retain(|(a, b)| same(a) && same(b));
+        kept.shape.retain(|n, _| same(n));
+        kept
     }
 
     /// The cut-off pairs as VMs of `lab`, each pair once.
@@ -166,9 +188,18 @@ impl Step {
 }
 
 /// kubenet's nftables table for a lab's bridge: the NAT rules' in family ip, the faults' in
-/// family bridge.
+/// family bridge. One name per bridge name: a letter or digit stands for itself and any other
+/// byte for `_` and its hex code, so `lab-1` and `lab_1` (two bridges) never share a table.
 pub fn table_name(bridge: &str) -> String {
-    format!("kubenet_{}", bridge.replace(|c: char| !c.is_ascii_alphanumeric(), "_"))
+    let mut t = String::from("kubenet_");
+    for b in bridge.bytes() {
+        if b.is_ascii_alphanumeric() {
+            t.push(b as char);
+        } else {
+            t.push_str(&format!("_{b:02x}"));
+        }
+    }
+    t
 }
 
 /// A name is put in a rule only if it is made of these: quoted in an nftables script or
@@ -257,7 +288,8 @@ pub mod linux {
                     args.extend(words.iter().map(String::as_str));
                     Step::new("tc", &args)
                 }
-                None => Step::new("tc", &["qdisc", "del", "dev", tap, "root"]),
+                // Gone already (the tap made anew) is as good as taken away.
+                None => Step { may_fail: true, ..Step::new("tc", &["qdisc", "del", "dev", tap, "root"]) },
             });
         }
         Ok(steps)
@@ -282,14 +314,21 @@ pub mod macos {
     use super::*;
 
     /// The anchor, under `com.apple/` so that the stock /etc/pf.conf (`anchor "com.apple/*"`)
-    /// evaluates it without kubenet editing that file; one per lab, by its bridge's name.
+    /// evaluates it without kubenet editing that file; one per lab, by the lab's id (its state
+    /// directory's hash), so two labs on one Mac never replace each other's rules.
     pub fn anchor(lab: &Lab) -> String {
-        format!("com.apple/kubenet.{}", lab.network.bridge.replace(|c: char| !c.is_ascii_alphanumeric(), "_"))
+        format!("com.apple/kubenet.{}", kubenet_vm::files::lab_id(&lab.state_dir))
     }
 
-    /// The pipe of the VM with id `id`: kubenet's range, far above what other tools number.
-    pub fn pipe(vm: &Vm) -> u32 {
-        46_000 + vm.id
+    /// The pipe of `vm`: kubenet's range, far above what other tools number, by the VM's id.
+    /// dummynet numbers pipes up to 65535. (Two labs shaping on one Mac share the range: left
+    /// for when a lab can say which it uses.)
+    pub fn pipe(vm: &Vm) -> Result<u32, String> {
+        let n = 46_000 + vm.id;
+        if n > 65_535 {
+            return Err(format!("{}: its id {} is past the pipes dummynet can number", vm.name, vm.id));
+        }
+        Ok(n)
     }
 
     /// The anchor's rules: each cut-off pair blocked both ways, then each shaped VM's inbound
@@ -304,7 +343,7 @@ pub mod macos {
         }
         for vm in &lab.vms {
             if faults.shape.contains_key(&vm.name) {
-                out.push_str(&format!("dummynet out quick on {bridge} from any to {} pipe {}\n", vm.ip, pipe(vm)));
+                out.push_str(&format!("dummynet out quick on {bridge} from any to {} pipe {}\n", vm.ip, pipe(vm)?));
             }
         }
         Ok(out)
@@ -327,13 +366,14 @@ pub mod macos {
     }
 
     /// The steps to `now`: each shaped VM's pipe configured, the anchor loaded whole, pf
-    /// enabled (it is off on a stock Mac; `-E` counts a reference and leaves it on for others),
-    /// and the pipes of VMs no longer shaped deleted.
+    /// enabled (it is off on a stock Mac; `-E` takes a reference that kubenet does not give back
+    /// with `-X`, so pf stays on after `serve` stops, with an empty anchor), and the pipes of VMs
+    /// no longer shaped deleted.
     pub fn steps(lab: &Lab, was: &Faults, now: &Faults, bridge: &str) -> Result<Vec<Step>, String> {
         let mut steps = Vec::new();
         for vm in &lab.vms {
             if let Some(s) = now.shape.get(&vm.name) {
-                let mut args = vec!["pipe".to_owned(), pipe(vm).to_string(), "config".to_owned()];
+                let mut args = vec!["pipe".to_owned(), pipe(vm)?.to_string(), "config".to_owned()];
                 args.extend(pipe_config(s)?);
                 steps.push(Step { args, ..Step::new("dnctl", &[]) });
             }
@@ -343,7 +383,7 @@ pub mod macos {
         steps.push(Step { may_fail: true, ..Step::new("pfctl", &["-E"]) });
         for vm in &lab.vms {
             if was.shape.contains_key(&vm.name) && !now.shape.contains_key(&vm.name) {
-                let id = pipe(vm).to_string();
+                let id = pipe(vm)?.to_string();
                 steps.push(Step { may_fail: true, ..Step::new("dnctl", &["pipe", "delete", &id]) });
             }
         }
@@ -355,42 +395,73 @@ pub mod macos {
         let mut steps = vec![Step::new("pfctl", &["-a", &anchor(lab), "-F", "all"])];
         steps[0].may_fail = true;
         for vm in &lab.vms {
-            steps.push(Step { may_fail: true, ..Step::new("dnctl", &["pipe", "delete", &pipe(vm).to_string()]) });
+            if let Ok(id) = pipe(vm) {
+                steps.push(Step { may_fail: true, ..Step::new("dnctl", &["pipe", "delete", &id.to_string()]) });
+            }
         }
         steps
     }
 }
 
+/// How long one step may take: nft and tc answer in milliseconds; a hung one is ended, so that
+/// no request (and no lock a request holds) waits on it for ever.
+const STEP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Runs `steps` in order, each program by the absolute path [`kubenet_vm::trust::program`]
-/// vouches for; the first unexpected failure ends it with the program's own words.
+/// vouches for, each within [`STEP_TIMEOUT`]; the first unexpected failure ends it with the
+/// program's own words.
 pub fn run(steps: &[Step]) -> Result<(), String> {
-    use std::io::Write;
     for step in steps {
-        let program =
-            kubenet_vm::trust::program(step.program).map_err(|e| format!("cannot run {}: {e}", step.program))?;
-        let mut cmd = std::process::Command::new(program);
-        cmd.args(&step.args)
-            .stdin(if step.stdin.is_some() { std::process::Stdio::piped() } else { std::process::Stdio::null() })
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped());
-        let mut child = cmd.spawn().map_err(|e| format!("cannot run {}: {e}", step.program))?;
-        if let (Some(input), Some(mut stdin)) = (&step.stdin, child.stdin.take()) {
-            stdin.write_all(input.as_bytes()).map_err(|e| format!("{}: {e}", step.program))?;
-        }
-        let out = child.wait_with_output().map_err(|e| format!("{}: {e}", step.program))?;
-        if !out.status.success() && !step.may_fail {
-            let said = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        let said = run_one(step)?;
+        if let Err(said) = said
+            && !step.may_fail
+        {
             return Err(format!("{} {}: {said}", step.program, step.args.join(" ")).trim_end().to_owned());
         }
     }
     Ok(())
 }
 
+/// One step: Ok(Ok) when it succeeded, Ok(Err(its stderr)) when it failed, Err when it could not
+/// run or took too long.
+fn run_one(step: &Step) -> Result<Result<(), String>, String> {
+    use std::io::{Read, Write};
+    let program = kubenet_vm::trust::program(step.program).map_err(|e| format!("cannot run {}: {e}", step.program))?;
+    let mut child = std::process::Command::new(program)
+        .args(&step.args)
+        .stdin(if step.stdin.is_some() { std::process::Stdio::piped() } else { std::process::Stdio::null() })
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", step.program))?;
+    // A script is a few KiB, far under a pipe's buffer; a failed write shows in the status.
+    if let (Some(input), Some(mut stdin)) = (&step.stdin, child.stdin.take()) {
+        let _ = stdin.write_all(input.as_bytes());
+    }
+    let deadline = std::time::Instant::now() + STEP_TIMEOUT;
+    let status = loop {
+        match child.try_wait().map_err(|e| format!("{}: {e}", step.program))? {
+            Some(status) => break status,
+            None if std::time::Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("{} took longer than {STEP_TIMEOUT:?}: ended it", step.program));
+            }
+            None => std::thread::sleep(std::time::Duration::from_millis(5)),
+        }
+    };
+    let mut said = String::new();
+    if let Some(mut stderr) = child.stderr.take() {
+        let _ = stderr.by_ref().take(64 << 10).read_to_string(&mut said);
+    }
+    Ok(if status.success() { Ok(()) } else { Err(said.trim().to_owned()) })
+}
+
 /// Where the faults go.
 #[derive(Clone, Debug)]
 pub enum Backend {
-    /// Linux, on the bridge and taps `serve` made.
-    Linux,
+    /// Linux, on the bridge and taps `serve` made, which carry `mark` (hostnet's) as their alias.
+    Linux { mark: String },
     /// macOS, on vmnet's bridge. (Built on Linux too, for its steps' tests.)
     #[cfg_attr(not(target_vendor = "apple"), allow(dead_code))]
     MacOs,
@@ -398,11 +469,37 @@ pub enum Backend {
     Unavailable(String),
 }
 
+/// Whether `tap` is one kubenet made for this lab: a tun/tap device, a port of the lab's
+/// bridge, marked with the lab's mark (hostnet's alias). Read from /sys/class/net (the kernel's,
+/// not a path the owner can redirect); `tap` went through [`safe_name`], so it holds no `/`.
+/// A tap the name only computes to (a VM a reload added, not started yet; another lab's tap of
+/// the same name; any interface of the host's) is refused.
+fn lab_tap(tap: &str, bridge: &str, mark: &str) -> Result<(), String> {
+    let dir = std::path::Path::new("/sys/class/net").join(safe_name(tap)?);
+    let alias = std::fs::read_to_string(dir.join("ifalias")).unwrap_or_default();
+    let is_tap = dir.join("tun_flags").exists();
+    let master = std::fs::read_link(dir.join("master")).ok();
+    let on_bridge = master.as_ref().and_then(|m| m.file_name()).is_some_and(|m| m == bridge);
+    if is_tap && on_bridge && alias.trim_end_matches('\n') == mark {
+        Ok(())
+    } else {
+        Err(format!(
+            "{tap} is not a tap kubenet made for this lab (its VM was never started since serve started?): start the VM first"
+        ))
+    }
+}
+
 /// The faults in force and the lab they are of; [`Switch::change`] carries them out.
 pub struct Switch {
     backend: Backend,
     lab: Arc<Mutex<Lab>>,
     faults: Mutex<Faults>,
+}
+
+/// A lock that a panic elsewhere poisoned still guards what it guarded: the faults are plain
+/// data, always whole between two statements.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Switch {
@@ -419,8 +516,10 @@ impl Switch {
     /// Applies `op` and answers with what is in force. A failure to carry it out puts the
     /// earlier faults back.
     pub fn change(&self, op: &NetOp) -> Result<Vec<FaultRow>, String> {
-        let lab = self.lab.lock().expect("lab lock").clone();
-        let mut faults = self.faults.lock().expect("faults lock");
+        // The faults first, then the lab: a reload swaps the lab while holding the faults
+        // ([`Switch::reload`]), so a change never pairs faults with a lab they were not kept for.
+        let mut faults = lock(&self.faults);
+        let lab = lock(&self.lab).clone();
         let mut next = faults.clone();
         next.apply(&lab, op)?;
         if next != *faults {
@@ -434,45 +533,63 @@ impl Switch {
         Ok(faults.rows(&lab))
     }
 
-    /// After a reload: the faults of VMs still in the lab, carried out again against it (a VM
-    /// with a new id has a new MAC and tap).
-    pub fn reloaded(&self, old: &Lab) {
-        let lab = self.lab.lock().expect("lab lock").clone();
-        let mut faults = self.faults.lock().expect("faults lock");
-        if faults.is_empty() {
-            return;
+    /// A reload, `swap` (which replaces the lab), done while holding the faults; then the faults
+    /// of VMs that are no longer the same VM ([`Faults::kept_across`]) are taken off their old
+    /// taps. Nothing else changes, so a reload that leaves the VMs alone leaves every fault in
+    /// force without a gap.
+    pub fn reload<T, E>(&self, swap: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
+        let mut faults = lock(&self.faults);
+        let old = lock(&self.lab).clone();
+        let result = swap();
+        if result.is_ok() && !faults.is_empty() {
+            let new = lock(&self.lab).clone();
+            let kept = faults.kept_across(&old, &new);
+            if kept != *faults {
+                match self.carry_out(&old, &faults, &kept) {
+                    Ok(()) => {
+                        tracing::info!(vms = kept.rows(&new).len(), "network faults of VMs the reload changed dropped")
+                    }
+                    Err(e) => tracing::warn!("dropping the network faults of VMs the reload changed: {e}"),
+                }
+                *faults = kept;
+            }
         }
-        let mut kept = faults.clone();
-        kept.retain(&lab);
-        // Off the old lab's taps, then onto the new lab's.
-        let result = self
-            .carry_out(old, &faults, &Faults::default())
-            .and_then(|()| self.carry_out(&lab, &Faults::default(), &kept));
-        match result {
-            Ok(()) => tracing::info!(vms = kept.rows(&lab).len(), "network faults carried over the reload"),
-            Err(e) => tracing::warn!("network faults after the reload: {e}"),
-        }
-        *faults = kept;
+        result
     }
 
     /// Every fault gone from the host (the agent's start and stop).
     pub fn clear(&self) -> Result<(), String> {
-        let lab = self.lab.lock().expect("lab lock").clone();
+        let mut faults = lock(&self.faults);
+        let lab = lock(&self.lab).clone();
         let steps = match &self.backend {
-            Backend::Linux => linux::clear(&lab)?,
+            // Only taps that are this lab's lose their qdisc.
+            Backend::Linux { mark } => linux::clear(&lab)?
+                .into_iter()
+                .filter(|s| s.program != "tc" || lab_tap(&s.args[3], &lab.network.bridge, mark).is_ok())
+                .collect(),
             Backend::MacOs => macos::clear(&lab),
             Backend::Unavailable(_) => return Ok(()),
         };
-        *self.faults.lock().expect("faults lock") = Faults::default();
+        *faults = Faults::default();
         run(&steps)
     }
 
     fn carry_out(&self, lab: &Lab, was: &Faults, now: &Faults) -> Result<(), String> {
         let steps = match &self.backend {
-            Backend::Linux => linux::steps(lab, was, now)?,
+            Backend::Linux { mark } => {
+                let steps = linux::steps(lab, was, now)?;
+                // tc changes an interface: only one of this lab's own taps.
+                for s in steps.iter().filter(|s| s.program == "tc") {
+                    lab_tap(&s.args[3], &lab.network.bridge, mark)?;
+                }
+                steps
+            }
             Backend::MacOs => {
                 let bridge = vmnet_bridge(lab).ok_or_else(|| {
-                    format!("no interface holds the lab's address {} yet: start a VM first", lab.network.host_address)
+                    format!(
+                        "no vmnet bridge holds the lab's address {} yet: start a VM first",
+                        lab.network.host_address
+                    )
                 })?;
                 macos::steps(lab, was, now, &bridge)?
             }
@@ -485,12 +602,14 @@ impl Switch {
     }
 }
 
-/// The interface holding the lab's host address: vmnet's bridge on macOS.
+/// The interface holding the lab's host address, if it is one of vmnet's bridges (bridge100,
+/// ...): never an interface of the host's own that happens to hold the address.
 fn vmnet_bridge(lab: &Lab) -> Option<String> {
     kubenet_udp::addresses()
         .into_iter()
         .find(|a| a.address == std::net::IpAddr::V4(lab.network.host_address))
         .map(|a| a.interface)
+        .filter(|i| i.strip_prefix("bridge").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())))
 }
 
 #[cfg(test)]
@@ -546,18 +665,46 @@ mod tests {
     }
 
     #[test]
-    fn a_reload_keeps_the_faults_of_the_vms_it_keeps() {
+    fn a_reload_keeps_the_faults_of_the_vms_it_leaves_as_they_were() {
         let lab = lab();
         let mut f = Faults::default();
         f.apply(&lab, &op(r#"{"op":"partition","vm":"control0","from":["worker2"]}"#)).unwrap();
+        f.apply(&lab, &op(r#"{"op":"partition","vm":"control0","from":["control1"]}"#)).unwrap();
         f.apply(&lab, &op(r#"{"op":"rate","vm":"worker2","bps":1000000}"#)).unwrap();
         f.apply(&lab, &op(r#"{"op":"rate","vm":"worker0","bps":1000000}"#)).unwrap();
-        let mut smaller = lab.clone();
-        smaller.vms.retain(|v| v.name != "worker2");
-        f.retain(&smaller);
-        let rows = f.rows(&smaller);
-        assert_eq!(rows.len(), 1);
-        assert_eq!(rows[0].vm, "worker0");
+        f.apply(&lab, &op(r#"{"op":"loss","vm":"worker1","ppm":5}"#)).unwrap();
+        // worker2 removed, worker1 given another MAC: their faults go, the rest stay.
+        let mut new = lab.clone();
+        new.vms.retain(|v| v.name != "worker2");
+        new.vms.iter_mut().find(|v| v.name == "worker1").unwrap().mac = "52:52:52:00:01:05".parse().unwrap();
+        let kept = f.kept_across(&lab, &new);
+        let rows = kept.rows(&new);
+        let names: Vec<&str> = rows.iter().map(|r| r.vm.as_str()).collect();
+        assert_eq!(names, ["control0", "control1", "worker0"]);
+        assert_eq!(rows[0].partitioned_from, ["control1"]);
+        // A reload that changes no VM keeps everything.
+        assert_eq!(f.kept_across(&lab, &lab.clone()), f);
+    }
+
+    #[test]
+    fn partitions_are_bounded_and_table_names_never_shared() {
+        let mut lab = lab();
+        let template = lab.vms[0].clone();
+        lab.vms = (0..200u32).map(|i| Vm { id: i, name: format!("vm{i}"), ..template.clone() }).collect();
+        let mut f = Faults::default();
+        let mut err = None;
+        for i in 0..200 {
+            if let Err(e) = f.apply(&lab, &op(&format!(r#"{{"op":"partition","vm":"vm{i}"}}"#))) {
+                err = Some(e);
+                break;
+            }
+        }
+        assert!(err.unwrap().starts_with("more than 10000 pairs of VMs would be cut off"));
+        assert!(f.cut.len() <= MAX_PAIRS);
+        assert_eq!(table_name("kubenet0"), "kubenet_kubenet0");
+        assert_ne!(table_name("lab-1"), table_name("lab_1"));
+        assert_ne!(table_name("lab.1"), table_name("lab_1"));
+        assert_eq!(table_name("lab-1"), "kubenet_lab_2d1");
     }
 
     #[test]
@@ -631,7 +778,7 @@ table bridge kubenet_kubenet0 {
             words,
             [
                 "dnctl pipe 46005 config delay 100 plr 0.05 bw 10000000bit/s",
-                "pfctl -a com.apple/kubenet.kubenet0 -f -",
+                "pfctl -a com.apple/kubenet.8a5edab282632443 -f -",
                 "pfctl -E",
             ]
         );
@@ -652,7 +799,11 @@ dummynet out quick on bridge100 from any to 192.168.1.15 pipe 46005
         assert!(err.starts_with("jitter is not available on macOS"), "{err}");
         assert!(macos::rules(&lab, &f, "bridge100; pass all").is_err());
         let clear = macos::clear(&lab);
-        assert_eq!(clear[0].args.join(" "), "-a com.apple/kubenet.kubenet0 -F all");
+        assert_eq!(clear[0].args.join(" "), "-a com.apple/kubenet.8a5edab282632443 -F all");
+        // Another lab (another state directory) has an anchor of its own.
+        let mut other = lab.clone();
+        other.state_dir = "/home/b/lab".into();
+        assert_ne!(macos::anchor(&other), macos::anchor(&lab));
         assert_eq!(clear.len(), 8);
     }
 }

@@ -511,7 +511,7 @@ mod tests {
         );
         assert!(p.nat);
         assert_eq!(p.mark, "kubenet:/", "the reference lab keeps its state in its base directory");
-        assert_eq!(nat_table("br-lab.1"), "kubenet_br_lab_1");
+        assert_eq!(nat_table("br-lab.1"), "kubenet_br_2dlab_2e1", "one table name per bridge name");
         assert!(p.taps.iter().all(|t| is_tap_of(t, "kubenet0")));
         assert!(is_tap_of("a-very-long--12", "a-very-long-bridge"), "cut to 15 bytes");
         assert!(!is_tap_of("a-very-long-b-12", "a-very-long-bridge"), "16 bytes: not a tap name");

@@ -151,7 +151,7 @@ async fn serve(
     // Network faults (`kubenet net`) on the switch the lab has: ours on Linux, vmnet's on macOS.
     #[cfg(target_os = "linux")]
     let backend = match &net {
-        Some(_) => Backend::Linux,
+        Some(_) => Backend::Linux { mark: crate::agent::hostnet::mark(&lab.state_dir) },
         None => {
             Backend::Unavailable("kubenet serve runs with --no-bridge: network faults need the lab's own bridge".into())
         }
@@ -423,14 +423,8 @@ async fn run_bound(
         tracing::warn!("cannot tell the service manager we are ready: {e}");
     }
     let start = current.lock().expect("lab lock").clone();
-    let reload_now = || {
-        let old = current.lock().expect("lab lock").clone();
-        let result = reload_lab(&start, &current, reload, &dns, dhcp_configs.as_ref());
-        if result.is_ok() {
-            net.reloaded(&old);
-        }
-        result
-    };
+    // Under the network faults' lock: see `Switch::reload`.
+    let reload_now = || net.reload(|| reload_lab(&start, &current, reload, &dns, dhcp_configs.as_ref()));
     // The first server to fail stops the others; a clean stop ends them all.
     let mut result = Ok(());
     loop {

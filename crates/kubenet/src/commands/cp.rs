@@ -152,6 +152,7 @@ pub fn cp(lab: &Lab, req: &Request) -> anyhow::Result<()> {
         super::lifecycle::require_running(lab, copy.vm)?;
         let status = std::process::Command::new("scp")
             .args(scp_args(&config, req.recursive, false))
+            .arg("--")
             .args(&copy.operands)
             .status()
             .map_err(|e| anyhow::anyhow!("cannot run scp: {e}"))?;
@@ -196,7 +197,8 @@ async fn run_all(lab: &Lab, copies: &[Copy<'_>], config: &Path, req: &Request<'_
                 return Outcome::NotRunning;
             }
             let mut scp = tokio::process::Command::new("scp");
-            scp.args(scp_args(config, req.recursive, true)).args(&copy.operands);
+            // `--`: a file named like an option (`-oProxyCommand=...`) stays a file.
+            scp.args(scp_args(config, req.recursive, true)).arg("--").args(&copy.operands);
             let outcome = run_labelled(scp, &label, colours, req.timeout).await;
             bar.inc(1);
             outcome

@@ -106,7 +106,8 @@ fn save_live(lab: &Lab, store: &Store, name: &str, names_asked: &[String], out: 
             }
             entries.push(store.entry(vm, name, live, &leases)?);
         }
-        let m = store.manifest(name, now(), true, entries);
+        // Nothing ran: a stopped snapshot, which restores without serve.
+        let m = store.manifest(name, now(), !up.is_empty(), entries);
         store.finish(&m)?;
         Ok(m)
     };
@@ -211,11 +212,15 @@ fn restore(lab: &Lab, store: &Store, name: &str, names_asked: &[String], out: &m
     Ok(())
 }
 
+/// How long a VM saved stopped gets to power off when a live restore stops it.
+const COLD_GRACE_SECS: u64 = 20;
+
 /// A live snapshot puts each VM back as it was: the ones saved running, running from that
 /// moment (`serve` starts those stopped now, then pauses them all, loads, resumes; then each
 /// guest's clock, which stood still since the save, is set to the host's over SSH); the ones
 /// saved stopped, stopped (`serve` stops those running now), with their disks put back as a
-/// plain restore does.
+/// plain restore does. The running part goes first, so that a failure there leaves the VMs
+/// saved stopped untouched.
 fn restore_live(
     lab: &Lab,
     store: &Store,
@@ -232,24 +237,8 @@ fn restore_live(
         |entries: &[&VmEntry]| -> Vec<&Vm> { entries.iter().filter_map(|e| lab.vm_by_name(&e.name)).collect() };
     let (vms, cold_vms) = (vms_of(&live), vms_of(&cold));
     let start = Instant::now();
-    // Saved stopped: stopped now (their disks are about to go back, so no power-off to wait
-    // for), then their disks restored, all or nothing.
-    let cold_running: Vec<&Vm> = cold_vms.iter().copied().filter(|vm| running(lab, vm)).collect();
-    if !cold_running.is_empty() {
-        let req = Request::Stop { vms: names(&cold_running), grace_secs: Some(0) };
-        match client::request(&lab.state_dir, &req)? {
-            Answer::Stopped(_) => {}
-            other => return Err(client::unexpected(other)),
-        }
-        refuse_running(lab, &cold_running, &format!("snapshot restore {name}"))?;
-    }
-    if !cold.is_empty() {
-        store
-            .restore(m, &cold, false, false, &mut |e| {
-                let _ = writeln!(out, "{:<10} restored stopped", e.name);
-            })
-            .with_context(|| format!("snapshot {name} not restored: every disk is as it was"))?;
-    }
+    // The running part first: if starting or loading fails, no VM saved stopped has been
+    // stopped or had its disk touched.
     let stopped: Vec<&Vm> = vms.iter().copied().filter(|vm| !running(lab, vm)).collect();
     if !stopped.is_empty() {
         let results = match client::request(&lab.state_dir, &Request::Start { vms: names(&stopped) })? {
@@ -266,6 +255,36 @@ fn restore_live(
         let req = Request::Snapshot { op: LiveOp::Load, tag: name.clone(), vms: names(&vms) };
         with_progress(None, || 0, || client::request(&lab.state_dir, &req))
             .with_context(|| format!("snapshot {name} not restored"))?;
+    }
+    // Saved stopped: stopped now (a short grace: their disks are about to go back, but a
+    // restore that fails leaves them as the power-off did), then their disks restored, all or
+    // nothing.
+    let cold_running: Vec<&Vm> = cold_vms.iter().copied().filter(|vm| running(lab, vm)).collect();
+    let partly = |e: anyhow::Error| {
+        if vms.is_empty() {
+            e
+        } else {
+            e.context(format!(
+                "snapshot {name} restored only in part: {} run from the snapshot, the VMs saved stopped are as they were",
+                names(&vms).join(", ")
+            ))
+        }
+    };
+    if !cold_running.is_empty() {
+        let req = Request::Stop { vms: names(&cold_running), grace_secs: Some(COLD_GRACE_SECS) };
+        match client::request(&lab.state_dir, &req).map_err(partly)? {
+            Answer::Stopped(_) => {}
+            other => return Err(client::unexpected(other)),
+        }
+        refuse_running(lab, &cold_running, &format!("snapshot restore {name}")).map_err(partly)?;
+    }
+    if !cold.is_empty() {
+        store
+            .restore(m, &cold, false, false, &mut |e| {
+                let _ = writeln!(out, "{:<10} restored stopped", e.name);
+            })
+            .map_err(anyhow::Error::from)
+            .map_err(partly)?;
     }
     let loaded = start.elapsed();
     let config = kubenet_vm::LabFiles::new(lab).ssh_config();

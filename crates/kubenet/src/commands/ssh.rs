@@ -226,7 +226,8 @@ pub(crate) async fn run_labelled(
         None => wait.await,
         Some(limit) => match tokio::time::timeout(limit, wait).await {
             Ok(status) => status,
-            // Dropping the wait drops the child: kill_on_drop ends ssh, and with it the session.
+            // Dropping the wait drops the child: kill_on_drop ends ssh. (Without a terminal, the
+            // remote command is not told and may run on; the VM counts as failed.)
             Err(_) => return Outcome::TimedOut(limit),
         },
     };
@@ -237,13 +238,18 @@ pub(crate) async fn run_labelled(
     }
 }
 
+/// The longest line kept whole: a longer one (a binary blob, a progress meter without
+/// newlines) is cut into pieces of this size, each labelled, rather than held in memory.
+const MAX_LINE: u64 = 64 << 10;
+
 /// Copies a stream to stdout (or stderr) line by line, each line whole behind its label.
 async fn pump(stream: impl tokio::io::AsyncRead + Unpin, label: String, to_stderr: bool) {
+    use tokio::io::AsyncReadExt;
     let mut lines = tokio::io::BufReader::new(stream);
     let mut line = Vec::new();
     loop {
         line.clear();
-        match lines.read_until(b'\n', &mut line).await {
+        match (&mut lines).take(MAX_LINE).read_until(b'\n', &mut line).await {
             Ok(0) | Err(_) => return,
             Ok(_) => {
                 let text = prefixed(&label, &line);

@@ -14,27 +14,10 @@ use std::time::Duration;
 
 use support::{Netns, Proc, kubenet_bin, pid_alive, prerequisites};
 
-/// The owner: nobody, a uid with no rights of its own on any test host.
-const OWNER: &str = "65534";
+use support::{OWNER, as_owner};
 
 fn text(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
-}
-
-/// `program ARGS` as the owner, from `dir`, in `ns` when given.
-fn as_owner(ns: Option<&Netns>, dir: &Path, program: &str, args: &[&str]) -> Output {
-    let mut c = match ns {
-        Some(ns) => ns.cmd("setpriv"),
-        None => Command::new("setpriv"),
-    };
-    c.args([&format!("--reuid={OWNER}"), &format!("--regid={OWNER}"), "--clear-groups", "--", program])
-        .args(args)
-        .current_dir(dir)
-        .env("HOME", dir.join("home"))
-        .env_remove("KUBENET_CONFIG")
-        .env_remove("SUDO_UID")
-        .env_remove("SUDO_GID");
-    c.output().unwrap_or_else(|e| panic!("{c:?}: {e}"))
 }
 
 /// One request line on the control socket, sent by the owner; the answer line.
@@ -120,17 +103,7 @@ fn owners_lab(ns: &Netns, d: &Path) -> Proc {
     support::run(Command::new("chown").args(["-R", &format!("{OWNER}:{OWNER}")]).arg(d));
     let out = as_owner(None, d, kubenet_bin(), &["--dir", "state", "setup", "gateway"]);
     assert!(out.status.success(), "{}", text(&out));
-    let mut cmd = ns.cmd(kubenet_bin());
-    cmd.current_dir(d)
-        .args(["serve", "--dir"])
-        .arg(d.join("state"))
-        .env_remove("KUBENET_CONFIG")
-        .env("SUDO_UID", OWNER)
-        .env("SUDO_GID", OWNER)
-        .env("RUST_LOG", "debug");
-    let mut p = Proc::spawn(cmd, &d.join("serve.log"));
-    p.wait_for("ready", Duration::from_secs(15));
-    p
+    support::serve_for_owner(ns, d)
 }
 
 fn link(target: &Path, at: &Path) {

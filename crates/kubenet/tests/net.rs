@@ -8,11 +8,8 @@ mod support;
 
 use std::path::Path;
 use std::process::{Command, Output};
-use std::time::Duration;
 
-use support::{Netns, Proc, kubenet_bin, prerequisites};
-
-const OWNER: &str = "65534";
+use support::{Netns, kubenet_bin, prerequisites};
 
 fn text(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
@@ -20,17 +17,7 @@ fn text(o: &Output) -> String {
 
 /// `kubenet --dir state ARGS` as the owner.
 fn owner(d: &Path, args: &[&str]) -> Output {
-    Command::new("setpriv")
-        .args([&format!("--reuid={OWNER}"), &format!("--regid={OWNER}"), "--clear-groups", "--", kubenet_bin()])
-        .args(["--dir", "state"])
-        .args(args)
-        .current_dir(d)
-        .env("HOME", d.join("home"))
-        .env_remove("KUBENET_CONFIG")
-        .env_remove("SUDO_UID")
-        .env_remove("SUDO_GID")
-        .output()
-        .unwrap()
+    support::as_owner(None, d, kubenet_bin(), &[&["--dir", "state"][..], args].concat())
 }
 
 fn ok(d: &Path, args: &[&str]) -> String {
@@ -81,17 +68,8 @@ fn partitions_cut_vms_apart_but_not_from_the_host_and_heal() {
     std::fs::write(d.join("kubenet.toml"), support::test_lab()).unwrap();
     std::fs::create_dir_all(d.join("state")).unwrap();
     std::fs::create_dir_all(d.join("home")).unwrap();
-    support::run(Command::new("chown").args(["-R", &format!("{OWNER}:{OWNER}")]).arg(d));
-    let mut cmd = server.cmd(kubenet_bin());
-    cmd.current_dir(d)
-        .args(["serve", "--dir"])
-        .arg(d.join("state"))
-        .env_remove("KUBENET_CONFIG")
-        .env("SUDO_UID", OWNER)
-        .env("SUDO_GID", OWNER)
-        .env("RUST_LOG", "debug");
-    let mut agent = Proc::spawn(cmd, &d.join("serve.log"));
-    agent.wait_for("ready", Duration::from_secs(15));
+    support::run(Command::new("chown").args(["-R", &format!("{0}:{0}", support::OWNER)]).arg(d));
+    let agent = support::serve_for_owner(&server, d);
 
     let control0 = stand_in(&server, "kubenet0-1", "52:52:52:00:00:01", "192.168.1.11");
     let control1 = stand_in(&server, "kubenet0-2", "52:52:52:00:00:02", "192.168.1.12");

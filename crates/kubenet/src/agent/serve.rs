@@ -107,35 +107,7 @@ async fn serve(
             other.pid
         );
     }
-    files_owner
-        .run_as(|| std::fs::create_dir_all(&lab.state_dir))?
-        .with_context(|| format!("cannot create the state directory {}", lab.state_dir.display()))?;
-    // The lab's interfaces and nftables table are marked with its state directory: one that
-    // is not the owner's (another user's lab) is not this owner's to serve.
-    // Nor one others may write (as sshd's StrictModes): they could plant what root reads there.
-    // Group-writable is the owner's own business when the group is the owner's (the private
-    // group a umask of 002 leaves writable on Debian and Ubuntu).
-    let meta = std::fs::metadata(&lab.state_dir)?;
-    let (holder, mode, group) = {
-        use std::os::unix::fs::MetadataExt;
-        (meta.uid(), meta.mode(), meta.gid())
-    };
-    let others_write = mode & 0o002 != 0 || (mode & 0o020 != 0 && group != files_owner.gid);
-    if holder != files_owner.uid {
-        anyhow::bail!(
-            "the state directory {} belongs to uid {holder}, not to the lab's owner (uid {}): serve a lab of your own",
-            lab.state_dir.display(),
-            files_owner.uid
-        );
-    }
-    if others_write {
-        anyhow::bail!(
-            "the state directory {} can be written by others than its owner (mode {:o}): `chmod go-w {}`",
-            lab.state_dir.display(),
-            mode & 0o7777,
-            lab.state_dir.display()
-        );
-    }
+    state_dir_of(&lab, &files_owner)?;
     // Linux: the bridge and taps vmnet-shared gives macOS. Built first, so that the lab's host
     // address exists when the servers say "ready"; taken down after them, whatever the reason
     // they stopped, unless VMs still run on it.
@@ -148,18 +120,10 @@ async fn serve(
     // The lab as served, reloads included: the teardown below counts its VMs, not the ones
     // there were at the start (a VM a reload added may still run on its tap).
     let current = Arc::new(Mutex::new(lab.clone()));
-    // Network faults (`kubenet net`) on the switch the lab has: ours on Linux, vmnet's on macOS.
     #[cfg(target_os = "linux")]
-    let backend = match &net {
-        Some(_) => Backend::Linux { mark: crate::agent::hostnet::mark(&lab.state_dir) },
-        None => {
-            Backend::Unavailable("kubenet serve runs with --no-bridge: network faults need the lab's own bridge".into())
-        }
-    };
-    #[cfg(target_vendor = "apple")]
-    let backend = Backend::MacOs;
-    #[cfg(not(any(target_os = "linux", target_vendor = "apple")))]
-    let backend = Backend::Unavailable("network faults are for Linux and macOS".into());
+    let backend = fault_backend(&lab, net.is_some());
+    #[cfg(not(target_os = "linux"))]
+    let backend = fault_backend(&lab, false);
     let switch = Arc::new(Switch::new(backend, current.clone()));
     let result = match bind(&lab, args, &files_owner) {
         Ok(bound) => run_bound(bound, current.clone(), owner, args, reload, switch.clone()).await,
@@ -183,6 +147,60 @@ async fn serve(
         }
     }
     result
+}
+
+/// Makes the state directory (as its owner) and checks it is the owner's alone. The lab's
+/// interfaces and nftables table are marked with it: one that is not the owner's (another
+/// user's lab) is not this owner's to serve. Nor one others may write (as sshd's StrictModes):
+/// they could plant what root reads there. Group-writable is the owner's own business when the
+/// group is the owner's (the private group a umask of 002 leaves writable on Debian and Ubuntu).
+fn state_dir_of(lab: &Lab, files_owner: &Owner) -> anyhow::Result<()> {
+    files_owner
+        .run_as(|| std::fs::create_dir_all(&lab.state_dir))?
+        .with_context(|| format!("cannot create the state directory {}", lab.state_dir.display()))?;
+    let meta = std::fs::metadata(&lab.state_dir)?;
+    let (holder, mode, group) = {
+        use std::os::unix::fs::MetadataExt;
+        (meta.uid(), meta.mode(), meta.gid())
+    };
+    let others_write = mode & 0o002 != 0 || (mode & 0o020 != 0 && group != files_owner.gid);
+    if holder != files_owner.uid {
+        anyhow::bail!(
+            "the state directory {} belongs to uid {holder}, not to the lab's owner (uid {}): serve a lab of your own",
+            lab.state_dir.display(),
+            files_owner.uid
+        );
+    }
+    if others_write {
+        anyhow::bail!(
+            "the state directory {} can be written by others than its owner (mode {:o}): `chmod go-w {}`",
+            lab.state_dir.display(),
+            mode & 0o7777,
+            lab.state_dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Where network faults (`kubenet net`) go: the lab's own bridge on Linux (`bridged` false:
+/// `--no-bridge`, none to act on).
+#[cfg(target_os = "linux")]
+fn fault_backend(lab: &Lab, bridged: bool) -> Backend {
+    if bridged {
+        Backend::Linux { mark: crate::agent::hostnet::mark(&lab.state_dir) }
+    } else {
+        Backend::Unavailable("kubenet serve runs with --no-bridge: network faults need the lab's own bridge".into())
+    }
+}
+
+/// Where network faults (`kubenet net`) go: vmnet's bridge on macOS.
+#[cfg(not(target_os = "linux"))]
+fn fault_backend(_lab: &Lab, _bridged: bool) -> Backend {
+    if cfg!(target_vendor = "apple") {
+        Backend::MacOs
+    } else {
+        Backend::Unavailable("network faults are for Linux and macOS".into())
+    }
 }
 
 /// What `serve` holds once every socket is bound, before anything is served. Binding can fail
@@ -389,14 +407,7 @@ async fn run_bound(
     } = b;
     let shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
-    let (udp_dns, stop) = (dns.clone(), shutdown.clone());
-    let mut threads: Vec<LoopThread> = vec![(
-        "DNS over UDP",
-        spawn_loop("dns-udp", shutdown.clone(), None, async move {
-            udp_dns.serve_udp(tokio::net::UdpSocket::from_std(dns_udp)?, stop).await
-        })?,
-    )];
-    tasks.spawn(dns.clone().serve_tcp(dns_tcp, shutdown.clone()));
+    let mut threads: Vec<LoopThread> = vec![spawn_dns(&dns, dns_udp, dns_tcp, &shutdown, &mut tasks)?];
     tokio::spawn(stop_on_signal(shutdown.clone()));
     let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing the SIGHUP handler")?;
@@ -445,6 +456,22 @@ async fn run_bound(
     let result = join(threads, result);
     log_stopped(&dns);
     result
+}
+
+/// DNS: over UDP in a thread of its own, over TCP in the agent's runtime.
+fn spawn_dns(
+    dns: &Arc<Dns>,
+    udp: std::net::UdpSocket,
+    tcp: tokio::net::TcpListener,
+    shutdown: &CancellationToken,
+    tasks: &mut tokio::task::JoinSet<std::io::Result<()>>,
+) -> anyhow::Result<LoopThread> {
+    let (udp_dns, stop) = (dns.clone(), shutdown.clone());
+    let thread = spawn_loop("dns-udp", shutdown.clone(), None, async move {
+        udp_dns.serve_udp(tokio::net::UdpSocket::from_std(udp)?, stop).await
+    })?;
+    tasks.spawn(dns.clone().serve_tcp(tcp, shutdown.clone()));
+    Ok(("DNS over UDP", thread))
 }
 
 /// A packet loop's thread, named for the log.

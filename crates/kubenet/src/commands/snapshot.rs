@@ -94,24 +94,7 @@ fn save_live(lab: &Lab, store: &Store, name: &str, names_asked: &[String], out: 
     let took = start.elapsed();
     let written = allocated(&disks).saturating_sub(before);
     let mut stopped_done: Vec<&Vm> = Vec::new();
-    let finish = || -> anyhow::Result<Manifest> {
-        saved?;
-        let leases = store.leases()?;
-        let mut entries = Vec::new();
-        for vm in &vms {
-            let live = up.iter().any(|u| u.name == vm.name);
-            if !live {
-                stopped_done.push(vm);
-                store.img(vm, kubenet_vm::snapshot::Op::Create, name)?;
-            }
-            entries.push(store.entry(vm, name, live, &leases)?);
-        }
-        // Nothing ran: a stopped snapshot, which restores without serve.
-        let m = store.manifest(name, now(), !up.is_empty(), entries);
-        store.finish(&m)?;
-        Ok(m)
-    };
-    let m = match finish() {
+    let m = match saved.and_then(|_| record(store, name, &vms, &up, &mut stopped_done)) {
         Ok(m) => m,
         Err(e) => {
             // serve already took back a save that failed; one that worked but cannot be recorded
@@ -126,13 +109,8 @@ fn save_live(lab: &Lab, store: &Store, name: &str, names_asked: &[String], out: 
     };
     for e in &m.vms {
         if m.is_live(e) {
-            writeln!(
-                out,
-                "{:<10} saved live (memory {}, disk {} allocated)",
-                e.name,
-                size(e.state_bytes),
-                size(e.disk_bytes)
-            )?;
+            let (memory, disk) = (size(e.state_bytes), size(e.disk_bytes));
+            writeln!(out, "{:<10} saved live (memory {memory}, disk {disk} allocated)", e.name)?;
         } else {
             writeln!(out, "{:<10} saved stopped (disk {} allocated)", e.name, size(e.disk_bytes))?;
         }
@@ -153,6 +131,31 @@ fn save_live(lab: &Lab, store: &Store, name: &str, names_asked: &[String], out: 
         written as f64 / (1 << 20) as f64 / secs.max(0.001)
     )?;
     Ok(())
+}
+
+/// After the live part of `save --live`: the stopped VMs' disks saved (each pushed on `done`
+/// first, so a failure undoes it too), every VM's entry, and the manifest, which makes the
+/// snapshot exist. Nothing running makes it a stopped snapshot, which restores without serve.
+fn record<'a>(
+    store: &Store,
+    name: &str,
+    vms: &[&'a Vm],
+    up: &[&Vm],
+    done: &mut Vec<&'a Vm>,
+) -> anyhow::Result<Manifest> {
+    let leases = store.leases()?;
+    let mut entries = Vec::new();
+    for vm in vms {
+        let live = up.iter().any(|u| u.name == vm.name);
+        if !live {
+            done.push(vm);
+            store.img(vm, kubenet_vm::snapshot::Op::Create, name)?;
+        }
+        entries.push(store.entry(vm, name, live, &leases)?);
+    }
+    let m = store.manifest(name, now(), !up.is_empty(), entries);
+    store.finish(&m)?;
+    Ok(m)
 }
 
 /// The disks' allocated bytes, summed.
@@ -239,23 +242,7 @@ fn restore_live(
     let start = Instant::now();
     // The running part first: if starting or loading fails, no VM saved stopped has been
     // stopped or had its disk touched.
-    let stopped: Vec<&Vm> = vms.iter().copied().filter(|vm| !running(lab, vm)).collect();
-    if !stopped.is_empty() {
-        let results = match client::request(&lab.state_dir, &Request::Start { vms: names(&stopped) })? {
-            Answer::Started(r) => r,
-            other => return Err(client::unexpected(other)),
-        };
-        for r in results {
-            if let StartOutcome::Failed { error } = r.outcome {
-                bail!("{}: {error}", r.name);
-            }
-        }
-    }
-    if !vms.is_empty() {
-        let req = Request::Snapshot { op: LiveOp::Load, tag: name.clone(), vms: names(&vms) };
-        with_progress(None, || 0, || client::request(&lab.state_dir, &req))
-            .with_context(|| format!("snapshot {name} not restored"))?;
-    }
+    load_running(lab, name, &vms)?;
     // Saved stopped: stopped now (a short grace: their disks are about to go back, but a
     // restore that fails leaves them as the power-off did), then their disks restored, all or
     // nothing.
@@ -308,6 +295,29 @@ fn restore_live(
         vms.len() + cold.len(),
         loaded.as_secs_f64()
     )?;
+    Ok(())
+}
+
+/// The VMs of a live restore that were saved running: those stopped now started, then all
+/// paused, loaded and resumed by `serve`.
+fn load_running(lab: &Lab, name: &str, vms: &[&Vm]) -> anyhow::Result<()> {
+    let stopped: Vec<&Vm> = vms.iter().copied().filter(|vm| !running(lab, vm)).collect();
+    if !stopped.is_empty() {
+        let results = match client::request(&lab.state_dir, &Request::Start { vms: names(&stopped) })? {
+            Answer::Started(r) => r,
+            other => return Err(client::unexpected(other)),
+        };
+        for r in results {
+            if let StartOutcome::Failed { error } = r.outcome {
+                bail!("{}: {error}", r.name);
+            }
+        }
+    }
+    if !vms.is_empty() {
+        let req = Request::Snapshot { op: LiveOp::Load, tag: name.to_owned(), vms: names(vms) };
+        with_progress(None, || 0, || client::request(&lab.state_dir, &req))
+            .with_context(|| format!("snapshot {name} not restored"))?;
+    }
     Ok(())
 }
 

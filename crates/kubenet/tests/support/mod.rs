@@ -319,6 +319,43 @@ pub fn serve_bridged(ns: &Netns, dir: &Path) -> Proc {
     serve_in(ns, dir, &[])
 }
 
+/// The unprivileged owner of the labs the attack and fault tests make: nobody, a uid with no
+/// rights of its own on any test host.
+pub const OWNER: &str = "65534";
+
+/// `kubenet serve` with its bridge in `ns` for [`OWNER`]'s lab in `dir` (SUDO_UID, as `sudo
+/// kubenet serve` run by that user), state in `dir/state`, once it says "ready".
+pub fn serve_for_owner(ns: &Netns, dir: &Path) -> Proc {
+    let mut cmd = ns.cmd(kubenet_bin());
+    cmd.current_dir(dir)
+        .args(["serve", "--dir"])
+        .arg(dir.join("state"))
+        .env_remove("KUBENET_CONFIG")
+        .env("SUDO_UID", OWNER)
+        .env("SUDO_GID", OWNER)
+        .env("RUST_LOG", "debug");
+    let mut p = Proc::spawn(cmd, &dir.join("serve.log"));
+    p.wait_for("ready", Duration::from_secs(15));
+    p
+}
+
+/// `program ARGS` as [`OWNER`] (setpriv), from `dir` with HOME at `dir/home`, in `ns` when
+/// given.
+pub fn as_owner(ns: Option<&Netns>, dir: &Path, program: &str, args: &[&str]) -> Output {
+    let mut c = match ns {
+        Some(ns) => ns.cmd("setpriv"),
+        None => Command::new("setpriv"),
+    };
+    c.args([&format!("--reuid={OWNER}"), &format!("--regid={OWNER}"), "--clear-groups", "--", program])
+        .args(args)
+        .current_dir(dir)
+        .env("HOME", dir.join("home"))
+        .env_remove("KUBENET_CONFIG")
+        .env_remove("SUDO_UID")
+        .env_remove("SUDO_GID");
+    c.output().unwrap_or_else(|e| panic!("{c:?}: {e}"))
+}
+
 fn serve_in(ns: &Netns, dir: &Path, extra: &[&str]) -> Proc {
     if !dir.join("kubenet.toml").exists() {
         std::fs::write(dir.join("kubenet.toml"), test_lab()).unwrap();

@@ -113,6 +113,14 @@ fn partitions_cut_vms_apart_but_not_from_the_host_and_heal() {
         assert_eq!(bad.status.code(), Some(2), "{args:?}: {}", text(&bad));
     }
 
+    // A partition's rules name taps: one that is not a port of the lab's bridge (gone here, as
+    // a VM a reload added has none yet) is refused, and nothing changes.
+    server.ip(&["link", "del", "kubenet0-6"]);
+    let bad = owner(d, &["net", "partition", "worker2", "--from", "worker0"]);
+    assert!(text(&bad).contains("kubenet0-6 is not a port of the lab's bridge kubenet0"), "{}", text(&bad));
+    let shown = ok(d, &["net", "show"]);
+    assert!(!shown.lines().any(|l| l.starts_with("worker2") && l.contains("worker0")), "{shown}");
+
     // Heal: whole again.
     ok(d, &["net", "heal"]);
     assert!(reaches(&control0, "192.168.1.14") && reaches(&worker0, "192.168.1.11"), "heal did not heal");
@@ -151,7 +159,7 @@ fn partitions_cut_vms_apart_but_not_from_the_host_and_heal() {
     }
 
     // At stop, nothing of kubenet's faults is left: no table, no qdisc.
-    ok(d, &["net", "partition", "control0"]);
+    ok(d, &["net", "partition", "control0", "--from", "worker0"]);
     let tables = |ns: &Netns| text(&ns.cmd("nft").args(["list", "tables"]).output().unwrap());
     assert!(tables(&server).contains("table bridge kubenet_kubenet0"), "{}", tables(&server));
     let log = agent.stop();

@@ -434,10 +434,24 @@ fn run_one(step: &Step) -> Result<Result<(), String>, String> {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot run {}: {e}", step.program))?;
-    // A script is a few KiB, far under a pipe's buffer; a failed write shows in the status.
-    if let (Some(input), Some(mut stdin)) = (&step.stdin, child.stdin.take()) {
-        let _ = stdin.write_all(input.as_bytes());
-    }
+    // The script (up to a MiB or so at MAX_PAIRS, far more than a pipe holds) goes in, and
+    // stderr comes out, on threads of their own: the deadline below holds whatever the program
+    // does with either. A program ended at the deadline ends both.
+    let input = step.stdin.clone().zip(child.stdin.take());
+    let writer = std::thread::spawn(move || {
+        if let Some((text, mut stdin)) = input {
+            let _ = stdin.write_all(text.as_bytes());
+        }
+    });
+    let stderr = child.stderr.take();
+    let reader = std::thread::spawn(move || {
+        let mut said = String::new();
+        if let Some(mut stderr) = stderr {
+            let _ = stderr.by_ref().take(64 << 10).read_to_string(&mut said);
+            let _ = std::io::copy(&mut stderr, &mut std::io::sink());
+        }
+        said
+    });
     let deadline = std::time::Instant::now() + STEP_TIMEOUT;
     let status = loop {
         match child.try_wait().map_err(|e| format!("{}: {e}", step.program))? {
@@ -450,10 +464,8 @@ fn run_one(step: &Step) -> Result<Result<(), String>, String> {
             None => std::thread::sleep(std::time::Duration::from_millis(5)),
         }
     };
-    let mut said = String::new();
-    if let Some(mut stderr) = child.stderr.take() {
-        let _ = stderr.by_ref().take(64 << 10).read_to_string(&mut said);
-    }
+    let _ = writer.join();
+    let said = reader.join().unwrap_or_default();
     Ok(if status.success() { Ok(()) } else { Err(said.trim().to_owned()) })
 }
 
@@ -487,6 +499,18 @@ fn lab_tap(tap: &str, bridge: &str, mark: &str) -> Result<(), String> {
     } else {
         Err(format!(
             "{tap} is not a tap kubenet made for this lab (its VM was never started since serve started?): start the VM first"
+        ))
+    }
+}
+
+/// Whether `port` is a port of `bridge` now (/sys/class/net/PORT/master), whatever its kind.
+fn port_of(port: &str, bridge: &str) -> Result<(), String> {
+    let master = std::fs::read_link(std::path::Path::new("/sys/class/net").join(safe_name(port)?).join("master")).ok();
+    if master.as_ref().and_then(|m| m.file_name()).is_some_and(|m| m == bridge) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{port} is not a port of the lab's bridge {bridge} (its VM was never started since serve started?): start the VM first"
         ))
     }
 }
@@ -579,10 +603,26 @@ impl Switch {
     fn carry_out(&self, lab: &Lab, was: &Faults, now: &Faults) -> Result<(), String> {
         let steps = match &self.backend {
             Backend::Linux { mark } => {
-                let steps = linux::steps(lab, was, now)?;
-                // tc changes an interface: only one of this lab's own taps.
-                for s in steps.iter().filter(|s| s.program == "tc") {
-                    lab_tap(&s.args[3], &lab.network.bridge, mark)?;
+                let bridge = &lab.network.bridge;
+                // A partition's rules name the taps of its pairs: each must be a port of the
+                // lab's bridge, never a port of another bridge (another lab's tap of the same,
+                // cut name) or an interface that is not there yet.
+                for (a, b) in now.pairs(lab) {
+                    for vm in [a, b] {
+                        port_of(&kubenet_vm::qemu::tap_name(lab, vm), bridge)?;
+                    }
+                }
+                let mut steps = Vec::new();
+                for s in linux::steps(lab, was, now)? {
+                    match (s.program, s.args.get(1).map(String::as_str)) {
+                        // tc changes an interface: only one of this lab's own taps.
+                        ("tc", Some("replace")) => lab_tap(&s.args[3], bridge, mark)?,
+                        // Taking a qdisc away: only from this lab's taps; one that is gone
+                        // (or no longer the lab's) has nothing of ours left to take.
+                        ("tc", _) if lab_tap(&s.args[3], bridge, mark).is_err() => continue,
+                        _ => {}
+                    }
+                    steps.push(s);
                 }
                 steps
             }

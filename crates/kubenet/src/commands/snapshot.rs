@@ -118,6 +118,10 @@ fn save_live(lab: &Lab, store: &Store, name: &str, names_asked: &[String], out: 
     for vm in &unmade {
         writeln!(out, "{:<10} not set up: no disk to save", vm.name)?;
     }
+    if up.is_empty() {
+        writeln!(out, "snapshot {name}: {} VMs, none running: their disks (a stopped snapshot)", down.len())?;
+        return Ok(());
+    }
     let secs = took.as_secs_f64();
     let stopped_note = match down.len() {
         0 => String::new(),
@@ -222,8 +226,8 @@ const COLD_GRACE_SECS: u64 = 20;
 /// moment (`serve` starts those stopped now, then pauses them all, loads, resumes; then each
 /// guest's clock, which stood still since the save, is set to the host's over SSH); the ones
 /// saved stopped, stopped (`serve` stops those running now), with their disks put back as a
-/// plain restore does. The running part goes first, so that a failure there leaves the VMs
-/// saved stopped untouched.
+/// plain restore does. Those go first, so that nothing of today's lab runs beside the restored
+/// one.
 fn restore_live(
     lab: &Lab,
     store: &Store,
@@ -240,39 +244,36 @@ fn restore_live(
         |entries: &[&VmEntry]| -> Vec<&Vm> { entries.iter().filter_map(|e| lab.vm_by_name(&e.name)).collect() };
     let (vms, cold_vms) = (vms_of(&live), vms_of(&cold));
     let start = Instant::now();
-    // The running part first: if starting or loading fails, no VM saved stopped has been
-    // stopped or had its disk touched.
-    load_running(lab, name, &vms)?;
-    // Saved stopped: stopped now (a short grace: their disks are about to go back, but a
-    // restore that fails leaves them as the power-off did), then their disks restored, all or
-    // nothing.
+    // The VMs saved stopped go first: stopped (a short grace, as their disks are about to go
+    // back), then their disks restored, all or nothing. Only then do the others resume from the
+    // snapshot, so no VM still running on today's state talks to them (an etcd member with a
+    // newer log would win them over).
     let cold_running: Vec<&Vm> = cold_vms.iter().copied().filter(|vm| running(lab, vm)).collect();
-    let partly = |e: anyhow::Error| {
-        if vms.is_empty() {
-            e
-        } else {
-            e.context(format!(
-                "snapshot {name} restored only in part: {} run from the snapshot, the VMs saved stopped are as they were",
-                names(&vms).join(", ")
-            ))
-        }
-    };
     if !cold_running.is_empty() {
         let req = Request::Stop { vms: names(&cold_running), grace_secs: Some(COLD_GRACE_SECS) };
-        match client::request(&lab.state_dir, &req).map_err(partly)? {
+        match client::request(&lab.state_dir, &req)? {
             Answer::Stopped(_) => {}
             other => return Err(client::unexpected(other)),
         }
-        refuse_running(lab, &cold_running, &format!("snapshot restore {name}")).map_err(partly)?;
+        refuse_running(lab, &cold_running, &format!("snapshot restore {name}"))?;
     }
     if !cold.is_empty() {
         store
             .restore(m, &cold, false, false, &mut |e| {
                 let _ = writeln!(out, "{:<10} restored stopped", e.name);
             })
-            .map_err(anyhow::Error::from)
-            .map_err(partly)?;
+            .with_context(|| format!("snapshot {name} not restored: every disk is as it was"))?;
     }
+    load_running(lab, name, &vms).map_err(|e| {
+        if cold.is_empty() {
+            e
+        } else {
+            e.context(format!(
+                "snapshot {name} restored only in part: {} are back as they were saved (stopped), the running ones are not",
+                names(&cold_vms).join(", ")
+            ))
+        }
+    })?;
     let loaded = start.elapsed();
     let config = kubenet_vm::LabFiles::new(lab).ssh_config();
     let clocks: Vec<(String, Result<i64, String>)> = std::thread::scope(|s| {
